@@ -1,0 +1,29 @@
+"""Packaging for the JAX LLM lifecycle codebase (pretrain -> SFT -> RM -> PPO/DPO -> eval)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lmlife",
+    version="0.1.0",
+    description="Train a language model through its whole lifecycle in JAX/Flax NNX.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["model*", "data*", "train*", "rlhf*", "eval*", "configs*", "launch*"]),
+    install_requires=[
+        # Versions tested together on CPU (see README 'Dependencies'); ranges stay within
+        # the minor releases whose APIs this code uses (NNX out_sharding metadata, Orbax
+        # CheckpointManager args API).
+        "jax>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "tensorflow-cpu>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10,<5",
+        "sentencepiece>=0.2.3,<0.3",
+        "absl-py>=2.1,<3",
+        "ml-collections>=1.1,<2",
+        "tensorboard>=2.21,<2.22",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+    },
+)
