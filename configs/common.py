@@ -1,0 +1,99 @@
+"""Shared config pieces: every run config starts from `base_config()`.
+
+A run config is a plain Python file whose `get_config(arg=None)` returns an
+`ml_collections.ConfigDict`. Entry points load it with `lock_config=True`, so an override of
+a field that does not exist (`--config.optim.lrr=1`) is an error naming the field.
+
+Sections: model (every ModelConfig field), data, optim, train, mesh; top-level stage, seed,
+init_from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from data.config import default_data_config
+from model.config import ModelConfig
+from model.sharding import DEFAULT_RULES
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `--config=file.py:key=value,key2=value2` variants (big_vision style).
+
+  Values take the type of the default; unknown keys raise.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+  return out
+
+
+def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
+  """All ModelConfig fields of a preset, so any of them can be overridden on the CLI."""
+  return ml_collections.ConfigDict(ModelConfig.preset(preset, **overrides).to_dict())
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> ml_collections.ConfigDict:
+  """Mesh shape (-1 fills the remaining devices) and logical -> mesh axis rules.
+
+  Rules are strings so they can be overridden from the command line:
+  "" = replicated, "fsdp" = one mesh axis, "data,fsdp" = several.
+  """
+  c = ml_collections.ConfigDict()
+  c.shape = ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+  c.rules = ml_collections.ConfigDict({
+      logical: ",".join(axes) if isinstance(axes, tuple) else (axes or "")
+      for logical, axes in DEFAULT_RULES})
+  return c
+
+
+def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.lr = 1e-3            # Peak learning rate.
+  c.end_lr = 1e-4        # Rate at the end of the cosine (nanoGPT's min_lr).
+  c.warmup_steps = 100   # Linear warmup from 0.
+  c.decay_steps = 0      # Cosine length in steps; 0 = train.num_steps.
+  c.schedule = "cosine"  # cosine | constant.
+  c.b1 = 0.9
+  c.b2 = 0.95
+  c.eps = 1e-8
+  c.weight_decay = 0.1   # Decoupled (AdamW); matrices and embeddings only.
+  c.grad_clip = 1.0      # Global-norm clipping; 0 = off.
+  c.update(overrides)
+  return c
+
+
+def train_config(**overrides: Any) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.batch_size = 12           # Global batch (rows) per optimizer step, all hosts together.
+  c.num_steps = 2000          # Optimizer steps.
+  c.grad_accum_steps = 1      # Micro-batches per step (batch_size must divide evenly).
+  c.log_every = 50            # Console/TensorBoard/metrics.jsonl interval.
+  c.eval_every = 500          # Validation interval (0 = only at the end).
+  c.eval_batch_size = 64      # Rows per eval batch (global).
+  c.checkpoint_every = 1000   # Checkpoint interval (the last step is always saved).
+  c.keep_checkpoints = 3      # Most recent checkpoints kept.
+  c.async_checkpoint = True   # Write checkpoints in the background.
+  c.max_steps_in_flight = 2   # Dispatched-but-unfinished steps (see train/loop.py).
+  c.peak_flops = 0.0          # FLOP/s for MFU; 0 = vendor figure or measured matmul peak.
+  c.update(overrides)
+  return c
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.stage = "pretrain"    # Recorded in checkpoint metadata.
+  c.seed = 0              # Parameter init and per-step PRNG.
+  c.init_from = ""        # A checkpoint (workdir, checkpoints dir or step dir) to start from.
+  c.model = model_config("shakespeare_char")
+  c.data = default_data_config()
+  c.optim = optim_config()
+  c.train = train_config()
+  c.mesh = mesh_config()
+  return c

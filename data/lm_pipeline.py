@@ -1,0 +1,325 @@
+"""The tf.data pretraining pipeline: documents -> packed LM batches of numpy arrays.
+
+Entry point:
+
+  build_lm_pipelines(data_cfg, tokenizer, *, global_batch_size: int,
+                     process_index: int = 0, process_count: int = 1,
+                     documents: tuple[list[str], list[str]] | None = None,
+                     ) -> tuple[LMPipeline, ValidationSet]
+
+`data_cfg` is the ConfigDict of `data.config.default_data_config()` (reads
+`seq_len, seed, add_eos, random_offset, prefetch` and, when `documents` is None,
+the source fields via `data.sources.load_split_documents`).
+
+Batch (per host; every array is [per_host_batch, seq_len]):
+  tokens      int32   model inputs
+  targets     int32   next token of each input, within its segment
+  positions   int32   position within the segment, restarting at 0 per segment
+  segment_ids int32   1, 2, ... per segment within the row; 0 = padding
+  loss_mask   float32 1 where the target is real, 0 on padding
+Rows are built as described in `data/packing.py`: every slot of a row holds an
+(input, target) pair of one document, so the loss mask is 0 only on padding.
+
+Decisions:
+- Tokenization happens once, up front, in Python (`Tokenizer.encode_batch`) into
+  one int32 numpy array that tf.data indexes; for a 1 MB corpus this takes well
+  under a second. Corpora that do not fit in memory need tokenized shards
+  (issue #7).
+- Randomness is stateless: epoch e's offsets, chunk order and row order are pure
+  functions of (seed, e), so the tf.data iterator state is a few counters plus the
+  prefetch buffer, and `get_state`/`set_state` resume exactly.
+- Multi-host: every host builds the same global row stream; host h keeps global
+  rows h, h + P, h + 2P, ... so the hosts' step-k batches together are exactly the
+  1-process global batch of step k. A `scan` over epochs carries the row count
+  modulo P, so each host materializes only its own rows.
+- Validation covers every validation pair exactly once in fixed windows; the last
+  global batch is padded with loss_mask-0 rows so every host yields the same
+  number of batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tarfile
+import tempfile
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from data import packing
+from data import sources
+from data.tokenizer import Tokenizer
+
+# The pipeline is CPU work; TF must not grab the accelerator that JAX trains on.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # Devices already initialised: nothing to hide now.
+    pass
+
+Batch = dict[str, np.ndarray]
+_ENCODE_CHUNK_DOCS = 4096  # Bounds the Python lists alive during tokenization.
+_STATE_META = "meta.json"
+_STATE_PREFIX = "ckpt"
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedCorpus:
+    """Documents' token ids concatenated, with per-document start and length."""
+    tokens: np.ndarray       # int32 [N]
+    doc_starts: np.ndarray   # int64 [D]
+    doc_lengths: np.ndarray  # int64 [D], every length >= 2 (at least one target)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.size)
+
+    @property
+    def num_targets(self) -> int:
+        """Next-token targets (pairs) in the corpus: sum of (length - 1)."""
+        return int(np.sum(self.doc_lengths - 1))
+
+
+def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer,
+                       add_eos: bool) -> TokenizedCorpus:
+    """Tokenizes documents (eos appended if `add_eos`) into one array.
+
+    Documents with fewer than 2 tokens have no next-token target and are dropped.
+    """
+    pieces, lengths = [], []
+    for begin in range(0, len(docs), _ENCODE_CHUNK_DOCS):
+        for ids in tokenizer.encode_batch(docs[begin:begin + _ENCODE_CHUNK_DOCS]):
+            if add_eos:
+                ids.append(tokenizer.eos_id)
+            if len(ids) >= 2:
+                pieces.append(np.asarray(ids, np.int32))
+                lengths.append(len(ids))
+    tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
+    doc_lengths = np.asarray(lengths, np.int64)
+    doc_starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
+    return TokenizedCorpus(tokens, doc_starts[:len(lengths)], doc_lengths)
+
+
+def _check_sharding(batch_size: int, process_index: int, process_count: int,
+                    what: str) -> int:
+    """Returns the per-host batch size, or raises naming the numbers."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must be in "
+                         f"[0, process_count={process_count})")
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(f"{what}={batch_size} must be a positive multiple of "
+                         f"process_count={process_count}")
+    return batch_size // process_count
+
+
+def _train_dataset(corpus: TokenizedCorpus, *, seq_len: int, per_host_batch: int,
+                   seed: int, random_offset: bool, prefetch: int,
+                   process_index: int, process_count: int) -> tf.data.Dataset:
+    """The infinite, deterministic per-host training dataset (see module doc)."""
+    tokens = tf.constant(corpus.tokens)
+    doc_starts = tf.constant(corpus.doc_starts)
+    doc_pairs = tf.constant(corpus.doc_lengths - 1)
+    hosts = tf.constant(process_count, tf.int64)
+    host = tf.constant(process_index, tf.int64)
+
+    def count_rows(rows_before_mod_p, epoch):
+        # Global rows before this epoch, mod P, says where this host's rows start.
+        offsets = packing.chunk_offsets(doc_pairs, seq_len, seed, epoch, random_offset)
+        rows = packing.num_rows(doc_pairs, seq_len, offsets)
+        first = (host - rows_before_mod_p) % hosts
+        return (rows_before_mod_p + rows) % hosts, (epoch, first)
+
+    def epoch_rows(epoch, first):
+        layout = packing.train_layout(doc_starts, doc_pairs, seq_len, seed, epoch,
+                                      random_offset)
+
+        def make_row(index):
+            row = packing.shuffled_row(index, seed, epoch, layout.num_rows)
+            return packing.materialize_row(row, layout, tokens, seq_len)
+
+        return tf.data.Dataset.range(first, layout.num_rows, hosts).map(make_row)
+
+    ds = tf.data.Dataset.counter().scan(tf.constant(0, tf.int64), count_rows)
+    ds = ds.flat_map(epoch_rows).batch(per_host_batch, drop_remainder=True)
+    if prefetch:
+        ds = ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
+    return ds
+
+
+class LMPipeline:
+    """Infinite iterator over this host's training batches, with exact resume.
+
+    `get_state()` after k batches, then `set_state()` on a fresh pipeline built
+    from the same data, config and host layout, continues with batch k + 1.
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, *, seq_len: int,
+                 global_batch_size: int, seed: int = 0, random_offset: bool = True,
+                 prefetch: int = 2, process_index: int = 0, process_count: int = 1,
+                 fingerprint: str = ""):
+        """Builds the pipeline.
+
+        Args:
+          corpus: The tokenized training split (must hold at least one target).
+          seq_len: Tokens per row.
+          global_batch_size: Rows per step over all hosts.
+          seed: Seeds offsets, chunk order and row order.
+          random_offset: Shift each long document's windows every epoch.
+          prefetch: Batches prefetched in the background; -1 = AUTOTUNE, 0 = none.
+          process_index: This host's index.
+          process_count: Number of hosts.
+          fingerprint: Identifies the data (e.g. the tokenizer fingerprint);
+            `set_state` refuses a state saved with a different one.
+        """
+        if corpus.num_targets == 0:
+            raise ValueError("The training split has no tokens to predict")
+        if seq_len <= 0:
+            raise ValueError(f"seq_len={seq_len} must be positive")
+        self.per_host_batch_size = _check_sharding(
+            global_batch_size, process_index, process_count, "global_batch_size")
+        self.global_batch_size = global_batch_size
+        self.seq_len = seq_len
+        self.num_train_tokens = corpus.num_tokens
+        self.num_train_targets = corpus.num_targets
+        self._meta = {
+            "seq_len": seq_len, "global_batch_size": global_batch_size, "seed": seed,
+            "random_offset": bool(random_offset), "process_index": process_index,
+            "process_count": process_count, "num_train_tokens": corpus.num_tokens,
+            "fingerprint": fingerprint,
+        }
+        self._dataset = _train_dataset(
+            corpus, seq_len=seq_len, per_host_batch=self.per_host_batch_size,
+            seed=seed, random_offset=random_offset, prefetch=prefetch,
+            process_index=process_index, process_count=process_count)
+        self._iterator = iter(self._dataset)
+        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+    @property
+    def tokens_per_batch(self) -> int:
+        """Token slots per global batch (all hosts, padding included)."""
+        return self.global_batch_size * self.seq_len
+
+    @property
+    def steps_per_epoch(self) -> float:
+        """Approximate global steps per pass over the training targets."""
+        return self.num_train_targets / self.tokens_per_batch
+
+    def __iter__(self) -> "LMPipeline":
+        return self
+
+    def __next__(self) -> Batch:
+        return {k: v.numpy() for k, v in next(self._iterator).items()}
+
+    def get_state(self) -> bytes:
+        """Serializes the iterator position (tf.data checkpoint) into one blob."""
+        buffer = io.BytesIO()
+        with tempfile.TemporaryDirectory() as tmp, \
+                tarfile.open(fileobj=buffer, mode="w") as tar:
+            self._checkpoint.write(os.path.join(tmp, _STATE_PREFIX))
+            with open(os.path.join(tmp, _STATE_META), "w") as f:
+                json.dump(self._meta, f, sort_keys=True)
+            for name in sorted(os.listdir(tmp)):
+                tar.add(os.path.join(tmp, name), arcname=name)
+        return buffer.getvalue()
+
+    def set_state(self, state: bytes) -> None:
+        """Restores a position saved by `get_state` of an identically built pipeline.
+
+        Raises:
+          ValueError: The state was saved by a pipeline with different data,
+            batch size, seed or host layout.
+        """
+        with tempfile.TemporaryDirectory() as tmp:
+            with tarfile.open(fileobj=io.BytesIO(state), mode="r") as tar:
+                tar.extractall(tmp, filter="data")
+            with open(os.path.join(tmp, _STATE_META)) as f:
+                saved = json.load(f)
+            diff = {k: (saved.get(k), v) for k, v in self._meta.items()
+                    if saved.get(k) != v}
+            if diff:
+                raise ValueError("Data iterator state does not match this pipeline "
+                                 f"(field: (saved, current)): {diff}")
+            self._checkpoint.read(os.path.join(tmp, _STATE_PREFIX)).assert_consumed()
+
+
+class ValidationSet:
+    """The validation split in fixed windows; call it for one full pass.
+
+    `val(eval_batch_size)` returns an iterator over this host's share of every
+    validation pair, exactly once; `eval_batch_size` is the global batch.
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, *, seq_len: int,
+                 process_index: int = 0, process_count: int = 1):
+        self.seq_len = seq_len
+        self.num_targets = corpus.num_targets
+        self._process_index = process_index
+        self._process_count = process_count
+        self._tokens = tf.constant(corpus.tokens)
+        self._layout = None
+        if corpus.num_targets:
+            doc_pairs = tf.constant(corpus.doc_lengths - 1)
+            self._layout = packing.epoch_layout(
+                tf.constant(corpus.doc_starts), doc_pairs, seq_len,
+                tf.zeros_like(doc_pairs), shuffle_seed=None)
+
+    @property
+    def num_rows(self) -> int:
+        return 0 if self._layout is None else int(self._layout.num_rows)
+
+    def num_batches(self, eval_batch_size: int) -> int:
+        """Batches each host yields per pass."""
+        return -(-self.num_rows // eval_batch_size)
+
+    def __call__(self, eval_batch_size: int) -> Iterator[Batch]:
+        per_host = _check_sharding(eval_batch_size, self._process_index,
+                                   self._process_count, "eval_batch_size")
+        if self._layout is None:
+            return iter(())
+        # Rows past num_rows materialize as padding (loss_mask 0).
+        padded_rows = self.num_batches(eval_batch_size) * eval_batch_size
+        layout, tokens, seq_len = self._layout, self._tokens, self.seq_len
+        ds = tf.data.Dataset.range(self._process_index, padded_rows,
+                                   self._process_count)
+        ds = ds.map(lambda row: packing.materialize_row(row, layout, tokens, seq_len))
+        return ds.batch(per_host).prefetch(2).as_numpy_iterator()
+
+
+def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
+                       global_batch_size: int, process_index: int = 0,
+                       process_count: int = 1,
+                       documents: tuple[list[str], list[str]] | None = None,
+                       ) -> tuple[LMPipeline, ValidationSet]:
+    """Builds this host's training pipeline and validation set.
+
+    Args:
+      data_cfg: The data ConfigDict (`seq_len`, `seed`, `add_eos`,
+        `random_offset`, `prefetch`, and the source fields when `documents` is
+        None).
+      tokenizer: Tokenizer for both splits.
+      global_batch_size: Training rows per step over all hosts.
+      process_index: This host's index (`jax.process_index()`).
+      process_count: Number of hosts (`jax.process_count()`).
+      documents: (train_docs, val_docs) if already loaded (e.g. to train the
+        tokenizer); None loads them with `sources.load_split_documents`.
+
+    Returns:
+      (train pipeline, validation set); `validation_set(eval_batch_size)` is an
+      iterator over one pass.
+    """
+    train_docs, val_docs = (documents if documents is not None
+                            else sources.load_split_documents(data_cfg))
+    add_eos = bool(data_cfg.add_eos)
+    train = LMPipeline(
+        tokenize_documents(train_docs, tokenizer, add_eos),
+        seq_len=data_cfg.seq_len, global_batch_size=global_batch_size,
+        seed=data_cfg.seed, random_offset=data_cfg.random_offset,
+        prefetch=data_cfg.prefetch, process_index=process_index,
+        process_count=process_count, fingerprint=tokenizer.fingerprint)
+    val = ValidationSet(tokenize_documents(val_docs, tokenizer, add_eos),
+                        seq_len=data_cfg.seq_len, process_index=process_index,
+                        process_count=process_count)
+    return train, val

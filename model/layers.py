@@ -1,0 +1,152 @@
+"""Transformer building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP.
+
+Shape letters used in comments and einsums:
+  B batch, T query length, S key length, E embed, N query heads, K kv heads,
+  G = N // K query heads per kv head, D head dim, F mlp hidden, V vocab.
+
+Every parameter is created with logical axis names (`out_sharding=`); `model/sharding.py`
+maps them to mesh axes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+
+# Shardings are applied by the Trainer's jitted init (eval_shape -> specs -> out_shardings),
+# never eagerly at Variable creation, so the same module code runs with or without a mesh.
+nnx.use_eager_sharding(False)
+
+
+def _normal(std: float):
+  return nnx.initializers.normal(stddev=std)
+
+
+def _param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), shape, dtype), out_sharding=names)
+
+
+class RMSNorm(nnx.Module):
+  """Root-mean-square norm with a learned scale (no bias, no mean subtraction)."""
+
+  def __init__(self, dim: int, cfg: ModelConfig):
+    self.eps = cfg.norm_eps
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=("embed",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # Statistics in float32 even for bf16 activations: the mean of squares underflows otherwise.
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float
+                ) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables for rotary embeddings at integer `positions` [B, T] -> two [B, T, D/2]."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates pairs (i, i + D/2) of `x` [B, T, H, D] ("rotate half", the Llama/HF layout)."""
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # each [B, T, H, D/2]
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None
+                   ) -> jax.Array:
+  """Causal AND same-segment mask [B, T, S] (True = may attend).
+
+  Packed rows hold several documents with different segment ids; a token attends only to
+  earlier tokens of its own segment. Padding (segment 0) attends within itself, so no row is
+  fully masked and softmax never sees all -inf.
+  """
+  kv = segment_ids if kv_segment_ids is None else kv_segment_ids
+  t, s = segment_ids.shape[1], kv.shape[1]
+  causal = jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)  # [T, S]
+  same = segment_ids[:, :, None] == kv[:, None, :]  # [B, T, S]
+  return causal[None] & same
+
+
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Reference attention. q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,N,D]."""
+  b, t, n, d = q.shape
+  kh = k.shape[2]
+  q = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, n, d)
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+                          ) -> jax.Array:
+  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when it applies)."""
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with grouped-query heads and rotary position embeddings."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    e, n, k, d = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    self.cfg = cfg
+    self.wq = _param(rngs, init, (e, n, d), pd, ("embed", "heads", "head_dim"))
+    self.wk = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
+    self.wv = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
+    self.wo = _param(rngs, out_init, (n, d, e), pd, ("heads", "head_dim", "embed"))
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
+               ) -> jax.Array:
+    dt = x.dtype
+    q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
+    k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
+    v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
+    out = attend(q, k, v, mask)  # [B, T, N, D]
+    return jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt))
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    e, f = cfg.embed_dim, cfg.mlp_dim
+    pd = jnp.dtype(cfg.param_dtype)
+    init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
+    self.w_gate = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
+    self.w_up = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
+    self.w_down = _param(rngs, out_init, (f, e), pd, ("mlp", "embed"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    dt = x.dtype
+    gate = x @ self.w_gate[...].astype(dt)  # [B, T, F]
+    up = x @ self.w_up[...].astype(dt)
+    return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(cfg.embed_dim, cfg)
+    self.attn = Attention(cfg, rngs)
+    self.mlp_norm = RMSNorm(cfg.embed_dim, cfg)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
+               ) -> jax.Array:
+    x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    return x + self.mlp(self.mlp_norm(x))

@@ -1,0 +1,124 @@
+"""The decoder-only transformer (`Transformer`) and its pure apply helpers.
+
+    tokens [B, T] -> embed -> N x Block (pre-norm attention + SwiGLU) -> RMSNorm -> logits [B, T, V]
+
+Blocks are either a Python list (`scan_layers=False`, easiest to read and debug) or one
+`Block` whose parameters carry a leading `layers` axis and run under `lax.scan`
+(`scan_layers=True`: one compiled block, so compile time does not grow with depth). Both
+layouts compute the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.config import ModelConfig
+from model.layers import Block, RMSNorm, attention_mask, rope_tables
+from model.sharding import constrain
+
+ACTIVATION = ("batch", "length", None)  # residual stream sharding: batch only
+
+
+def remat_policy(name: str) -> Callable | None:
+  """Maps a config name to a `jax.checkpoint` policy (None = no rematerialisation)."""
+  return {
+      "none": None,
+      "full": jax.checkpoint_policies.nothing_saveable,
+      "dots": jax.checkpoint_policies.dots_saveable,
+      "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[name]
+
+
+class Transformer(nnx.Module):
+  """Decoder-only language model.
+
+  Call with `tokens` [B, T] and optionally `positions` [B, T] (default 0..T-1) and
+  `segment_ids` [B, T] (default all 1: one document per row). Returns float32 logits
+  [B, T, V]. `hidden()` returns the final normalised hidden states [B, T, E] for heads.
+  """
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    if cfg.vocab_size <= 0:
+      raise ValueError("ModelConfig.vocab_size must be set (> 0) before building a model")
+    self.cfg = cfg
+    pd = jnp.dtype(cfg.param_dtype)
+    self.embedding = nnx.Param(
+        nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.vocab_size, cfg.embed_dim), pd),
+        out_sharding=("vocab", "embed"))
+    if cfg.scan_layers:
+      @nnx.split_rngs(splits=cfg.num_layers)
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def make_blocks(rngs: nnx.Rngs) -> Block:
+        return Block(cfg, rngs)
+      self.blocks = make_blocks(rngs)
+    else:
+      self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.embed_dim, cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = nnx.Param(
+          nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.embed_dim, cfg.vocab_size),
+                                                pd),
+          out_sharding=("embed", "vocab"))
+
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    dt = jnp.dtype(self.cfg.dtype)
+    table = self.embedding[...].astype(dt)
+    if self.cfg.one_hot_embed:
+      return jax.nn.one_hot(tokens, self.cfg.vocab_size, dtype=dt) @ table  # [B, T, E]
+    return jnp.take(table, tokens, axis=0)
+
+  def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
+             segment_ids: jax.Array | None = None) -> jax.Array:
+    """Final normalised hidden states [B, T, E] (compute dtype)."""
+    cfg = self.cfg
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    if segment_ids is None:
+      segment_ids = jnp.ones_like(tokens)
+    cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)  # [B, T, D/2]
+    mask = attention_mask(segment_ids)  # [B, T, T]
+    x = constrain(self.embed(tokens), ACTIVATION)
+
+    def run_block(block: Block, x: jax.Array) -> jax.Array:
+      return constrain(block(x, cos, sin, mask), ACTIVATION)
+
+    policy = remat_policy(cfg.remat_policy)
+    if cfg.remat_policy != "none":
+      run_block = nnx.remat(run_block, policy=policy)
+    if cfg.scan_layers:
+      graphdef, stacked = nnx.split(self.blocks)
+
+      def body(x, layer_state):
+        return run_block(nnx.merge(graphdef, layer_state), x), None
+
+      x, _ = jax.lax.scan(body, x, stacked)
+    else:
+      for block in self.blocks:
+        x = run_block(block, x)
+    return self.final_norm(x)
+
+  def logits(self, h: jax.Array) -> jax.Array:
+    """Projects hidden states [B, T, E] to float32 logits [B, T, V]."""
+    dt = h.dtype
+    if self.cfg.tie_embeddings:
+      out = jnp.einsum("bte,ve->btv", h, self.embedding[...].astype(dt))
+    else:
+      out = h @ self.lm_head[...].astype(dt)
+    return out.astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> jax.Array:
+    return self.logits(self.hidden(tokens, positions, segment_ids))
+
+
+def build_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  """Builds a model on the default device (tests and tools; the Trainer uses sharded init)."""
+  return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def count_params(state: nnx.State) -> int:
+  return sum(x.size for x in jax.tree.leaves(state))

@@ -1,0 +1,232 @@
+"""The one checkpoint format (all Orbax code of the project lives here).
+
+A checkpoint directory is `<workdir>/checkpoints/<step>/` written by an Orbax
+`CheckpointManager`, with these items:
+
+  params       the model parameters as a plain nested dict of arrays (trunk and any heads)
+  train_state  {"opt_state", "step", "rng"}: everything else needed for exact resume
+  data_iter    one opaque blob per process: the tf.data iterator state
+  tokenizer    the SentencePiece model bytes (so a checkpoint is self-contained)
+  metadata     JSON: format_version, stage, step, resolved config, model config,
+               tokenizer fingerprint, parent checkpoint, and free-form extras
+
+Orbax writes each step into a temporary directory and renames it when complete, so an
+interrupted save is never listed as a step. A finalized step that fails to restore
+(corrupted files) is reported and skipped in favour of the previous step.
+Arrays are restored straight onto the shardings of the target (`jax.ShapeDtypeStruct` with
+`sharding=`), which may belong to a different mesh than the one that saved them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+FORMAT_VERSION = 1
+ITEMS = ("params", "train_state", "data_iter", "tokenizer", "metadata")
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used (missing, unreadable, or incompatible)."""
+
+
+# --------------------------------------------------------------------------------------
+# A small handler for opaque byte blobs (tokenizer model, tf.data iterator state).
+# --------------------------------------------------------------------------------------
+class BlobHandler(ocp.CheckpointHandler):
+  """Saves `bytes`: one shared file (primary host) or one file per process."""
+
+  def save(self, directory: epath.Path, args: "BlobSave"):
+    if args.per_process:
+      (directory / f"process_{jax.process_index()}.bin").write_bytes(args.data)
+    elif jax.process_index() == 0:
+      (directory / "blob.bin").write_bytes(args.data)
+
+  def restore(self, directory: epath.Path, args: "BlobRestore | None" = None) -> bytes:
+    per_process = args.per_process if args is not None else False
+    name = f"process_{jax.process_index()}.bin" if per_process else "blob.bin"
+    path = directory / name
+    if not path.exists():
+      raise FileNotFoundError(f"{path} is missing")
+    return path.read_bytes()
+
+
+@ocp.args.register_with_handler(BlobHandler, for_save=True)
+@dataclasses.dataclass
+class BlobSave(ocp.args.CheckpointArgs):
+  data: bytes
+  per_process: bool = False
+
+
+@ocp.args.register_with_handler(BlobHandler, for_restore=True)
+@dataclasses.dataclass
+class BlobRestore(ocp.args.CheckpointArgs):
+  per_process: bool = False
+
+
+def _handlers() -> dict[str, ocp.CheckpointHandler]:
+  return {
+      "params": ocp.StandardCheckpointHandler(),
+      "train_state": ocp.StandardCheckpointHandler(),
+      "data_iter": BlobHandler(),
+      "tokenizer": BlobHandler(),
+      "metadata": ocp.JsonCheckpointHandler(),
+  }
+
+
+class Checkpointer:
+  """Saves and restores training checkpoints of the shared format.
+
+  Args:
+    directory: where step directories go (`<workdir>/checkpoints`); local or gs://.
+    keep: number of most recent checkpoints kept (older ones are deleted).
+    async_save: write arrays in a background thread while training continues.
+  """
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,  # half-written steps from a crash are removed
+        create=True,
+    )
+    self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                       item_handlers=_handlers())
+
+  def all_steps(self) -> list[int]:
+    self._mngr.reload()
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, params: Any, train_state: Any, *, metadata: Mapping[str, Any],
+           tokenizer: bytes | None = None, data_state: bytes | None = None) -> None:
+    """Starts an (async) save of one step; returns before arrays are on disk."""
+    meta = {"format_version": FORMAT_VERSION, "step": int(step), **metadata}
+    items = {
+        "params": ocp.args.StandardSave(params),
+        "train_state": ocp.args.StandardSave(train_state),
+        "metadata": ocp.args.JsonSave(meta),
+    }
+    if tokenizer is not None:
+      items["tokenizer"] = BlobSave(tokenizer)
+    if data_state is not None:
+      items["data_iter"] = BlobSave(data_state, per_process=True)
+    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, abstract_params: Any, abstract_train_state: Any, step: int | None = None
+              ) -> dict[str, Any]:
+    """Restores the newest readable step (or `step`) onto the targets' shardings.
+
+    Returns:
+      dict with keys params, train_state, metadata, data_iter (bytes or None),
+      tokenizer (bytes or None), step.
+
+    Raises:
+      CheckpointError: no step could be restored; the message lists each failure.
+    """
+    candidates = [step] if step is not None else self.all_steps()[::-1]
+    errors = []
+    for s in candidates:
+      try:
+        return self._restore_step(s, abstract_params, abstract_train_state)
+      except CheckpointError:
+        raise
+      except Exception as e:  # corrupted files: report and fall back to the previous step
+        msg = f"checkpoint step {s} in {self.directory} is unreadable: {type(e).__name__}: {e}"
+        logging.warning("%s; trying an older step", msg)
+        print(f"WARNING: {msg}; trying an older step", flush=True)
+        errors.append(msg)
+    raise CheckpointError(f"No restorable checkpoint in {self.directory}: " +
+                          ("; ".join(errors) or "no finalized steps"))
+
+  def _restore_step(self, step: int, abstract_params: Any, abstract_train_state: Any
+                    ) -> dict[str, Any]:
+    meta = self._mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    meta = meta["metadata"]
+    check_format(meta, self.directory / str(step))
+    out = self._mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params),
+        train_state=ocp.args.StandardRestore(abstract_train_state)))
+    result = {"params": out["params"], "train_state": out["train_state"], "metadata": meta,
+              "step": step}
+    for name, per_process in (("data_iter", True), ("tokenizer", False)):
+      try:
+        blob = self._mngr.restore(step, args=ocp.args.Composite(
+            **{name: BlobRestore(per_process=per_process)}))
+        result[name] = blob[name]
+      except Exception:  # optional items (e.g. a run without a data iterator)
+        result[name] = None
+    return result
+
+  def wait(self) -> None:
+    """Blocks until any async save has been committed."""
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+def check_format(meta: Mapping[str, Any], where: Any) -> None:
+  version = meta.get("format_version")
+  if version != FORMAT_VERSION:
+    raise CheckpointError(f"{where}: checkpoint format_version={version!r}, this code reads "
+                          f"version {FORMAT_VERSION}")
+
+
+def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
+  """Finds a step directory from a workdir, a checkpoints dir, or a step dir.
+
+  `init_from` may point at any of: `runs/x` (workdir), `runs/x/checkpoints`, or
+  `runs/x/checkpoints/2000`. Returns (checkpoints directory, step).
+  """
+  p = epath.Path(path)
+  if not p.exists():
+    raise CheckpointError(f"init_from={path!r}: no such directory")
+  if (p / "checkpoints").is_dir():
+    p = p / "checkpoints"
+  if p.name.isdigit() and (p / "metadata").exists():
+    return p.parent, int(p.name)
+  steps = sorted(int(c.name) for c in p.iterdir() if c.name.isdigit() and c.is_dir())
+  if not steps:
+    raise CheckpointError(f"init_from={path!r}: no finalized checkpoint steps in {p}")
+  return p, steps[-1]
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+  """Reads the JSON metadata of the newest (or the named) checkpoint step."""
+  directory, step = resolve_checkpoint(path)
+  mngr = ocp.CheckpointManager(directory, item_handlers=_handlers(),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  meta = mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+  meta = dict(meta["metadata"])
+  check_format(meta, directory / str(step))
+  meta["checkpoint_path"] = str(directory / str(step))
+  return meta
+
+
+def load_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any], bytes | None]:
+  """Restores only params (onto the target shardings), metadata and tokenizer of a step.
+
+  Used by `init_from`: the next stage takes the trunk of an earlier stage's checkpoint.
+  """
+  directory, step = resolve_checkpoint(path)
+  mngr = ocp.CheckpointManager(directory, item_handlers=_handlers(),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  meta = read_metadata(str(directory / str(step)))
+  out = mngr.restore(step, args=ocp.args.Composite(
+      params=ocp.args.StandardRestore(abstract_params)))
+  try:
+    tok = mngr.restore(step, args=ocp.args.Composite(tokenizer=BlobRestore()))["tokenizer"]
+  except Exception:
+    tok = None
+  return out["params"], meta, tok

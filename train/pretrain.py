@@ -1,0 +1,115 @@
+"""Pretraining entry point: next-token prediction on packed text.
+
+  python -m train.pretrain --config=configs/pretrain/shakespeare_char.py --workdir=runs/sc \
+      [--config.optim.lr=3e-4 --config.model.num_layers=8 ...]
+
+Reads the config (locked: unknown fields are errors), writes the resolved config to
+`<workdir>/config.json`, trains or loads the tokenizer (`<workdir>/tokenizer.model`), builds
+the tf.data pipelines, and runs the shared Trainer with the LM loss. Re-running the same
+command resumes from the newest checkpoint in the workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Run config file (configs/...py[:args]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
+flags.DEFINE_string("coordinator_address", "", "jax.distributed coordinator host:port.")
+flags.DEFINE_integer("num_processes", 0, "Number of processes of a multi-process run.")
+flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
+flags.DEFINE_integer("local_devices", 0, "CPU devices per process (CPU runs only).")
+flags.DEFINE_bool("distributed_auto", False, "jax.distributed.initialize() with auto-detection "
+                  "(Cloud TPU VM pods, SLURM).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def write_config(config: Any, workdir: str) -> None:
+  import tensorflow as tf
+  tf.io.gfile.makedirs(workdir)
+  with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+
+
+def resolve_vocab(model_cfg_dict: dict, vocab: int) -> dict:
+  """vocab_size 0 takes the tokenizer's; a smaller explicit one is an error."""
+  if model_cfg_dict["vocab_size"] == 0:
+    return {**model_cfg_dict, "vocab_size": vocab}
+  if model_cfg_dict["vocab_size"] < vocab:
+    raise ValueError(f"config.model.vocab_size={model_cfg_dict['vocab_size']} is smaller than "
+                     f"the tokenizer's vocabulary ({vocab}); set it to 0 or >= {vocab}")
+  return model_cfg_dict
+
+
+def run(config: Any, workdir: str) -> dict[str, float]:
+  """Trains per `config` in `workdir`; returns the final eval metrics."""
+  import jax
+  from data.config import get_or_train_tokenizer
+  from data.lm_pipeline import build_lm_pipelines
+  from data.sources import load_split_documents
+  from model.config import ModelConfig
+  from train.losses import lm_loss
+  from train.trainer import Trainer
+
+  if jax.process_index() == 0:
+    write_config(config, workdir)
+  train_docs, val_docs = load_split_documents(config.data)
+  tokenizer = get_or_train_tokenizer(config.data, train_docs,
+                                     os.path.join(workdir, "tokenizer.model"))
+  model_cfg = ModelConfig.from_dict(resolve_vocab(config.model.to_dict(), tokenizer.vocab_size))
+  train_iter, val_set = build_lm_pipelines(
+      config.data, tokenizer, global_batch_size=config.train.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      documents=(train_docs, val_docs))
+  trainer = Trainer(config, workdir, model_cfg, lm_loss, tokenizer_bytes=tokenizer.to_bytes(),
+                    tokenizer_fingerprint=tokenizer.fingerprint)
+  print(f"Model: {model_cfg.num_params():,} parameters "
+        f"({model_cfg.num_params(include_embedding=False):,} without embeddings); "
+        f"mesh {dict(trainer.mesh.shape)}; {jax.device_count()} devices, "
+        f"{jax.process_count()} process(es)", flush=True)
+  state, data_state = trainer.restore_or_init()
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  trainer.data_state_fn = train_iter.get_state
+  trainer.setup_throughput(config.train.batch_size * config.data.seq_len, config.data.seq_len)
+  val_chars = sum(len(d) for d in val_docs)
+  results: dict[str, float] = {}
+
+  def eval_hook(trainer: Trainer, step: int, state: Any) -> None:
+    metrics = trainer.evaluate(state.params, val_set(config.train.eval_batch_size))
+    metrics["bpc"] = metrics["loss"] * metrics["tokens"] / val_chars / math.log(2)
+    results.update(metrics)
+    trainer.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if jax.process_index() == 0:
+      print(f"eval step {step}: loss {metrics['loss']:.4f} | bpc {metrics['bpc']:.4f} | "
+            f"accuracy {metrics['accuracy']:.4f} | {int(metrics['tokens'])} tokens", flush=True)
+
+  trainer.add_hook(eval_hook, every=config.train.eval_every or config.train.num_steps)
+  trainer.install_sigterm_handler()
+  try:
+    trainer.train(state, iter(train_iter))
+  finally:
+    trainer.close()
+  return results
+
+
+def main(argv):
+  del argv
+  # Orbax and TF log every file operation at INFO; keep the console for progress lines.
+  logging.set_verbosity(logging.WARNING)
+  from train import distributed
+  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                         FLAGS.local_devices, FLAGS.distributed_auto)
+  run(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

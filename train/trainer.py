@@ -1,0 +1,314 @@
+"""The one `Trainer` core used by every training loop (pretrain, SFT, reward model, PPO, DPO).
+
+A loop differs from another only in its model factory, its loss function, its data and its
+config. The Trainer owns the rest:
+
+  mesh + logical rules -> sharded init, init_from, or exact resume -> one jitted train step
+  (explicit in/out shardings, donated state, gradient accumulation) -> loop with bounded
+  steps in flight -> metrics (console, TensorBoard, metrics.jsonl), eval, hooks every N
+  steps, checkpoints (async, keep-last-N, SIGTERM save, NaN stop).
+
+Loss contract: `loss_fn(model, batch, rng) -> (loss, aux)` where `model` is the NNX module
+rebuilt from params inside the step (so the loss is a pure function of params), `batch` is
+a dict of global arrays and `aux` is a dict of scalar metrics. If `aux["weight"]` exists,
+eval averages metrics weighted by it (e.g. the number of target tokens), which makes eval
+loss the exact per-token mean over the whole split.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from model import sharding as msharding
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train import checkpoint as ckpt_lib
+from train import flops as flops_lib
+from train.loop import NonFiniteLossError, run_loop
+from train.metrics import MetricsWriter
+from train.optim import make_optimizer
+from train.state import (ModelFactory, TrainState, abstract_model, make_init_fn,
+                         mesh_shardings, opt_state_shardings, with_shardings)
+
+LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array],
+                  tuple[jax.Array, dict[str, jax.Array]]]
+Hook = Callable[["Trainer", int, TrainState], None]
+
+# Fields that only change how the model executes, not what its parameters are: a checkpoint
+# may be restored into a config that differs in these.
+EXECUTION_FIELDS = ("attention_impl", "remat_policy", "dtype", "param_dtype", "one_hot_embed",
+                    "max_seq_len")
+
+
+def model_config_diff(saved: Mapping[str, Any], current: ModelConfig) -> dict[str, tuple]:
+  """Parameter-relevant fields that differ between a checkpoint and `current`."""
+  now = current.to_dict()
+  return {k: (saved.get(k), now[k]) for k in now
+          if k not in EXECUTION_FIELDS and saved.get(k) != now[k]}
+
+
+class Trainer:
+  """Owns the mesh, state, jitted step, loop, eval, metrics and checkpoints of one run.
+
+  Args:
+    config: the resolved run ConfigDict (sections train, optim, mesh; fields seed, stage,
+      init_from).
+    workdir: run directory (metrics, TensorBoard, checkpoints).
+    model_cfg: the model to train.
+    loss_fn: see the module docstring.
+    model_factory: builds the module from (ModelConfig, Rngs); default `Transformer`.
+    tokenizer_bytes: the SentencePiece model, stored in every checkpoint.
+  """
+
+  def __init__(self, config: Any, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn, *,
+               model_factory: ModelFactory = Transformer, tokenizer_bytes: bytes | None = None,
+               tokenizer_fingerprint: str = ""):
+    self.config, self.workdir, self.model_cfg = config, workdir, model_cfg
+    self.loss_fn, self.model_factory = loss_fn, model_factory
+    self.tokenizer_bytes, self.tokenizer_fingerprint = tokenizer_bytes, tokenizer_fingerprint
+    tcfg = config.train
+    self.num_steps = tcfg.num_steps
+    self.rules = msharding.normalize_rules(rules_from_config(config.mesh.rules))
+    self.mesh = msharding.make_mesh(dict(config.mesh.shape))
+    self.batch_axes = dict(self.rules).get("batch")
+    self._check_batch_sizes()
+    self.graphdef, abstract_params, self.logical_specs = abstract_model(model_factory, model_cfg)
+    self.tx, self.schedule = make_optimizer(config.optim, self.num_steps, self.logical_specs)
+    self.param_shardings = mesh_shardings(self.logical_specs, self.mesh, self.rules)
+    self._init = make_init_fn(model_factory, model_cfg, self.tx)
+    abstract_state = jax.eval_shape(self._init, jax.random.key(0))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.state_shardings = TrainState(
+        step=self.replicated, params=self.param_shardings,
+        opt_state=opt_state_shardings(self.tx, abstract_state.opt_state, self.param_shardings,
+                                      self.mesh),
+        rng=self.replicated)
+    self.abstract_state = with_shardings(abstract_state, self.state_shardings)
+    self.batch_sharding = NamedSharding(self.mesh, P(self.batch_axes))
+    self._hooks: list[tuple[int, Hook]] = []
+    self._compile()
+    self.checkpointer = ckpt_lib.Checkpointer(
+        f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
+    self.writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    self.parent: dict[str, Any] | None = None
+    self.data_state_fn: Callable[[], bytes] | None = None
+    self._sigterm = False
+    self.tokens_per_step = 0
+    self.flops_per_step = 0.0
+    self.peak_flops = 0.0
+
+  # ------------------------------------------------------------------ setup
+  def _check_batch_sizes(self) -> None:
+    tcfg = self.config.train
+    dp = msharding.batch_parallel_size(self.mesh, self.rules)
+    accum = tcfg.grad_accum_steps
+    if tcfg.batch_size % accum:
+      raise ValueError(f"config.train.batch_size={tcfg.batch_size} is not divisible by "
+                       f"config.train.grad_accum_steps={accum}")
+    micro = tcfg.batch_size // accum
+    if micro % dp:
+      raise ValueError(f"Global batch {tcfg.batch_size} (micro-batch {micro} with "
+                       f"grad_accum_steps={accum}) is not divisible by the data-parallel size "
+                       f"{dp} (mesh {dict(self.mesh.shape)}, batch axes {self.batch_axes})")
+    if tcfg.batch_size % jax.process_count():
+      raise ValueError(f"config.train.batch_size={tcfg.batch_size} is not divisible by the "
+                       f"process count {jax.process_count()}")
+
+  def mesh_context(self):
+    """Mesh + logical rules, active whenever model code is traced."""
+    class _Ctx:
+      def __enter__(ctx):
+        ctx.a = jax.set_mesh(self.mesh)
+        ctx.b = nnx.logical_axis_rules(self.rules)
+        ctx.a.__enter__(), ctx.b.__enter__()
+      def __exit__(ctx, *exc):
+        ctx.b.__exit__(*exc)
+        ctx.a.__exit__(*exc)
+    return _Ctx()
+
+  def _compile(self) -> None:
+    """The one place where the train and eval steps are jitted."""
+    self._jit_init = jax.jit(self._init, out_shardings=self.state_shardings)
+    self._jit_init_from = jax.jit(self._init, in_shardings=(self.replicated, self.param_shardings),
+                                  out_shardings=self.state_shardings)
+    self._jit_step = jax.jit(self._train_step, in_shardings=(self.state_shardings,
+                                                             self.batch_sharding),
+                             out_shardings=(self.state_shardings, self.replicated),
+                             donate_argnums=(0,))
+    self._jit_eval = jax.jit(self._eval_step, in_shardings=(self.param_shardings,
+                                                            self.batch_sharding),
+                             out_shardings=self.replicated)
+
+  # ------------------------------------------------------------------ pure steps
+  def _loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
+    model = nnx.merge(self.graphdef, params)
+    return self.loss_fn(model, batch, rng)
+
+  def _train_step(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    accum = self.config.train.grad_accum_steps
+    if accum == 1:
+      (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+    else:
+      # Strided micro-batches ([B] -> [B/A, A] -> [A, B/A]) keep each device's rows local.
+      micro = jax.tree.map(lambda x: jnp.swapaxes(
+          x.reshape(x.shape[0] // accum, accum, *x.shape[1:]), 0, 1), batch)
+
+      def body(carry, xs):
+        mb, r = xs
+        mb = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, NamedSharding(self.mesh, P(self.batch_axes))), mb)
+        (l, a), g = grad_fn(state.params, mb, r)
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params,
+                                                          jax.tree.map(lambda x: x[0], micro),
+                                                          step_rng))
+      zeros = (zeros[0][0], zeros[0][1], zeros[1])
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros,
+                                           (micro, jax.random.split(step_rng, accum)))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
+               "train/lr": self.schedule(state.step),
+               **{f"train/{k}": v for k, v in aux.items() if k != "loss"}}
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                           rng=jax.random.key_data(rng))
+    return new_state, metrics
+
+  def _eval_step(self, params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    loss, aux = self._loss(params, batch, jax.random.key(0))
+    aux = {"loss": loss, **aux}
+    weight = aux.pop("weight", jnp.ones(()))
+    return {"weight": weight, **{k: v * weight for k, v in aux.items()}}
+
+  # ------------------------------------------------------------------ state
+  def to_global(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+    """The one host -> device boundary: process-local numpy rows -> global sharded arrays."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+  def init_state(self, params: Any = None) -> TrainState:
+    """Fresh state (sharded init), or fresh optimizer state around given `params`."""
+    rng = jax.random.key(self.config.seed)
+    with self.mesh_context():
+      if params is None:
+        return self._jit_init(rng)
+      return self._jit_init_from(rng, params)
+
+  def restore_or_init(self) -> tuple[TrainState, bytes | None]:
+    """Resume order: this workdir's newest readable checkpoint, then init_from, then scratch.
+
+    Returns (state, data iterator state bytes or None).
+    """
+    if self.checkpointer.latest_step() is not None:
+      restored = self.checkpointer.restore(self.abstract_state.params,
+                                           self._abstract_train_state())
+      self._check_model_config(restored["metadata"], self.checkpointer.directory)
+      self.parent = restored["metadata"].get("parent")
+      ts = restored["train_state"]
+      state = TrainState(step=ts["step"], params=restored["params"],
+                         opt_state=ts["opt_state"], rng=ts["rng"])
+      self.writer.truncate_after(int(restored["step"]))
+      print(f"Resumed from {self.checkpointer.directory}/{restored['step']}", flush=True)
+      return state, restored["data_iter"]
+    if self.config.init_from:
+      params, meta, _ = ckpt_lib.load_params(self.config.init_from, self.abstract_state.params)
+      self._check_model_config(meta, self.config.init_from)
+      self.parent = {"path": meta["checkpoint_path"], "step": meta["step"],
+                     "stage": meta.get("stage")}
+      print(f"Initialised params from {meta['checkpoint_path']} ({meta.get('stage')})",
+            flush=True)
+      return self.init_state(params), None
+    return self.init_state(), None
+
+  def _abstract_train_state(self) -> dict[str, Any]:
+    a = self.abstract_state
+    return {"opt_state": a.opt_state, "step": a.step, "rng": a.rng}
+
+  def _check_model_config(self, meta: Mapping[str, Any], where: Any) -> None:
+    diff = model_config_diff(meta.get("model_config", {}), self.model_cfg)
+    if diff:
+      detail = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
+      raise ckpt_lib.CheckpointError(
+          f"Checkpoint {where} has a different model config ({detail}); point the run at a "
+          "compatible checkpoint or a new workdir")
+
+  def save(self, state: TrainState) -> None:
+    step = int(jax.device_get(state.step))
+    meta = {"stage": self.config.stage, "config": self.config.to_dict(),
+            "model_config": self.model_cfg.to_dict(), "parent": self.parent,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "process_count": jax.process_count()}
+    data_state = self.data_state_fn() if self.data_state_fn else None
+    self.checkpointer.save(step, state.params,
+                           {"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
+                           metadata=meta, tokenizer=self.tokenizer_bytes, data_state=data_state)
+
+  # ------------------------------------------------------------------ loop
+  def add_hook(self, fn: Hook, every: int) -> None:
+    """Calls fn(trainer, step, state) after every `every`-th step (and at the last step)."""
+    if every > 0:
+      self._hooks.append((every, fn))
+
+  def evaluate(self, params: Any, batches: Iterable[Mapping[str, np.ndarray]]
+               ) -> dict[str, float]:
+    """Weighted means of the loss_fn metrics over all `batches` (e.g. a whole split)."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    with self.mesh_context():
+      for batch in batches:
+        out = jax.device_get(self._jit_eval(params, self.to_global(batch)))
+        for k, v in out.items():
+          totals[k] += float(v)
+    weight = totals.pop("weight", 0.0)
+    if not weight:
+      raise ValueError("Evaluation saw no weighted examples (empty validation split?)")
+    return {**{k: v / weight for k, v in totals.items()}, "tokens": weight}
+
+  def setup_throughput(self, tokens_per_step: int, seq_len: int) -> None:
+    """Sets what progress lines report: tokens per step and model FLOPs for MFU."""
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_step = flops_lib.flops_per_token(self.model_cfg, seq_len) * tokens_per_step
+    peak = self.config.train.peak_flops
+    if not peak:
+      per_device = flops_lib.device_peak_flops()
+      peak = (per_device * jax.device_count() if per_device else
+              flops_lib.measure_matmul_peak() * jax.process_count())
+    self.peak_flops = peak
+
+  def train(self, state: TrainState, batches: Iterator[Mapping[str, np.ndarray]]
+            ) -> TrainState:
+    """Runs steps until config.train.num_steps; returns the final state."""
+    return run_loop(self, state, batches)
+
+  def install_sigterm_handler(self) -> None:
+    """SIGTERM (preemption) makes the loop save a checkpoint and stop after this step."""
+    def handler(signum, frame):
+      del signum, frame
+      self._sigterm = True
+    signal.signal(signal.SIGTERM, handler)
+
+  def close(self) -> None:
+    self.checkpointer.close()
+    self.writer.close()
+
+
+def rules_from_config(rules_cfg: Any) -> tuple[tuple[str, Any], ...]:
+  """Config rules are strings: "" = replicated, "data,fsdp" = several mesh axes."""
+  out = []
+  for logical, value in dict(rules_cfg).items():
+    axes = tuple(a.strip() for a in str(value).split(",") if a.strip())
+    out.append((logical, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(out)
