@@ -92,15 +92,15 @@ def test_batch_contract_on_short_documents(jsonl_setup):
             assert np.all(real[:real.sum()]) and not np.any(real[real.sum():])
             assert seg[0] == 1 and np.all(np.diff(seg[real]) >= 0)
             assert np.all(np.diff(seg[real]) <= 1)
-            for s in np.unique(seg[real]):
-                idx = np.flatnonzero(seg == s)
+            for segment in np.unique(seg[real]):
+                idx = np.flatnonzero(seg == segment)
                 np.testing.assert_array_equal(pos[idx], np.arange(len(idx)))
                 toks, tgts = batch["tokens"][i][idx], batch["targets"][i][idx]
                 # Targets are the next tokens within the segment ...
                 np.testing.assert_array_equal(tgts[:-1], toks[1:])
                 # ... and the whole piece (inputs + last target) lies inside one document.
                 piece = ",".join(map(str, list(toks) + [tgts[-1]])) + ","
-                assert any(piece in s for s in streams)
+                assert any(piece in stream for stream in streams)
             assert np.all(batch["tokens"][i][~real] == 0)
         assert np.all(batch["positions"][batch["segment_ids"] == 0] == 0)
     # Several short documents are packed per row.
@@ -110,7 +110,7 @@ def test_batch_contract_on_short_documents(jsonl_setup):
 def test_epoch_uses_every_pair_once_with_random_offsets(jsonl_setup):
     cfg, tok = jsonl_setup
     train_docs, _ = sources.load_split_documents(cfg)
-    corpus = tokenize_documents(train_docs + ["a long document " * 20], tok, add_eos=True)
+    corpus = tokenize_documents(train_docs + ["to be or not " * 20], tok, add_eos=True)
     # One row per batch: the first num_rows rows are exactly epoch 0.
     layout = packing.train_layout(tf.constant(corpus.doc_starts),
                                   tf.constant(corpus.doc_lengths - 1), 16, 0,
@@ -150,7 +150,7 @@ def test_shakespeare_char_rows_are_nanogpt_windows(shakespeare):
     assert train.num_train_tokens == len(data) + 1  # + eos
 
 
-def test_random_offsets_shift_windows_between_epochs(shakespeare):
+def test_random_offsets_vary_by_epoch_and_keep_windows_whole(shakespeare):
     _, tok, train_docs, _ = shakespeare
     data = np.asarray(tok.encode(train_docs[0]), np.int32)
     corpus = tokenize_documents(train_docs, tok, add_eos=True)
@@ -174,7 +174,7 @@ def test_random_offsets_shift_windows_between_epochs(shakespeare):
     assert offsets[0, 0] in phases
 
 
-def test_exact_resume_across_epoch_boundary(tmp_path, jsonl_setup):
+def test_exact_resume_across_epoch_boundary(jsonl_setup):
     _, tok = jsonl_setup
     corpus = tokenize_documents(["to be or", "not", "that is the"], tok, add_eos=True)
     kwargs = dict(seq_len=8, global_batch_size=4, seed=3, prefetch=2)

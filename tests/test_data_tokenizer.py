@@ -70,7 +70,8 @@ def test_special_ids_and_decode_ignores_pad(char_tok):
     assert char_tok.decode([0, 0] + ids + [3, 0, 0]) == "To be"
 
 
-@pytest.mark.parametrize("model_type,vocab_size", [("bpe", 300), ("unigram", 200)])
+@pytest.mark.parametrize("model_type,vocab_size",
+                         [("char", 0), ("bpe", 300), ("unigram", 200)])
 def test_training_is_deterministic(tmp_path, shakespeare_text, model_type, vocab_size):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare_text[:100_000], encoding="utf-8")

@@ -68,18 +68,20 @@ class Trainer:
     loss_fn: see the module docstring.
     model_factory: builds the module from (ModelConfig, Rngs); default `Transformer`.
     tokenizer_bytes: the SentencePiece model, stored in every checkpoint.
+    tokenizer_fingerprint: its sha256, recorded in checkpoint metadata.
+    devices: devices of the mesh (default: all global devices).
   """
 
   def __init__(self, config: Any, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn, *,
                model_factory: ModelFactory = Transformer, tokenizer_bytes: bytes | None = None,
-               tokenizer_fingerprint: str = ""):
+               tokenizer_fingerprint: str = "", devices: list[jax.Device] | None = None):
     self.config, self.workdir, self.model_cfg = config, workdir, model_cfg
     self.loss_fn, self.model_factory = loss_fn, model_factory
     self.tokenizer_bytes, self.tokenizer_fingerprint = tokenizer_bytes, tokenizer_fingerprint
     tcfg = config.train
     self.num_steps = tcfg.num_steps
     self.rules = msharding.normalize_rules(rules_from_config(config.mesh.rules))
-    self.mesh = msharding.make_mesh(dict(config.mesh.shape))
+    self.mesh = msharding.make_mesh(dict(config.mesh.shape), devices)
     self.batch_axes = dict(self.rules).get("batch")
     self._check_batch_sizes()
     self.graphdef, abstract_params, self.logical_specs = abstract_model(model_factory, model_cfg)
