@@ -1,1 +1,13 @@
-"""data package."""
+"""Data: documents -> SentencePiece ids -> tf.data batches of numpy arrays.
+
+Modules (import them directly; this package imports nothing so that importing
+`data.sources` or `data.tokenizer` does not pull in TensorFlow):
+  sources      text / jsonl / TFDS readers, data path resolution, train/val split.
+  tokenizer    lossless SentencePiece training and the `Tokenizer` wrapper (+ CLI).
+  config       `default_data_config()` and `get_or_train_tokenizer`.
+  packing      how documents are cut into (input, target) pieces and packed into rows.
+  lm_pipeline  the pretraining pipeline: `build_lm_pipelines`, `LMPipeline`,
+               `ValidationSet`.
+
+This package never imports jax or model code.
+"""

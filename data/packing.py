@@ -31,7 +31,7 @@ Waste: because each slot holds an (input, target) pair, no slot holds a token
 without a target; the only padding is the tail of the last row of each epoch
 (fewer than `seq_len` slots per epoch).
 
-Row tensors (`materialize_row`): `tokens`, `targets`, `positions` (restart at 0
+Row tensors (`materialize_rows`): `tokens`, `targets`, `positions` (restart at 0
 for every segment in the row), `segment_ids` (1, 2, ... per segment; 0 = padding)
 as int32, and `loss_mask` float32 (1 at every real pair, 0 on padding).
 """
@@ -128,40 +128,43 @@ def train_layout(doc_starts: tf.Tensor, doc_pairs: tf.Tensor, seq_len: int, seed
                         _seed(seed, epoch, _CHUNK_ORDER_SALT))
 
 
-def shuffled_row(index: tf.Tensor, seed: int, epoch: tf.Tensor,
-                 rows: tf.Tensor) -> tf.Tensor:
-    """The row visited `index`-th in epoch `epoch` (a stateless permutation)."""
+def shuffled_rows(indices: tf.Tensor, seed: int, epoch: tf.Tensor,
+                  rows: tf.Tensor) -> tf.Tensor:
+    """The rows visited `indices`-th in epoch `epoch` (a stateless permutation)."""
     return tf.random.experimental.index_shuffle(
-        index, _seed(seed, epoch, _ROW_ORDER_SALT), rows - 1)
+        indices, _seed(seed, epoch, _ROW_ORDER_SALT), rows - 1)
 
 
-def materialize_row(row: tf.Tensor, layout: Layout, tokens: tf.Tensor,
-                    seq_len: int) -> dict[str, tf.Tensor]:
-    """Builds the tensors of row `row` of `layout`; rows past the end are padding.
+def materialize_rows(rows: tf.Tensor, layout: Layout, tokens: tf.Tensor,
+                     seq_len: int) -> dict[str, tf.Tensor]:
+    """Builds the tensors of rows `rows` of `layout`; rows past the end are padding.
+
+    Vectorized over rows: one call per block of rows keeps tf.data's per-call
+    overhead (not the gathers) from dominating at short seq_len.
 
     Args:
-      row: int64 scalar row index (>= layout.num_rows gives an all-padding row).
+      rows: int64 [R] row indices (>= layout.num_rows gives all-padding rows).
       layout: The epoch layout.
       tokens: int32 [N], the concatenated token ids.
       seq_len: Slots per row.
 
     Returns:
-      Dict of `tokens, targets, positions, segment_ids` (int32 [seq_len]) and
-      `loss_mask` (float32 [seq_len]).
+      Dict of `tokens, targets, positions, segment_ids` (int32 [R, seq_len]) and
+      `loss_mask` (float32 [R, seq_len]).
     """
-    row_begin = row * seq_len
-    slot = row_begin + tf.range(seq_len, dtype=tf.int64)           # [S] stream slot
-    total = tf.reduce_sum(layout.lengths)
-    valid = slot < total                                            # [S]
+    row_begin = rows[:, None] * seq_len                                # [R, 1]
+    slot = row_begin + tf.range(seq_len, dtype=tf.int64)[None, :]      # [R, S]
+    valid = slot < tf.reduce_sum(layout.lengths)                      # [R, S]
     last_chunk = tf.maximum(tf.size(layout.ends, out_type=tf.int64) - 1, 0)
-    chunk = tf.minimum(
-        tf.searchsorted(layout.ends, slot, side="right", out_type=tf.int64),
-        last_chunk)                                                 # [S] chunk of slot
+    chunk = tf.minimum(tf.reshape(tf.searchsorted(
+        layout.ends, tf.reshape(slot, [-1]), side="right", out_type=tf.int64),
+        tf.shape(slot)), last_chunk)                                   # [R, S]
     chunk_begin = tf.gather(layout.ends, chunk) - tf.gather(layout.lengths, chunk)
     pair = tf.where(valid, tf.gather(layout.starts, chunk) + slot - chunk_begin, 0)
-    # A segment starts at the row's first slot and wherever the chunk changes.
-    new_segment = tf.concat([[True], chunk[1:] != chunk[:-1]], 0)
-    segment_ids = tf.cumsum(tf.cast(new_segment, tf.int32))
+    # A segment starts at each row's first slot and wherever the chunk changes.
+    new_segment = tf.concat([tf.ones_like(chunk[:, :1], tf.bool),
+                             chunk[:, 1:] != chunk[:, :-1]], axis=1)
+    segment_ids = tf.cumsum(tf.cast(new_segment, tf.int32), axis=1)
     positions = tf.cast(slot - tf.maximum(row_begin, chunk_begin), tf.int32)
     pad = tf.constant(PAD_TOKEN, tf.int32)
     zero = tf.constant(0, tf.int32)

@@ -179,20 +179,24 @@ def test_exact_resume_across_epoch_boundary(jsonl_setup):
     corpus = tokenize_documents(["to be or", "not", "that is the"], tok, add_eos=True)
     kwargs = dict(seq_len=8, global_batch_size=4, seed=3, prefetch=2)
     original = LMPipeline(corpus, **kwargs)
-    # A tiny corpus has only a few rows per epoch, so 8 batches cross several epochs.
-    assert corpus.num_targets < 4 * 8
-    _take(original, 3)
-    state = original.get_state()
-    expected = _take(original, 5)
+    # A tiny corpus has only a few rows per epoch, so every batch crosses an epoch
+    # end; resuming after 15 batches also crosses a fetch of steps_per_fetch batches.
+    assert corpus.num_targets < 4 * 8 and original.steps_per_fetch == 16
+    states, reference = {}, []
+    for consumed in (0, 3, 15):
+        reference += _take(original, consumed - len(reference))
+        states[consumed] = original.get_state()
+    reference += _take(original, 5)
     fresh = LMPipeline(corpus, **kwargs)
-    fresh.set_state(state)
-    for want, got in zip(expected, _take(fresh, 5)):
-        for key in KEYS:
-            np.testing.assert_array_equal(want[key], got[key])
+    for consumed, state in states.items():
+        fresh.set_state(state)
+        for want, got in zip(reference[consumed:consumed + 5], _take(fresh, 5)):
+            for key in KEYS:
+                np.testing.assert_array_equal(want[key], got[key])
     # A state from a differently configured pipeline is refused, naming the field.
     other = LMPipeline(corpus, **{**kwargs, "seed": 4})
     with pytest.raises(ValueError, match="seed"):
-        other.set_state(state)
+        other.set_state(states[3])
 
 
 def test_two_hosts_make_up_the_global_batch(jsonl_setup):

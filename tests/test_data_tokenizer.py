@@ -68,6 +68,8 @@ def test_special_ids_and_decode_ignores_pad(char_tok):
     assert [char_tok.id_to_piece(i) for i in range(4)] == ["<pad>", "<unk>", "<s>", "</s>"]
     ids = char_tok.encode("To be")
     assert char_tok.decode([0, 0] + ids + [3, 0, 0]) == "To be"
+    # Ids past the vocab (a model's padded vocab) decode visibly as unk, not raise.
+    assert "\u2047" in char_tok.decode(ids + [char_tok.vocab_size + 7])
 
 
 @pytest.mark.parametrize("model_type,vocab_size",

@@ -33,26 +33,46 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _Interval:
-  """Accumulates wall, data-wait and per-step metrics between two log lines."""
+  """Accumulates wall, data-wait and per-step metrics between two log lines.
+
+  `totals` keeps run-level sums over all intervals (steady-state steps only: compilation,
+  eval and checkpoint time are excluded because the interval is reset after them).
+  """
 
   def __init__(self):
-    self.reset()
+    self.totals = {"steps": 0, "wall_s": 0.0, "data_wait_s": 0.0}
+    self.steps = self.untimed = 0
+    self.reset(count=False)
 
-  def reset(self) -> None:
+  def reset(self, count: bool = True) -> None:
+    """Starts a new interval; `count` adds the finished one to the run totals."""
+    timed = self.steps - self.untimed
+    if count and timed > 0:
+      self.totals["steps"] += timed
+      self.totals["wall_s"] += time.perf_counter() - self.t0
+      self.totals["data_wait_s"] += self.data_s
+    self.restart_clock()
+    self.steps = 0
+    self.untimed = 0
+    self.sums: dict[str, float] = collections.defaultdict(float)
+
+  def restart_clock(self) -> None:
+    """Keeps the metrics gathered so far but times only the steps that follow."""
     self.t0 = time.perf_counter()
     self.data_s = 0.0
-    self.steps = 0
-    self.sums: dict[str, float] = collections.defaultdict(float)
+    self.untimed = self.steps
 
   def summary(self, trainer: "Trainer") -> dict[str, float]:
     wall = max(time.perf_counter() - self.t0, 1e-9)
+    timed = self.steps - self.untimed
     out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
-    out["train/step_time_s"] = wall / max(self.steps, 1)
-    out["train/data_wait_frac"] = self.data_s / wall
-    if trainer.tokens_per_step:
-      out["train/tokens_per_sec"] = trainer.tokens_per_step * self.steps / wall
-    if trainer.flops_per_step and trainer.peak_flops:
-      out["train/mfu"] = trainer.flops_per_step * self.steps / wall / trainer.peak_flops
+    if timed > 0:
+      out["train/step_time_s"] = wall / timed
+      out["train/data_wait_frac"] = self.data_s / wall
+      if trainer.tokens_per_step:
+        out["train/tokens_per_sec"] = trainer.tokens_per_step * timed / wall
+      if trainer.flops_per_step and trainer.peak_flops:
+        out["train/mfu"] = trainer.flops_per_step * timed / wall / trainer.peak_flops
     return out
 
 
@@ -100,7 +120,7 @@ def run_loop(trainer: "Trainer", state: "TrainState",
         if jax.process_index() == 0:
           print(f"First step (compilation included) took "
                 f"{time.perf_counter() - interval.t0:.1f}s", flush=True)
-        interval.reset()
+        interval.restart_clock()
 
       last = step == trainer.num_steps
       if step % tcfg.log_every == 0 or last:
@@ -114,15 +134,18 @@ def run_loop(trainer: "Trainer", state: "TrainState",
       save_now = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or last
       if due_hooks or save_now or trainer._sigterm:
         drain()
+        interval.reset()  # close the interval: hook and save time is not training time
         for fn in due_hooks:
           fn(trainer, step, state)
         if save_now or trainer._sigterm:
           trainer.save(state)
-        interval.reset()
+        interval.restart_clock()
       if trainer._sigterm:
         trainer.checkpointer.wait()
         print(f"SIGTERM: saved checkpoint at step {step}; stopping.", flush=True)
         break
     drain()
+  interval.reset()
+  trainer.run_stats = dict(interval.totals)
   trainer.checkpointer.wait()
   return state

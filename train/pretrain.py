@@ -98,6 +98,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     trainer.train(state, iter(train_iter))
   finally:
     trainer.close()
+  results.update({f"run/{k}": v for k, v in trainer.run_stats.items()})
   return results
 
 

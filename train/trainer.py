@@ -108,6 +108,7 @@ class Trainer:
     self.tokens_per_step = 0
     self.flops_per_step = 0.0
     self.peak_flops = 0.0
+    self.run_stats: dict[str, float] = {}  # steady-state totals of the last train() call
 
   # ------------------------------------------------------------------ setup
   def _check_batch_sizes(self) -> None:

@@ -1,0 +1,174 @@
+"""Shared test setup: 8 fake CPU devices, a tiny model fixture, run-config and subprocess helpers.
+
+The environment variables below must be set before anything imports jax, which is why they
+live at the top of conftest.py (pytest imports it before collecting any test module).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Any, Sequence  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = "pretrain/tinyshakespeare.txt"
+
+# A small model for the CLI runs (the shakespeare_char config with a narrower, shallower model).
+SMALL_MODEL_FLAGS = ("--config.model.num_layers=2", "--config.model.embed_dim=64",
+                     "--config.model.mlp_dim=128")
+
+
+# ---------------------------------------------------------------------------------- model
+@pytest.fixture(scope="session")
+def tiny_cfg():
+  """ModelConfig.preset("tiny"): 2 layers, 64 wide, GQA 4/2, vocab 128, float32."""
+  from model.config import ModelConfig
+  return ModelConfig.preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_cfg):
+  """(model, pure params dict) of the tiny preset, built on the default device (seed 0)."""
+  from flax import nnx
+  from model.transformer import build_model
+  model = build_model(tiny_cfg, seed=0)
+  return model, nnx.to_pure_dict(nnx.state(model))
+
+
+# ---------------------------------------------------------------------------------- configs
+def tiny_run_config(data_path: str | None = None, **train_overrides: Any):
+  """A run ConfigDict from `configs.common.base_config()` with tiny settings.
+
+  Model: the `tiny` preset with vocab 0 (taken from the tokenizer). Data: `data_path`
+  (absolute) or the real tiny Shakespeare, char tokenizer, seq_len 16. Mesh: data=-1.
+  `train_overrides` update config.train (e.g. num_steps=4).
+  """
+  from configs import common
+  config = common.base_config()
+  config.model = common.model_config("tiny", vocab_size=0)
+  config.data.path = data_path or SHAKESPEARE
+  config.data.seq_len = 16
+  config.data.tokenizer.model_type = "char"
+  config.optim.warmup_steps = 2
+  config.train.update(dict(batch_size=8, num_steps=4, log_every=1, eval_every=0,
+                           eval_batch_size=8, checkpoint_every=0, async_checkpoint=False,
+                           peak_flops=1e9))
+  config.train.update(train_overrides)
+  return config
+
+
+def random_lm_batch(rng, batch: int, seq_len: int, vocab: int) -> dict:
+  """A numpy LM batch (one document per row) with random tokens."""
+  import numpy as np
+  tokens = rng.integers(0, vocab, size=(batch, seq_len + 1)).astype(np.int32)
+  return {
+      "tokens": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "positions": np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy(),
+      "segment_ids": np.ones((batch, seq_len), np.int32),
+      "loss_mask": np.ones((batch, seq_len), np.float32),
+  }
+
+
+# ---------------------------------------------------------------------------------- subprocesses
+def subprocess_env(**extra: str) -> dict[str, str]:
+  """Environment for `python -m ...` children: repo importable, no inherited fake devices."""
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the child's device count comes from --local_devices
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+  env.update(extra)
+  return env
+
+
+def pretrain_cmd(workdir: str, *flags: str, config: str = "configs/pretrain/shakespeare_char.py",
+                 local_devices: int = 2) -> list[str]:
+  """`python -m train.pretrain` on a config file with extra flags."""
+  return [sys.executable, "-m", "train.pretrain", f"--config={os.path.join(REPO_ROOT, config)}",
+          f"--workdir={workdir}", f"--local_devices={local_devices}",
+          "--config.train.peak_flops=1e9", *flags]
+
+
+def run_cmd(cmd: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs a command from the repo root, capturing stdout+stderr as text."""
+  return subprocess.run(list(cmd), cwd=REPO_ROOT, env=subprocess_env(), timeout=timeout,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def start_cmd(cmd: Sequence[str], log_path: str) -> subprocess.Popen:
+  """Starts a command in the background, output to `log_path`."""
+  log = open(log_path, "w")
+  return subprocess.Popen(list(cmd), cwd=REPO_ROOT, env=subprocess_env(), stdout=log,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def read_log(path: str) -> str:
+  with open(path) as f:
+    return f.read()
+
+
+def finalized_steps(checkpoint_dir: str) -> list[int]:
+  """Step directories Orbax has committed (renamed from their tmp name)."""
+  if not os.path.isdir(checkpoint_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(checkpoint_dir)
+                if n.isdigit() and os.path.isdir(os.path.join(checkpoint_dir, n)))
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str,
+             log_path: str = "") -> None:
+  """Polls `predicate` every 20 ms until true; fails if `proc` exits first or on timeout."""
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    if proc.poll() is not None:
+      pytest.fail(f"process exited (rc={proc.returncode}) before {what}:\n"
+                  f"{read_log(log_path)[-3000:] if log_path else ''}")
+    if time.monotonic() > deadline:
+      proc.send_signal(signal.SIGKILL)
+      proc.wait()
+      pytest.fail(f"timed out waiting for {what}:\n{read_log(log_path)[-3000:]}")
+    time.sleep(0.02)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+  """step -> train/loss from metrics.jsonl (later records of a step win)."""
+  return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
+
+
+def eval_records(workdir: str) -> list[dict]:
+  return [r for r in read_metrics(workdir) if "eval/loss" in r]
+
+
+# The small CLI run shared by the checkpoint, resume, SIGTERM and multi-process tests:
+# shakespeare_char with a 2 x 64 model, a 0.5% validation split (fast final eval), every step
+# logged, a checkpoint every 10 steps.
+REF_STEPS = 40
+REF_FLAGS = (*SMALL_MODEL_FLAGS, f"--config.train.num_steps={REF_STEPS}",
+             "--config.train.log_every=1", "--config.train.checkpoint_every=10",
+             "--config.train.eval_every=0", "--config.train.eval_batch_size=16",
+             "--config.data.val_fraction=0.005")
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+  """An uninterrupted CLI run (1 process, 2 local devices, mesh data=2): its workdir."""
+  workdir = str(tmp_path_factory.mktemp("reference") / "run")
+  out = run_cmd(pretrain_cmd(workdir, *REF_FLAGS))
+  assert out.returncode == 0, out.stdout[-5000:]
+  return workdir
