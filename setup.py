@@ -17,6 +17,8 @@ setup(
         "orbax-checkpoint>=0.12.8,<0.13",
         "tensorflow-cpu>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10,<5",
+        # tensorflow-datasets 4.9.10 imports importlib_resources but does not declare it.
+        "importlib_resources>=6",
         "sentencepiece>=0.2.3,<0.3",
         "absl-py>=2.1,<3",
         "ml-collections>=1.1,<2",

@@ -24,65 +24,65 @@ from data.tokenizer import Tokenizer, train_tokenizer
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """Returns the data config for nanoGPT-style char-level tinyshakespeare."""
-    c = ml_collections.ConfigDict()
-    # Where documents come from: "text" | "jsonl" | "tfds".
-    c.source = "text"
-    # text/jsonl file; relative paths resolve under $LM_DATA_DIR, else ../shared/data.
-    c.path = "pretrain/tinyshakespeare.txt"
-    c.field = "text"            # jsonl record key / TFDS feature holding the text.
-    c.split_on = ""             # Text document separator; "" = whole file is one doc.
-    c.tfds_name = ""            # For source="tfds".
-    c.tfds_data_dir = ""        # "" = the TFDS default directory.
-    c.tfds_train_split = "train"
-    c.tfds_val_split = "validation"
-    # Used when source="text" and the file is missing (needs internet or prepared data).
-    c.fallback_tfds = "tiny_shakespeare"
-    # text: last fraction of characters (nanoGPT's 90/10); jsonl: last fraction of records.
-    c.val_fraction = 0.1
-    c.seq_len = 64              # Tokens per row (nanoGPT's block_size).
-    c.seed = 0                  # Seeds window offsets, packing and row order.
-    c.add_eos = True            # Append </s> to every document.
-    c.random_offset = True      # Shift each long document's windows every epoch.
-    c.prefetch = 2              # Batches prefetched; -1 = tf.data.AUTOTUNE, 0 = off.
-    c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.model_type = "char"   # bpe | unigram | char | word.
-    c.tokenizer.vocab_size = 0        # 0 = every character (char only).
-    c.tokenizer.byte_fallback = False  # Unseen characters -> UTF-8 byte pieces.
-    # An existing .model file; "" = train one on the training split at run start.
-    c.tokenizer.path = ""
-    return c
+  """Returns the data config for nanoGPT-style char-level tinyshakespeare."""
+  c = ml_collections.ConfigDict()
+  # Where documents come from: "text" | "jsonl" | "tfds".
+  c.source = "text"
+  # text/jsonl file; relative paths resolve under $LM_DATA_DIR, else ../shared/data.
+  c.path = "pretrain/tinyshakespeare.txt"
+  c.field = "text"            # jsonl record key / TFDS feature holding the text.
+  c.split_on = ""             # Text document separator; "" = whole file is one doc.
+  c.tfds_name = ""            # For source="tfds".
+  c.tfds_data_dir = ""        # "" = the TFDS default directory.
+  c.tfds_train_split = "train"
+  c.tfds_val_split = "validation"
+  # Used when source="text" and the file is missing (needs internet or prepared data).
+  c.fallback_tfds = "tiny_shakespeare"
+  # text: last fraction of characters (nanoGPT's 90/10); jsonl: last fraction of records.
+  c.val_fraction = 0.1
+  c.seq_len = 64              # Tokens per row (nanoGPT's block_size).
+  c.seed = 0                  # Seeds window offsets, packing and row order.
+  c.add_eos = True            # Append </s> to every document.
+  c.random_offset = True      # Shift each long document's windows every epoch.
+  c.prefetch = 2              # Batches prefetched; -1 = tf.data.AUTOTUNE, 0 = off.
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.model_type = "char"   # bpe | unigram | char | word.
+  c.tokenizer.vocab_size = 0        # 0 = every character (char only).
+  c.tokenizer.byte_fallback = False  # Unseen characters -> UTF-8 byte pieces.
+  # An existing .model file; "" = train one on the training split at run start.
+  c.tokenizer.path = ""
+  return c
 
 
 def get_or_train_tokenizer(data_cfg: Any, train_docs: Sequence[str],
                            out_path: str) -> Tokenizer:
-    """Loads or trains the run's tokenizer.
+  """Loads or trains the run's tokenizer.
 
-    Order: `data_cfg.tokenizer.path` if set; else `out_path` if it exists (a
-    resumed run keeps its vocabulary); else train on `train_docs` and save to
-    `out_path`.
+  Order: `data_cfg.tokenizer.path` if set; else `out_path` if it exists (a
+  resumed run keeps its vocabulary); else train on `train_docs` and save to
+  `out_path`.
 
-    Args:
-      data_cfg: The data config (`default_data_config()` layout).
-      train_docs: Training documents (never the validation split).
-      out_path: Where this run keeps its `.model` file (e.g. in the workdir).
+  Args:
+    data_cfg: The data config (`default_data_config()` layout).
+    train_docs: Training documents (never the validation split).
+    out_path: Where this run keeps its `.model` file (e.g. in the workdir).
 
-    Returns:
-      The tokenizer.
-    """
-    tok_cfg = data_cfg.tokenizer
-    if tok_cfg.path:
-        return Tokenizer.from_file(os.path.expanduser(tok_cfg.path))
-    if os.path.exists(out_path):
-        return Tokenizer.from_file(out_path)
-    if not train_docs:
-        raise ValueError("Cannot train a tokenizer: no training documents")
-    with tempfile.TemporaryDirectory() as tmp:
-        text_path = os.path.join(tmp, "train.txt")
-        with open(text_path, "w", encoding="utf-8") as f:
-            # The trainer reads lines, so joining documents by "\n" loses nothing.
-            f.write("\n".join(train_docs))
-        train_tokenizer([text_path], out_path, vocab_size=tok_cfg.vocab_size,
-                        model_type=tok_cfg.model_type,
-                        byte_fallback=tok_cfg.byte_fallback)
+  Returns:
+    The tokenizer.
+  """
+  tok_cfg = data_cfg.tokenizer
+  if tok_cfg.path:
+    return Tokenizer.from_file(os.path.expanduser(tok_cfg.path))
+  if os.path.exists(out_path):
     return Tokenizer.from_file(out_path)
+  if not train_docs:
+    raise ValueError("Cannot train a tokenizer: no training documents")
+  with tempfile.TemporaryDirectory() as tmp:
+    text_path = os.path.join(tmp, "train.txt")
+    with open(text_path, "w", encoding="utf-8") as f:
+      # The trainer reads lines, so joining documents by "\n" loses nothing.
+      f.write("\n".join(train_docs))
+    train_tokenizer([text_path], out_path, vocab_size=tok_cfg.vocab_size,
+                    model_type=tok_cfg.model_type,
+                    byte_fallback=tok_cfg.byte_fallback)
+  return Tokenizer.from_file(out_path)

@@ -63,9 +63,9 @@ from data.tokenizer import Tokenizer
 
 # The pipeline is CPU work; TF must not grab the accelerator that JAX trains on.
 try:
-    tf.config.set_visible_devices([], "GPU")
+  tf.config.set_visible_devices([], "GPU")
 except (RuntimeError, ValueError):  # Devices already initialised: nothing to hide now.
-    pass
+  pass
 
 Batch = dict[str, np.ndarray]
 _ENCODE_CHUNK_DOCS = 4096  # Bounds the Python lists alive during tokenization.
@@ -78,249 +78,253 @@ _STATE_PREFIX = "ckpt"
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedCorpus:
-    """Documents' token ids concatenated, with per-document start and length."""
-    tokens: np.ndarray       # int32 [N]
-    doc_starts: np.ndarray   # int64 [D]
-    doc_lengths: np.ndarray  # int64 [D], every length >= 2 (at least one target)
+  """Documents' token ids concatenated, with per-document start and length."""
+  tokens: np.ndarray       # int32 [N]
+  doc_starts: np.ndarray   # int64 [D]
+  doc_lengths: np.ndarray  # int64 [D], every length >= 2 (at least one target)
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tokens.size)
+  @property
+  def num_tokens(self) -> int:
+    return int(self.tokens.size)
 
-    @property
-    def num_targets(self) -> int:
-        """Next-token targets (pairs) in the corpus: sum of (length - 1)."""
-        return int(np.sum(self.doc_lengths - 1))
+  @property
+  def num_targets(self) -> int:
+    """Next-token targets (pairs) in the corpus: sum of (length - 1)."""
+    return int(np.sum(self.doc_lengths - 1))
 
 
 def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer,
                        add_eos: bool) -> TokenizedCorpus:
-    """Tokenizes documents (eos appended if `add_eos`) into one array.
+  """Tokenizes documents (eos appended if `add_eos`) into one array.
 
-    Documents with fewer than 2 tokens have no next-token target and are dropped.
-    """
-    pieces, lengths = [], []
-    for begin in range(0, len(docs), _ENCODE_CHUNK_DOCS):
-        for ids in tokenizer.encode_batch(docs[begin:begin + _ENCODE_CHUNK_DOCS]):
-            if add_eos:
-                ids.append(tokenizer.eos_id)
-            if len(ids) >= 2:
-                pieces.append(np.asarray(ids, np.int32))
-                lengths.append(len(ids))
-    tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
-    doc_lengths = np.asarray(lengths, np.int64)
-    doc_starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
-    return TokenizedCorpus(tokens, doc_starts[:len(lengths)], doc_lengths)
+  Documents with fewer than 2 tokens have no next-token target and are dropped.
+  """
+  pieces, lengths = [], []
+  for begin in range(0, len(docs), _ENCODE_CHUNK_DOCS):
+    for ids in tokenizer.encode_batch(docs[begin:begin + _ENCODE_CHUNK_DOCS]):
+      if add_eos:
+        ids.append(tokenizer.eos_id)
+      if len(ids) >= 2:
+        pieces.append(np.asarray(ids, np.int32))
+        lengths.append(len(ids))
+  tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
+  doc_lengths = np.asarray(lengths, np.int64)
+  doc_starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
+  return TokenizedCorpus(tokens, doc_starts[:len(lengths)], doc_lengths)
 
 
 def _check_sharding(batch_size: int, process_index: int, process_count: int,
                     what: str) -> int:
-    """Returns the per-host batch size, or raises naming the numbers."""
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} must be in "
-                         f"[0, process_count={process_count})")
-    if batch_size <= 0 or batch_size % process_count:
-        raise ValueError(f"{what}={batch_size} must be a positive multiple of "
-                         f"process_count={process_count}")
-    return batch_size // process_count
+  """Returns the per-host batch size, or raises naming the numbers."""
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} must be in "
+                     f"[0, process_count={process_count})")
+  if batch_size <= 0 or batch_size % process_count:
+    raise ValueError(f"{what}={batch_size} must be a positive multiple of "
+                     f"process_count={process_count}")
+  return batch_size // process_count
 
 
 def _train_dataset(corpus: TokenizedCorpus, *, seq_len: int, rows_per_fetch: int,
                    seed: int, random_offset: bool, prefetch: int,
                    process_index: int, process_count: int) -> tf.data.Dataset:
-    """The infinite, deterministic per-host row stream in blocks (see module doc)."""
-    tokens = tf.constant(corpus.tokens)
-    doc_starts = tf.constant(corpus.doc_starts)
-    doc_pairs = tf.constant(corpus.doc_lengths - 1)
-    hosts = tf.constant(process_count, tf.int64)
-    host = tf.constant(process_index, tf.int64)
+  """The infinite, deterministic per-host row stream in blocks (see module doc)."""
+  tokens = tf.constant(corpus.tokens)
+  doc_starts = tf.constant(corpus.doc_starts)
+  doc_pairs = tf.constant(corpus.doc_lengths - 1)
+  hosts = tf.constant(process_count, tf.int64)
+  host = tf.constant(process_index, tf.int64)
 
-    def count_rows(rows_before_mod_p, epoch):
-        # Global rows before this epoch, mod P, says where this host's rows start.
-        offsets = packing.chunk_offsets(doc_pairs, seq_len, seed, epoch, random_offset)
-        rows = packing.num_rows(doc_pairs, seq_len, offsets)
-        first = (host - rows_before_mod_p) % hosts
-        return (rows_before_mod_p + rows) % hosts, (epoch, first)
+  def count_rows(rows_before_mod_p, epoch):
+    # Global rows before this epoch, mod P, says where this host's rows start.
+    offsets = packing.chunk_offsets(doc_pairs, seq_len, seed, epoch, random_offset)
+    rows = packing.num_rows(doc_pairs, seq_len, offsets)
+    first = (host - rows_before_mod_p) % hosts
+    return (rows_before_mod_p + rows) % hosts, (epoch, first)
 
-    def epoch_rows(epoch, first):
-        layout = packing.train_layout(doc_starts, doc_pairs, seq_len, seed, epoch,
-                                      random_offset)
+  def epoch_rows(epoch, first):
+    layout = packing.train_layout(doc_starts, doc_pairs, seq_len, seed, epoch,
+                                  random_offset)
 
-        def make_rows(indices):
-            rows = packing.shuffled_rows(indices, seed, epoch, layout.num_rows)
-            return packing.materialize_rows(rows, layout, tokens, seq_len)
+    def make_rows(indices):
+      rows = packing.shuffled_rows(indices, seed, epoch, layout.num_rows)
+      return packing.materialize_rows(rows, layout, tokens, seq_len)
 
-        # Rows are built in blocks (vectorized), then unbatched so that blocks
-        # never need to align with epoch ends.
-        ds = tf.data.Dataset.range(first, layout.num_rows, hosts)
-        return ds.batch(rows_per_fetch).map(make_rows).unbatch()
+    # Rows are built in blocks (vectorized), then unbatched so that blocks
+    # never need to align with epoch ends.
+    ds = tf.data.Dataset.range(first, layout.num_rows, hosts)
+    return ds.batch(rows_per_fetch).map(make_rows).unbatch()
 
-    ds = tf.data.Dataset.counter().scan(tf.constant(0, tf.int64), count_rows)
-    ds = ds.flat_map(epoch_rows).batch(rows_per_fetch, drop_remainder=True)
-    if prefetch:
-        ds = ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
-    return ds
+  ds = tf.data.Dataset.counter().scan(tf.constant(0, tf.int64), count_rows)
+  ds = ds.flat_map(epoch_rows).batch(rows_per_fetch, drop_remainder=True)
+  if prefetch:
+    ds = ds.prefetch(tf.data.AUTOTUNE if prefetch < 0 else prefetch)
+  return ds
 
 
 class LMPipeline:
-    """Infinite iterator over this host's training batches, with exact resume.
+  """Infinite iterator over this host's training batches, with exact resume.
 
-    `get_state()` after k batches, then `set_state()` on a fresh pipeline built
-    from the same data, config and host layout, continues with batch k + 1.
+  `get_state()` after k batches, then `set_state()` on a fresh pipeline built
+  from the same data, config and host layout, continues with batch k + 1.
+  """
+
+  def __init__(self, corpus: TokenizedCorpus, *, seq_len: int,
+               global_batch_size: int, seed: int = 0, random_offset: bool = True,
+               prefetch: int = 2, process_index: int = 0, process_count: int = 1,
+               fingerprint: str = ""):
+    """Builds the pipeline.
+
+    Args:
+      corpus: The tokenized training split (must hold at least one target).
+      seq_len: Tokens per row.
+      global_batch_size: Rows per step over all hosts.
+      seed: Seeds offsets, chunk order and row order.
+      random_offset: Shift each long document's windows every epoch.
+      prefetch: Fetches (of `steps_per_fetch` batches) prepared in the
+        background; -1 = AUTOTUNE, 0 = none.
+      process_index: This host's index.
+      process_count: Number of hosts.
+      fingerprint: Identifies the data (e.g. the tokenizer fingerprint);
+        `set_state` refuses a state saved with a different one.
     """
+    if corpus.num_targets == 0:
+      raise ValueError("The training split has no tokens to predict")
+    if seq_len <= 0:
+      raise ValueError(f"seq_len={seq_len} must be positive")
+    self.per_host_batch_size = _check_sharding(
+        global_batch_size, process_index, process_count, "global_batch_size")
+    self.global_batch_size = global_batch_size
+    self.seq_len = seq_len
+    self.num_train_tokens = corpus.num_tokens
+    self.num_train_targets = corpus.num_targets
+    slots_per_step = self.per_host_batch_size * seq_len
+    self.steps_per_fetch = int(
+        np.clip(_SLOTS_PER_FETCH // slots_per_step, 1, _MAX_STEPS_PER_FETCH))
+    self._meta = {
+        "seq_len": seq_len, "global_batch_size": global_batch_size, "seed": seed,
+        "random_offset": bool(random_offset), "process_index": process_index,
+        "process_count": process_count, "num_train_tokens": corpus.num_tokens,
+        "fingerprint": fingerprint, "steps_per_fetch": self.steps_per_fetch,
+    }
+    self._dataset = _train_dataset(
+        corpus, seq_len=seq_len,
+        rows_per_fetch=self.per_host_batch_size * self.steps_per_fetch,
+        seed=seed, random_offset=random_offset, prefetch=prefetch,
+        process_index=process_index, process_count=process_count)
+    self._iterator = iter(self._dataset)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+    # Steps fetched from tf.data ([steps, batch, seq_len] arrays) and how many
+    # of them have been served.
+    self._fetched: Batch = {}
+    self._served = 0
 
-    def __init__(self, corpus: TokenizedCorpus, *, seq_len: int,
-                 global_batch_size: int, seed: int = 0, random_offset: bool = True,
-                 prefetch: int = 2, process_index: int = 0, process_count: int = 1,
-                 fingerprint: str = ""):
-        """Builds the pipeline.
+  @property
+  def tokens_per_batch(self) -> int:
+    """Token slots per global batch (all hosts, padding included)."""
+    return self.global_batch_size * self.seq_len
 
-        Args:
-          corpus: The tokenized training split (must hold at least one target).
-          seq_len: Tokens per row.
-          global_batch_size: Rows per step over all hosts.
-          seed: Seeds offsets, chunk order and row order.
-          random_offset: Shift each long document's windows every epoch.
-          prefetch: Fetches (of `steps_per_fetch` batches) prepared in the
-            background; -1 = AUTOTUNE, 0 = none.
-          process_index: This host's index.
-          process_count: Number of hosts.
-          fingerprint: Identifies the data (e.g. the tokenizer fingerprint);
-            `set_state` refuses a state saved with a different one.
-        """
-        if corpus.num_targets == 0:
-            raise ValueError("The training split has no tokens to predict")
-        if seq_len <= 0:
-            raise ValueError(f"seq_len={seq_len} must be positive")
-        self.per_host_batch_size = _check_sharding(
-            global_batch_size, process_index, process_count, "global_batch_size")
-        self.global_batch_size = global_batch_size
-        self.seq_len = seq_len
-        self.num_train_tokens = corpus.num_tokens
-        self.num_train_targets = corpus.num_targets
-        slots_per_step = self.per_host_batch_size * seq_len
-        self.steps_per_fetch = int(
-            np.clip(_SLOTS_PER_FETCH // slots_per_step, 1, _MAX_STEPS_PER_FETCH))
-        self._meta = {
-            "seq_len": seq_len, "global_batch_size": global_batch_size, "seed": seed,
-            "random_offset": bool(random_offset), "process_index": process_index,
-            "process_count": process_count, "num_train_tokens": corpus.num_tokens,
-            "fingerprint": fingerprint, "steps_per_fetch": self.steps_per_fetch,
-        }
-        self._dataset = _train_dataset(
-            corpus, seq_len=seq_len,
-            rows_per_fetch=self.per_host_batch_size * self.steps_per_fetch,
-            seed=seed, random_offset=random_offset, prefetch=prefetch,
-            process_index=process_index, process_count=process_count)
-        self._iterator = iter(self._dataset)
-        self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
-        # Steps fetched from tf.data ([steps, batch, seq_len] arrays) and how many
-        # of them have been served.
-        self._fetched: Batch = {}
-        self._served = 0
+  @property
+  def steps_per_epoch(self) -> float:
+    """Approximate global steps per pass over the training targets."""
+    return self.num_train_targets / self.tokens_per_batch
 
-    @property
-    def tokens_per_batch(self) -> int:
-        """Token slots per global batch (all hosts, padding included)."""
-        return self.global_batch_size * self.seq_len
+  def __iter__(self) -> "LMPipeline":
+    return self
 
-    @property
-    def steps_per_epoch(self) -> float:
-        """Approximate global steps per pass over the training targets."""
-        return self.num_train_targets / self.tokens_per_batch
+  def __next__(self) -> Batch:
+    if self._served >= len(self._fetched.get("tokens", ())):
+      shape = (self.steps_per_fetch, self.per_host_batch_size, self.seq_len)
+      self._fetched = {k: v.numpy().reshape(shape)
+                       for k, v in next(self._iterator).items()}
+      self._served = 0
+    batch = {k: v[self._served] for k, v in self._fetched.items()}
+    self._served += 1
+    return batch
 
-    def __iter__(self) -> "LMPipeline":
-        return self
+  def get_state(self) -> bytes:
+    """Serializes the iterator position (tf.data checkpoint) into one blob."""
+    buffer = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp, \
+            tarfile.open(fileobj=buffer, mode="w") as tar:
+      self._checkpoint.write(os.path.join(tmp, _STATE_PREFIX))
+      with open(os.path.join(tmp, _STATE_META), "w") as f:
+        json.dump(self._meta, f, sort_keys=True)
+      pending = {k: v[self._served:] for k, v in self._fetched.items()}
+      np.savez(os.path.join(tmp, _STATE_PENDING), **pending)
+      for name in sorted(os.listdir(tmp)):
+        tar.add(os.path.join(tmp, name), arcname=name)
+    return buffer.getvalue()
 
-    def __next__(self) -> Batch:
-        if self._served >= len(self._fetched.get("tokens", ())):
-            shape = (self.steps_per_fetch, self.per_host_batch_size, self.seq_len)
-            self._fetched = {k: v.numpy().reshape(shape)
-                             for k, v in next(self._iterator).items()}
-            self._served = 0
-        batch = {k: v[self._served] for k, v in self._fetched.items()}
-        self._served += 1
-        return batch
+  def set_state(self, state: bytes) -> None:
+    """Restores a position saved by `get_state` of an identically built pipeline.
 
-    def get_state(self) -> bytes:
-        """Serializes the iterator position (tf.data checkpoint) into one blob."""
-        buffer = io.BytesIO()
-        with tempfile.TemporaryDirectory() as tmp, \
-                tarfile.open(fileobj=buffer, mode="w") as tar:
-            self._checkpoint.write(os.path.join(tmp, _STATE_PREFIX))
-            with open(os.path.join(tmp, _STATE_META), "w") as f:
-                json.dump(self._meta, f, sort_keys=True)
-            pending = {k: v[self._served:] for k, v in self._fetched.items()}
-            np.savez(os.path.join(tmp, _STATE_PENDING), **pending)
-            for name in sorted(os.listdir(tmp)):
-                tar.add(os.path.join(tmp, name), arcname=name)
-        return buffer.getvalue()
-
-    def set_state(self, state: bytes) -> None:
-        """Restores a position saved by `get_state` of an identically built pipeline.
-
-        Raises:
-          ValueError: The state was saved by a pipeline with different data,
-            batch size, seed or host layout.
-        """
-        with tempfile.TemporaryDirectory() as tmp:
-            with tarfile.open(fileobj=io.BytesIO(state), mode="r") as tar:
-                tar.extractall(tmp, filter="data")
-            with open(os.path.join(tmp, _STATE_META)) as f:
-                saved = json.load(f)
-            diff = {k: (saved.get(k), v) for k, v in self._meta.items()
-                    if saved.get(k) != v}
-            if diff:
-                raise ValueError("Data iterator state does not match this pipeline "
-                                 f"(field: (saved, current)): {diff}")
-            self._checkpoint.read(os.path.join(tmp, _STATE_PREFIX)).assert_consumed()
-            with np.load(os.path.join(tmp, _STATE_PENDING)) as pending:
-                self._fetched = {}
-            self._served = 0
+    Raises:
+      ValueError: The state was saved by a pipeline with different data,
+        batch size, seed or host layout.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+      with tarfile.open(fileobj=io.BytesIO(state), mode="r") as tar:
+        # Only the flat files get_state wrote; basename() keeps them inside tmp.
+        for member in tar.getmembers():
+          if member.isfile():
+            with open(os.path.join(tmp, os.path.basename(member.name)), "wb") as f:
+              f.write(tar.extractfile(member).read())
+      with open(os.path.join(tmp, _STATE_META)) as f:
+        saved = json.load(f)
+      diff = {k: (saved.get(k), v) for k, v in self._meta.items()
+              if saved.get(k) != v}
+      if diff:
+        raise ValueError("Data iterator state does not match this pipeline "
+                         f"(field: (saved, current)): {diff}")
+      self._checkpoint.read(os.path.join(tmp, _STATE_PREFIX)).assert_consumed()
+      with np.load(os.path.join(tmp, _STATE_PENDING)) as pending:
+        self._fetched = {k: pending[k] for k in pending.files}
+      self._served = 0
 
 
 class ValidationSet:
-    """The validation split in fixed windows; call it for one full pass.
+  """The validation split in fixed windows; call it for one full pass.
 
-    `val(eval_batch_size)` returns an iterator over this host's share of every
-    validation pair, exactly once; `eval_batch_size` is the global batch.
-    """
+  `val(eval_batch_size)` returns an iterator over this host's share of every
+  validation pair, exactly once; `eval_batch_size` is the global batch.
+  """
 
-    def __init__(self, corpus: TokenizedCorpus, *, seq_len: int,
-                 process_index: int = 0, process_count: int = 1):
-        self.seq_len = seq_len
-        self.num_targets = corpus.num_targets
-        self._process_index = process_index
-        self._process_count = process_count
-        self._tokens = tf.constant(corpus.tokens)
-        self._layout = None
-        if corpus.num_targets:
-            doc_pairs = tf.constant(corpus.doc_lengths - 1)
-            self._layout = packing.epoch_layout(
-                tf.constant(corpus.doc_starts), doc_pairs, seq_len,
-                tf.zeros_like(doc_pairs), shuffle_seed=None)
+  def __init__(self, corpus: TokenizedCorpus, *, seq_len: int,
+               process_index: int = 0, process_count: int = 1):
+    self.seq_len = seq_len
+    self.num_targets = corpus.num_targets
+    self._process_index = process_index
+    self._process_count = process_count
+    self._tokens = tf.constant(corpus.tokens)
+    self._layout = None
+    if corpus.num_targets:
+      doc_pairs = tf.constant(corpus.doc_lengths - 1)
+      self._layout = packing.epoch_layout(
+          tf.constant(corpus.doc_starts), doc_pairs, seq_len,
+          tf.zeros_like(doc_pairs), shuffle_seed=None)
 
-    @property
-    def num_rows(self) -> int:
-        return 0 if self._layout is None else int(self._layout.num_rows)
+  @property
+  def num_rows(self) -> int:
+    return 0 if self._layout is None else int(self._layout.num_rows)
 
-    def num_batches(self, eval_batch_size: int) -> int:
-        """Batches each host yields per pass."""
-        return -(-self.num_rows // eval_batch_size)
+  def num_batches(self, eval_batch_size: int) -> int:
+    """Batches each host yields per pass."""
+    return -(-self.num_rows // eval_batch_size)
 
-    def __call__(self, eval_batch_size: int) -> Iterator[Batch]:
-        per_host = _check_sharding(eval_batch_size, self._process_index,
-                                   self._process_count, "eval_batch_size")
-        if self._layout is None:
-            return iter(())
-        # Rows past num_rows materialize as padding (loss_mask 0).
-        padded_rows = self.num_batches(eval_batch_size) * eval_batch_size
-        layout, tokens, seq_len = self._layout, self._tokens, self.seq_len
-        ds = tf.data.Dataset.range(self._process_index, padded_rows,
-                                   self._process_count)
-        ds = ds.batch(per_host).map(
-            lambda rows: packing.materialize_rows(rows, layout, tokens, seq_len))
-        return ds.prefetch(2).as_numpy_iterator()
+  def __call__(self, eval_batch_size: int) -> Iterator[Batch]:
+    per_host = _check_sharding(eval_batch_size, self._process_index,
+                               self._process_count, "eval_batch_size")
+    if self._layout is None:
+      return iter(())
+    # Rows past num_rows materialize as padding (loss_mask 0).
+    padded_rows = self.num_batches(eval_batch_size) * eval_batch_size
+    layout, tokens, seq_len = self._layout, self._tokens, self.seq_len
+    ds = tf.data.Dataset.range(self._process_index, padded_rows,
+                               self._process_count)
+    ds = ds.batch(per_host).map(
+        lambda rows: packing.materialize_rows(rows, layout, tokens, seq_len))
+    return ds.prefetch(2).as_numpy_iterator()
 
 
 def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
@@ -328,33 +332,33 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
                        process_count: int = 1,
                        documents: tuple[list[str], list[str]] | None = None,
                        ) -> tuple[LMPipeline, ValidationSet]:
-    """Builds this host's training pipeline and validation set.
+  """Builds this host's training pipeline and validation set.
 
-    Args:
-      data_cfg: The data ConfigDict (`seq_len`, `seed`, `add_eos`,
-        `random_offset`, `prefetch`, and the source fields when `documents` is
-        None).
-      tokenizer: Tokenizer for both splits.
-      global_batch_size: Training rows per step over all hosts.
-      process_index: This host's index (`jax.process_index()`).
-      process_count: Number of hosts (`jax.process_count()`).
-      documents: (train_docs, val_docs) if already loaded (e.g. to train the
-        tokenizer); None loads them with `sources.load_split_documents`.
+  Args:
+    data_cfg: The data ConfigDict (`seq_len`, `seed`, `add_eos`,
+      `random_offset`, `prefetch`, and the source fields when `documents` is
+      None).
+    tokenizer: Tokenizer for both splits.
+    global_batch_size: Training rows per step over all hosts.
+    process_index: This host's index (`jax.process_index()`).
+    process_count: Number of hosts (`jax.process_count()`).
+    documents: (train_docs, val_docs) if already loaded (e.g. to train the
+      tokenizer); None loads them with `sources.load_split_documents`.
 
-    Returns:
-      (train pipeline, validation set); `validation_set(eval_batch_size)` is an
-      iterator over one pass.
-    """
-    train_docs, val_docs = (documents if documents is not None
-                            else sources.load_split_documents(data_cfg))
-    add_eos = bool(data_cfg.add_eos)
-    train = LMPipeline(
-        tokenize_documents(train_docs, tokenizer, add_eos),
-        seq_len=data_cfg.seq_len, global_batch_size=global_batch_size,
-        seed=data_cfg.seed, random_offset=data_cfg.random_offset,
-        prefetch=data_cfg.prefetch, process_index=process_index,
-        process_count=process_count, fingerprint=tokenizer.fingerprint)
-    val = ValidationSet(tokenize_documents(val_docs, tokenizer, add_eos),
-                        seq_len=data_cfg.seq_len, process_index=process_index,
-                        process_count=process_count)
-    return train, val
+  Returns:
+    (train pipeline, validation set); `validation_set(eval_batch_size)` is an
+    iterator over one pass.
+  """
+  train_docs, val_docs = (documents if documents is not None
+                          else sources.load_split_documents(data_cfg))
+  add_eos = bool(data_cfg.add_eos)
+  train = LMPipeline(
+      tokenize_documents(train_docs, tokenizer, add_eos),
+      seq_len=data_cfg.seq_len, global_batch_size=global_batch_size,
+      seed=data_cfg.seed, random_offset=data_cfg.random_offset,
+      prefetch=data_cfg.prefetch, process_index=process_index,
+      process_count=process_count, fingerprint=tokenizer.fingerprint)
+  val = ValidationSet(tokenize_documents(val_docs, tokenizer, add_eos),
+                      seq_len=data_cfg.seq_len, process_index=process_index,
+                      process_count=process_count)
+  return train, val

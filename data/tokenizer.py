@@ -7,6 +7,9 @@ as a user-defined piece. SentencePiece trains on sentences (lines), so it never 
 a newline in its training data; making "\\n" a piece of its own is what lets
 multi-line documents encode and decode unchanged.
 
+"word" models are the exception: SentencePiece's word model maps whitespace runs
+and unseen words to unk, so it is not lossless; it is kept only for ablations.
+
 Special ids are fixed for every model: pad=0 `<pad>`, unk=1 `<unk>`, bos=2 `<s>`,
 eos=3 `</s>`, then "\\n" at 4 and any other user-defined symbols.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
@@ -40,16 +44,16 @@ _SAMPLING_SEED = 0
 
 
 def _training_sentences(docs: Iterable[str]) -> Iterator[str]:
-    """Yields the non-empty lines of `docs`, long lines cut to fit SentencePiece."""
-    for doc in docs:
-        for line in doc.split(NEWLINE):
-            for start in range(0, len(line), _MAX_SENTENCE_CHARS):
-                yield line[start:start + _MAX_SENTENCE_CHARS]
+  """Yields the non-empty lines of `docs`, long lines cut to fit SentencePiece."""
+  for doc in docs:
+    for line in doc.split(NEWLINE):
+      for start in range(0, len(line), _MAX_SENTENCE_CHARS):
+        yield line[start:start + _MAX_SENTENCE_CHARS]
 
 
 def _num_meta_pieces(byte_fallback: bool, user_symbols: Sequence[str]) -> int:
-    """Pieces SentencePiece reserves before learning any: specials, symbols, bytes."""
-    return 4 + len(user_symbols) + (256 if byte_fallback else 0)
+  """Pieces SentencePiece reserves before learning any: specials, symbols, bytes."""
+  return 4 + len(user_symbols) + (256 if byte_fallback else 0)
 
 
 def train_tokenizer(input_files: Sequence[str],
@@ -59,188 +63,194 @@ def train_tokenizer(input_files: Sequence[str],
                     byte_fallback: bool = False,
                     user_defined_symbols: Sequence[str] = (),
                     jsonl_field: str = "text") -> str:
-    """Trains a lossless SentencePiece model and writes it to `model_path`.
+  """Trains a lossless SentencePiece model and writes it to `model_path`.
 
-    Deterministic: the same inputs and arguments give a byte-identical model file.
+  Deterministic: the same inputs and arguments give a byte-identical model file.
 
-    Args:
-      input_files: Text files (each one document) and/or `.jsonl[.gz]` files (the
-        `jsonl_field` of each record is a document).
-      model_path: Where to write the `.model` file (parent directories are made).
-      vocab_size: For bpe/unigram/word, the target vocabulary size including the
-        specials, "\\n", user symbols and (with byte_fallback) 256 byte pieces; it
-        is an upper bound, a corpus too small to fill it gives a smaller vocab.
-        For char, 0 means every character of the training data (e.g. 65 + 4
-        specials = 69 for tinyshakespeare, since "\\n" is one of its 65 chars);
-        N > 0 keeps the most frequent characters that fit in N pieces (the rest
-        become unk, or bytes with byte_fallback).
-      model_type: One of "bpe", "unigram", "char", "word".
-      byte_fallback: Encode unseen characters as UTF-8 byte pieces instead of unk.
-      user_defined_symbols: Extra pieces that are never split (e.g. chat markers).
-      jsonl_field: The record field read from jsonl inputs.
+  Args:
+    input_files: Text files (each one document) and/or `.jsonl[.gz]` files (the
+      `jsonl_field` of each record is a document).
+    model_path: Where to write the `.model` file (parent directories are made).
+    vocab_size: For bpe/unigram/word, the target vocabulary size including the
+      specials, "\\n", user symbols and (with byte_fallback) 256 byte pieces; it
+      is an upper bound, a corpus too small to fill it gives a smaller vocab.
+      For char, 0 means every character of the training data (e.g. 65 + 4
+      specials = 69 for tinyshakespeare, since "\\n" is one of its 65 chars);
+      N > 0 keeps the most frequent characters that fit in N pieces (the rest
+      become unk, or bytes with byte_fallback).
+    model_type: One of "bpe", "unigram", "char", "word".
+    byte_fallback: Encode unseen characters as UTF-8 byte pieces instead of unk.
+    user_defined_symbols: Extra pieces that are never split (e.g. chat markers).
+    jsonl_field: The record field read from jsonl inputs.
 
-    Returns:
-      `model_path`.
+  Returns:
+    `model_path`.
 
-    Raises:
-      ValueError: Bad model_type or vocab_size, or unreadable inputs (see
-        `data.sources`).
-      FileNotFoundError: An input file does not exist.
-    """
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type={model_type!r} is not one of {MODEL_TYPES}")
-    if vocab_size < 0 or (vocab_size == 0 and model_type != "char"):
-        raise ValueError(f"vocab_size={vocab_size} must be > 0 for model_type="
-                         f"{model_type!r} (0 means 'all characters' only for char)")
-    if not input_files:
-        raise ValueError("train_tokenizer needs at least one input file")
-    symbols = [NEWLINE] + [s for s in user_defined_symbols if s != NEWLINE]
-    use_all_chars = model_type == "char" and vocab_size == 0
-    model = io.BytesIO()
-    spm.set_random_generator_seed(_SAMPLING_SEED)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_sentences(
-            sources.documents_from_files(input_files, jsonl_field)),
-        model_writer=model,
-        model_type=model_type,
-        # With use_all_vocab the char trainer sizes the vocab itself; it only
-        # checks that vocab_size covers the reserved pieces.
-        vocab_size=(_num_meta_pieces(byte_fallback, symbols) if use_all_chars
-                    else vocab_size),
-        use_all_vocab=use_all_chars,
-        hard_vocab_limit=False,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        user_defined_symbols=symbols,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        character_coverage=1.0,
-        byte_fallback=byte_fallback,
-        input_sentence_size=_INPUT_SENTENCE_SIZE,
-        shuffle_input_sentence=True,
-        max_sentence_length=4 * _MAX_SENTENCE_CHARS,
-        num_threads=min(2, os.cpu_count() or 1),
-        minloglevel=2,
-    )
-    Tokenizer.from_bytes(model.getvalue()).save(model_path)
-    return model_path
+  Raises:
+    ValueError: Bad model_type or vocab_size, or unreadable inputs (see
+      `data.sources`).
+    FileNotFoundError: An input file does not exist.
+  """
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"model_type={model_type!r} is not one of {MODEL_TYPES}")
+  if vocab_size < 0 or (vocab_size == 0 and model_type != "char"):
+    raise ValueError(f"vocab_size={vocab_size} must be > 0 for model_type="
+                     f"{model_type!r} (0 means 'all characters' only for char)")
+  if not input_files:
+    raise ValueError("train_tokenizer needs at least one input file")
+  symbols = [NEWLINE] + [s for s in user_defined_symbols if s != NEWLINE]
+  use_all_chars = model_type == "char" and vocab_size == 0
+  model = io.BytesIO()
+  spm.set_random_generator_seed(_SAMPLING_SEED)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=_training_sentences(
+          sources.documents_from_files(input_files, jsonl_field)),
+      model_writer=model,
+      model_type=model_type,
+      # With use_all_vocab the char trainer sizes the vocab itself; it only
+      # checks that vocab_size covers the reserved pieces.
+      vocab_size=(_num_meta_pieces(byte_fallback, symbols) if use_all_chars
+                  else vocab_size),
+      use_all_vocab=use_all_chars,
+      hard_vocab_limit=False,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+      user_defined_symbols=symbols,
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      character_coverage=1.0,
+      byte_fallback=byte_fallback,
+      input_sentence_size=_INPUT_SENTENCE_SIZE,
+      shuffle_input_sentence=True,
+      max_sentence_length=4 * _MAX_SENTENCE_CHARS,
+      num_threads=min(2, os.cpu_count() or 1),
+      minloglevel=2,
+  )
+  Tokenizer.from_bytes(model.getvalue()).save(model_path)
+  return model_path
 
 
 class Tokenizer:
-    """A SentencePiece model that encodes to and decodes from lists of int ids."""
+  """A SentencePiece model that encodes to and decodes from lists of int ids."""
 
-    def __init__(self, model_proto: bytes):
-        """Wraps a serialized SentencePiece ModelProto (the bytes of a .model file)."""
-        self._proto = bytes(model_proto)
-        self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+  def __init__(self, model_proto: bytes):
+    """Wraps a serialized SentencePiece ModelProto (the bytes of a .model file)."""
+    self._proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
 
-    @classmethod
-    def from_file(cls, path: str) -> "Tokenizer":
-        """Loads a `.model` file."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Tokenizer model not found: {path}")
-        with open(path, "rb") as f:
-            return cls(f.read())
+  @classmethod
+  def from_file(cls, path: str) -> "Tokenizer":
+    """Loads a `.model` file."""
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"Tokenizer model not found: {path}")
+    with open(path, "rb") as f:
+      return cls(f.read())
 
-    @classmethod
-    def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
-        """Loads a model from `to_bytes()` output (e.g. stored in a checkpoint)."""
-        return cls(model_proto)
+  @classmethod
+  def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
+    """Loads a model from `to_bytes()` output (e.g. stored in a checkpoint)."""
+    return cls(model_proto)
 
-    def to_bytes(self) -> bytes:
-        """The serialized model proto, identical to the `.model` file contents."""
-        return self._proto
+  def to_bytes(self) -> bytes:
+    """The serialized model proto, identical to the `.model` file contents."""
+    return self._proto
 
-    def save(self, path: str) -> None:
-        """Writes the `.model` file atomically (a crash never leaves half a file)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp_path = f"{path}.tmp{os.getpid()}"
-        with open(tmp_path, "wb") as f:
-            f.write(self._proto)
-        os.replace(tmp_path, path)
+  def save(self, path: str) -> None:
+    """Writes the `.model` file atomically (a crash never leaves half a file).
 
-    @property
-    def fingerprint(self) -> str:
-        """sha256 hex digest of the model bytes: cache keys, checkpoint checks."""
-        return hashlib.sha256(self._proto).hexdigest()
+    Hosts sharing a workdir may all save the same (deterministic) model at once:
+    each writes its own temporary file and renames it into place.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=directory, prefix=".tokenizer.",
+                                     delete=False) as f:
+      f.write(self._proto)
+    os.chmod(f.name, 0o644)  # NamedTemporaryFile is private (0600); models are not.
+    os.replace(f.name, path)
 
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+  @property
+  def fingerprint(self) -> str:
+    """sha256 hex digest of the model bytes: cache keys, checkpoint checks."""
+    return hashlib.sha256(self._proto).hexdigest()
 
-    @property
-    def pad_id(self) -> int:
-        return self._sp.pad_id()
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
 
-    @property
-    def unk_id(self) -> int:
-        return self._sp.unk_id()
+  @property
+  def pad_id(self) -> int:
+    return self._sp.pad_id()
 
-    @property
-    def bos_id(self) -> int:
-        return self._sp.bos_id()
+  @property
+  def unk_id(self) -> int:
+    return self._sp.unk_id()
 
-    @property
-    def eos_id(self) -> int:
-        return self._sp.eos_id()
+  @property
+  def bos_id(self) -> int:
+    return self._sp.bos_id()
 
-    def id_to_piece(self, token_id: int) -> str:
-        return self._sp.id_to_piece(int(token_id))
+  @property
+  def eos_id(self) -> int:
+    return self._sp.eos_id()
 
-    def encode(self, text: str) -> list[int]:
-        """Encodes text to ids, without bos/eos."""
-        return self._sp.encode(text, out_type=int)
+  def id_to_piece(self, token_id: int) -> str:
+    return self._sp.id_to_piece(int(token_id))
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encodes many texts at once (SentencePiece's threaded batch encode)."""
-        return self._sp.encode(list(texts), out_type=int,
-                               num_threads=min(2, os.cpu_count() or 1))
+  def encode(self, text: str) -> list[int]:
+    """Encodes text to ids, without bos/eos."""
+    return self._sp.encode(text, out_type=int)
 
-    def decode(self, ids: Iterable[int]) -> str:
-        """Decodes ids to text; pad ids are dropped, out-of-vocab ids become unk.
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    """Encodes many texts at once (SentencePiece's threaded batch encode)."""
+    return self._sp.encode(list(texts), out_type=int,
+                           num_threads=min(2, os.cpu_count() or 1))
 
-        Out-of-vocab ids come from models whose vocab is padded past the
-        tokenizer's; they decode visibly (as unk) rather than raising.
-        """
-        size = self.vocab_size
-        cleaned = [int(i) if 0 <= int(i) < size else self.unk_id
-                   for i in ids if int(i) != self.pad_id]
-        return self._sp.decode(cleaned)
+  def decode(self, ids: Iterable[int]) -> str:
+    """Decodes ids to text; pad ids are dropped, out-of-vocab ids become unk.
 
-    def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, "
-                f"fingerprint={self.fingerprint[:12]})")
+    Out-of-vocab ids come from models whose vocab is padded past the
+    tokenizer's; they decode visibly (as unk) rather than raising.
+    """
+    size = self.vocab_size
+    cleaned = [int(i) if 0 <= int(i) < size else self.unk_id
+               for i in ids if int(i) != self.pad_id]
+    return self._sp.decode(cleaned)
+
+  def __repr__(self) -> str:
+    return (f"Tokenizer(vocab_size={self.vocab_size}, "
+            f"fingerprint={self.fingerprint[:12]})")
 
 
 def _main(argv: Sequence[str]) -> None:
-    del argv  # Everything comes from flags.
-    flags = _FLAGS
-    inputs = [p for p in flags.input.split(",") if p]
-    path = train_tokenizer(inputs, flags.output, flags.vocab_size, flags.model_type,
-                           byte_fallback=flags.byte_fallback,
-                           jsonl_field=flags.jsonl_field)
-    tok = Tokenizer.from_file(path)
-    print(f"Wrote {path}: vocab_size={tok.vocab_size} fingerprint={tok.fingerprint}")
-    sample = next(sources.documents_from_files(inputs[:1], flags.jsonl_field))[:300]
-    ids = tok.encode(sample)
-    print(f"Sample ({len(sample)} chars -> {len(ids)} tokens), round trip exact: "
-          f"{tok.decode(ids) == sample}")
-    print(" | ".join(tok.id_to_piece(i) for i in ids[:60]))
+  del argv  # Everything comes from flags.
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  flags = absl_flags.FLAGS
+  inputs = [p for p in flags.input.split(",") if p]
+  path = train_tokenizer(inputs, flags.output, flags.vocab_size, flags.model_type,
+                         byte_fallback=flags.byte_fallback,
+                         jsonl_field=flags.jsonl_field)
+  tok = Tokenizer.from_file(path)
+  print(f"Wrote {path}: vocab_size={tok.vocab_size} fingerprint={tok.fingerprint}")
+  sample = next(sources.documents_from_files(inputs[:1], flags.jsonl_field))[:300]
+  ids = tok.encode(sample)
+  print(f"Sample ({len(sample)} chars -> {len(ids)} tokens), round trip exact: "
+        f"{tok.decode(ids) == sample}")
+  print(" | ".join(tok.id_to_piece(i) for i in ids[:60]))
 
 
 if __name__ == "__main__":
-    # absl is only needed for the command line, so library users never parse flags.
-    from absl import app  # pylint: disable=g-import-not-at-top
-    from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  # absl is only needed for the command line, so library users never parse flags.
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
 
-    absl_flags.DEFINE_string("input", None, "Comma-separated text/jsonl files.",
-                             required=True)
-    absl_flags.DEFINE_string("output", None, "Path of the .model file to write.",
-                             required=True)
-    absl_flags.DEFINE_integer("vocab_size", 0, "Vocab size (0 = all chars, char only).")
-    absl_flags.DEFINE_enum("model_type", "bpe", list(MODEL_TYPES), "Model type.")
-    absl_flags.DEFINE_bool("byte_fallback", False, "Unseen chars -> byte pieces.")
-    absl_flags.DEFINE_string("jsonl_field", "text", "Text field of jsonl records.")
-    _FLAGS = absl_flags.FLAGS
-    app.run(_main)
+  absl_flags.DEFINE_string("input", None, "Comma-separated text/jsonl files.",
+                           required=True)
+  absl_flags.DEFINE_string("output", None, "Path of the .model file to write.",
+                           required=True)
+  absl_flags.DEFINE_integer("vocab_size", 0, "Vocab size (0 = all chars, char only).")
+  absl_flags.DEFINE_enum("model_type", "bpe", list(MODEL_TYPES), "Model type.")
+  absl_flags.DEFINE_bool("byte_fallback", False, "Unseen chars -> byte pieces.")
+  absl_flags.DEFINE_string("jsonl_field", "text", "Text field of jsonl records.")
+  app.run(_main)

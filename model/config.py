@@ -53,6 +53,10 @@ class ModelConfig:
       1/sqrt(2 * num_layers), as in GPT-2/nanoGPT).
     one_hot_embed: look tokens up with a one-hot matmul instead of a gather. Faster on
       CPU/TPU for small vocabularies (the gather's backward is a scatter-add).
+    fuse_projections: run Q/K/V as one matmul and SwiGLU gate/up as one matmul by
+      concatenating the (separately stored) weights at compute time. Fewer, larger matmuls
+      are faster on CPU; leave off when heads/mlp are tensor-sharded (the concatenation
+      would move shards).
   """
 
   vocab_size: int = 0
@@ -73,6 +77,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   init_std: float = 0.02
   one_hot_embed: bool = False
+  fuse_projections: bool = False
 
   def __post_init__(self):
     def bad(field, expected):

@@ -110,9 +110,15 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
                ) -> jax.Array:
     dt = x.dtype
-    q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
-    k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
-    v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+    if self.cfg.fuse_projections:
+      n, kh = self.cfg.num_heads, self.cfg.num_kv_heads
+      w = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1).astype(dt)
+      qkv = jnp.einsum("bte,end->btnd", x, w)  # [B, T, N + 2K, D]
+      q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+    else:
+      q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
+      k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
+      v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
     out = attend(q, k, v, mask)  # [B, T, N, D]
@@ -123,6 +129,7 @@ class MLP(nnx.Module):
   """SwiGLU feed-forward: down(silu(x @ gate) * (x @ up))."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.fuse = cfg.fuse_projections
     e, f = cfg.embed_dim, cfg.mlp_dim
     pd = jnp.dtype(cfg.param_dtype)
     init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
@@ -132,8 +139,13 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
-    gate = x @ self.w_gate[...].astype(dt)  # [B, T, F]
-    up = x @ self.w_up[...].astype(dt)
+    if self.fuse:
+      f = self.w_gate.shape[1]
+      h = x @ jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1).astype(dt)
+      gate, up = h[..., :f], h[..., f:]  # [B, T, F] each
+    else:
+      gate = x @ self.w_gate[...].astype(dt)  # [B, T, F]
+      up = x @ self.w_up[...].astype(dt)
     return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
 
 

@@ -10,8 +10,15 @@ import os
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
+# One compilation cache for the session and its subprocesses: the CLI runs compile the same
+# tiny programs again and again (~10 s each on a busy 2-core machine otherwise).
+import tempfile  # noqa: E402
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lmlife_jax_cache_")
 
 import json  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -26,6 +33,12 @@ SHAKESPEARE = "pretrain/tinyshakespeare.txt"
 # A small model for the CLI runs (the shakespeare_char config with a narrower, shallower model).
 SMALL_MODEL_FLAGS = ("--config.model.num_layers=2", "--config.model.embed_dim=64",
                      "--config.model.mlp_dim=128")
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------- model

@@ -52,7 +52,7 @@ class MetricsWriter:
     with self._tf.io.gfile.GFile(self.jsonl_path) as f:
       kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
     with self._tf.io.gfile.GFile(self.jsonl_path, "w") as f:
-      f.writelines(kept)
+      f.write("".join(kept))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:

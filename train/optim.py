@@ -43,12 +43,26 @@ def decay_mask(logical_specs: Any) -> Any:
 
 def make_optimizer(optim_cfg: Any, num_steps: int, logical_specs: Any
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm clipping; returns (transformation, schedule)."""
+  """AdamW with global-norm clipping; returns (transformation, schedule).
+
+  With `optim_cfg.flatten_update`, clipping and the Adam moments run on one concatenated
+  vector (`optax.flatten`): a few large fused loops instead of several small kernels per
+  parameter, which roughly halves the update time of a ~1M-parameter model on CPU. Weight
+  decay and the learning rate stay per array (they need the decay mask). Only for replicated
+  parameters: concatenating arrays sharded over fsdp/tensor would reshard them every step.
+  """
   schedule = learning_rate_schedule(optim_cfg, num_steps)
+  mask = decay_mask(logical_specs)
+  if optim_cfg.flatten_update:
+    inner = [optax.clip_by_global_norm(optim_cfg.grad_clip)] if optim_cfg.grad_clip > 0 else []
+    inner.append(optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps))
+    tx = optax.chain(optax.flatten(optax.chain(*inner)),
+                     optax.add_decayed_weights(optim_cfg.weight_decay, mask),
+                     optax.scale_by_learning_rate(schedule))
+    return tx, schedule
   chain = []
   if optim_cfg.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
   chain.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps,
-                           weight_decay=optim_cfg.weight_decay,
-                           mask=decay_mask(logical_specs)))
+                           weight_decay=optim_cfg.weight_decay, mask=mask))
   return optax.chain(*chain), schedule

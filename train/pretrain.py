@@ -16,21 +16,6 @@ import math
 import os
 from typing import Any
 
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Run config file (configs/...py[:args]).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (local path or gs://).")
-flags.DEFINE_string("coordinator_address", "", "jax.distributed coordinator host:port.")
-flags.DEFINE_integer("num_processes", 0, "Number of processes of a multi-process run.")
-flags.DEFINE_integer("process_id", -1, "This process's index in a multi-process run.")
-flags.DEFINE_integer("local_devices", 0, "CPU devices per process (CPU runs only).")
-flags.DEFINE_bool("distributed_auto", False, "jax.distributed.initialize() with auto-detection "
-                  "(Cloud TPU VM pods, SLURM).")
-flags.mark_flags_as_required(["config", "workdir"])
-
 
 def write_config(config: Any, workdir: str) -> None:
   import tensorflow as tf
@@ -102,15 +87,6 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   return results
 
 
-def main(argv):
-  del argv
-  # Orbax and TF log every file operation at INFO; keep the console for progress lines.
-  logging.set_verbosity(logging.WARNING)
-  from train import distributed
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         FLAGS.local_devices, FLAGS.distributed_auto)
-  run(FLAGS.config, FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  app.run(main)
+  from train import entry
+  entry.launch(run)

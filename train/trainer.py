@@ -47,7 +47,7 @@ Hook = Callable[["Trainer", int, TrainState], None]
 # Fields that only change how the model executes, not what its parameters are: a checkpoint
 # may be restored into a config that differs in these.
 EXECUTION_FIELDS = ("attention_impl", "remat_policy", "dtype", "param_dtype", "one_hot_embed",
-                    "max_seq_len")
+                    "max_seq_len", "fuse_projections")
 
 
 def model_config_diff(saved: Mapping[str, Any], current: ModelConfig) -> dict[str, tuple]:
@@ -123,6 +123,11 @@ class Trainer:
       raise ValueError(f"Global batch {tcfg.batch_size} (micro-batch {micro} with "
                        f"grad_accum_steps={accum}) is not divisible by the data-parallel size "
                        f"{dp} (mesh {dict(self.mesh.shape)}, batch axes {self.batch_axes})")
+    if self.config.optim.flatten_update and (self.mesh.shape["fsdp"] > 1 or
+                                             self.mesh.shape["tensor"] > 1):
+      raise ValueError("config.optim.flatten_update=True needs replicated parameters, but the "
+                       f"mesh {dict(self.mesh.shape)} shards them over fsdp/tensor; set it to "
+                       "False")
     if tcfg.batch_size % jax.process_count():
       raise ValueError(f"config.train.batch_size={tcfg.batch_size} is not divisible by the "
                        f"process count {jax.process_count()}")

@@ -14,8 +14,9 @@ from configs import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False)
   config = common.base_config()
-  config.model = common.model_config("shakespeare_char")
-  config.optim = common.optim_config(lr=1e-3, end_lr=1e-4, warmup_steps=100, b2=0.99)
+  config.model = common.model_config("shakespeare_char", fuse_projections=True)
+  config.optim = common.optim_config(lr=1e-3, end_lr=1e-4, warmup_steps=100, b2=0.99,
+                                     flatten_update=True)
   config.train = common.train_config(batch_size=12, num_steps=2000, log_every=100,
                                      eval_every=500, checkpoint_every=500)
   config.data.seq_len = 64
