@@ -92,8 +92,10 @@ class Trainer:
     self.replicated = NamedSharding(self.mesh, P())
     self.state_shardings = TrainState(
         step=self.replicated, params=self.param_shardings,
-        opt_state=opt_state_shardings(self.tx, abstract_state.opt_state, self.param_shardings,
-                                      self.mesh),
+        opt_state=(jax.tree.map(lambda _: self.replicated, abstract_state.opt_state)
+                   if config.optim.flatten_update else  # one flat vector, replicated
+                   opt_state_shardings(self.tx, abstract_state.opt_state,
+                                       self.param_shardings, self.mesh)),
         rng=self.replicated)
     self.abstract_state = with_shardings(abstract_state, self.state_shardings)
     self.batch_sharding = NamedSharding(self.mesh, P(self.batch_axes))
