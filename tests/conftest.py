@@ -2,6 +2,10 @@
 
 The environment variables below must be set before anything imports jax, which is why they
 live at the top of conftest.py (pytest imports it before collecting any test module).
+Subprocesses get an environment without XLA_FLAGS (`subprocess_env`) and set their device
+count with --local_devices. A session-wide JAX compilation cache (a temporary directory,
+removed at the end) is shared with the subprocesses, so the CLI runs of the same tiny
+programs compile once.
 """
 
 from __future__ import annotations
@@ -106,11 +110,15 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def pretrain_cmd(workdir: str, *flags: str, config: str = "configs/pretrain/shakespeare_char.py",
-                 local_devices: int = 2) -> list[str]:
-  """`python -m train.pretrain` on a config file with extra flags."""
+                 local_devices: int | None = 2) -> list[str]:
+  """`python -m train.pretrain` on a config file with extra flags.
+
+  peak_flops is set so that runs skip measuring the CPU's matmul peak for MFU.
+  `local_devices=None` leaves the device count to the environment (launch.local).
+  """
+  devices = [] if local_devices is None else [f"--local_devices={local_devices}"]
   return [sys.executable, "-m", "train.pretrain", f"--config={os.path.join(REPO_ROOT, config)}",
-          f"--workdir={workdir}", f"--local_devices={local_devices}",
-          "--config.train.peak_flops=1e9", *flags]
+          f"--workdir={workdir}", *devices, "--config.train.peak_flops=1e9", *flags]
 
 
 def run_cmd(cmd: Sequence[str], timeout: float = 300) -> subprocess.CompletedProcess:
@@ -121,9 +129,16 @@ def run_cmd(cmd: Sequence[str], timeout: float = 300) -> subprocess.CompletedPro
 
 def start_cmd(cmd: Sequence[str], log_path: str) -> subprocess.Popen:
   """Starts a command in the background, output to `log_path`."""
-  log = open(log_path, "w")
-  return subprocess.Popen(list(cmd), cwd=REPO_ROOT, env=subprocess_env(), stdout=log,
-                          stderr=subprocess.STDOUT, text=True)
+  with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+    return subprocess.Popen(list(cmd), cwd=REPO_ROOT, env=subprocess_env(), stdout=log,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def kill_if_running(proc: subprocess.Popen) -> None:
+  """SIGKILLs `proc` (one we started) if it is still running, and reaps it."""
+  if proc.poll() is None:
+    proc.kill()
+    proc.wait()
 
 
 def read_log(path: str) -> str:
@@ -171,7 +186,7 @@ def eval_records(workdir: str) -> list[dict]:
 # The small CLI run shared by the checkpoint, resume, SIGTERM and multi-process tests:
 # shakespeare_char with a 2 x 64 model, a 0.5% validation split (fast final eval), every step
 # logged, a checkpoint every 10 steps.
-REF_STEPS = 40
+REF_STEPS = 50
 REF_FLAGS = (*SMALL_MODEL_FLAGS, f"--config.train.num_steps={REF_STEPS}",
              "--config.train.log_every=1", "--config.train.checkpoint_every=10",
              "--config.train.eval_every=0", "--config.train.eval_batch_size=16",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -122,9 +122,14 @@ class Checkpointer:
       items["data_iter"] = BlobSave(data_state, per_process=True)
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
-  def restore(self, abstract_params: Any, abstract_train_state: Any, step: int | None = None
-              ) -> dict[str, Any]:
+  def restore(self, abstract_params: Any, abstract_train_state: Any, step: int | None = None,
+              validate: Callable[[Mapping[str, Any]], None] | None = None) -> dict[str, Any]:
     """Restores the newest readable step (or `step`) onto the targets' shardings.
+
+    `validate(metadata)` runs before any array is read; a CheckpointError it raises (e.g. a
+    model config mismatch) stops the restore instead of falling back to an older step.
+    A step that fails to read is moved aside to `<step>.corrupt` so that the run can save
+    that step number again.
 
     Returns:
       dict with keys params, train_state, metadata, data_iter (bytes or None),
@@ -137,22 +142,39 @@ class Checkpointer:
     errors = []
     for s in candidates:
       try:
-        return self._restore_step(s, abstract_params, abstract_train_state)
+        return self._restore_step(s, abstract_params, abstract_train_state, validate)
       except CheckpointError:
         raise
       except Exception as e:  # corrupted files: report and fall back to the previous step
-        msg = f"checkpoint step {s} in {self.directory} is unreadable: {type(e).__name__}: {e}"
+        msg = (f"checkpoint step {s} in {self.directory} is unreadable "
+               f"({type(e).__name__}: {e}); moved it to {s}.corrupt")
+        self._move_aside(s)
         logging.warning("%s; trying an older step", msg)
         print(f"WARNING: {msg}; trying an older step", flush=True)
         errors.append(msg)
     raise CheckpointError(f"No restorable checkpoint in {self.directory}: " +
                           ("; ".join(errors) or "no finalized steps"))
 
-  def _restore_step(self, step: int, abstract_params: Any, abstract_train_state: Any
+  def _move_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      src = self.directory / str(step)
+      dst = self.directory / f"{step}.corrupt"
+      if dst.exists():
+        dst.rmtree()
+      src.rename(dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+    self._mngr.reload()
+
+  def _restore_step(self, step: int, abstract_params: Any, abstract_train_state: Any,
+                    validate: Callable[[Mapping[str, Any]], None] | None = None
                     ) -> dict[str, Any]:
     meta = self._mngr.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
     meta = meta["metadata"]
     check_format(meta, self.directory / str(step))
+    if validate is not None:
+      validate(meta)
     out = self._mngr.restore(step, args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
         train_state=ocp.args.StandardRestore(abstract_train_state)))
@@ -214,15 +236,20 @@ def read_metadata(path: str) -> dict[str, Any]:
   return meta
 
 
-def load_params(path: str, abstract_params: Any) -> tuple[Any, dict[str, Any], bytes | None]:
+def load_params(path: str, abstract_params: Any,
+                validate: Callable[[Mapping[str, Any]], None] | None = None
+                ) -> tuple[Any, dict[str, Any], bytes | None]:
   """Restores only params (onto the target shardings), metadata and tokenizer of a step.
 
   Used by `init_from`: the next stage takes the trunk of an earlier stage's checkpoint.
+  `validate(metadata)` runs before any array is read.
   """
   directory, step = resolve_checkpoint(path)
   mngr = ocp.CheckpointManager(directory, item_handlers=_handlers(),
                                options=ocp.CheckpointManagerOptions(read_only=True))
   meta = read_metadata(str(directory / str(step)))
+  if validate is not None:
+    validate(meta)
   out = mngr.restore(step, args=ocp.args.Composite(
       params=ocp.args.StandardRestore(abstract_params)))
   try:

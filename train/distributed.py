@@ -6,8 +6,8 @@ else the environment variables LM_COORDINATOR_ADDRESS / LM_NUM_PROCESSES / LM_PR
 or SLURM. Nothing is initialised for a plain single-process run.
 
 On CPU, processes exchange collectives through gloo, and `local_devices` sets how many CPU
-devices each process exposes (the CPU analogue of chips per host; default one per core, at
-most 8, unless XLA_FLAGS already forces a count).
+devices each process exposes (the CPU analogue of chips per host; default one per core,
+rounded down to a power of two and at most 4, unless XLA_FLAGS already forces a count).
 """
 
 from __future__ import annotations
@@ -15,6 +15,17 @@ from __future__ import annotations
 import os
 
 import jax
+
+
+def default_local_devices(cores: int) -> int:
+  """CPU devices for a process on a machine with `cores` cores.
+
+  One device per core: data parallelism over cores beats one device whose matmuls use every
+  core (README "Performance"). Rounded down to a power of two and capped at 4, so the CPU
+  configs' batch sizes (12, 8; eval 64) divide on any machine. Affects the CPU backend only.
+  """
+  cores = max(1, min(cores, 4))
+  return 1 << (cores.bit_length() - 1)
 
 
 def initialize(coordinator_address: str = "", num_processes: int = 0, process_id: int = -1,
@@ -26,9 +37,7 @@ def initialize(coordinator_address: str = "", num_processes: int = 0, process_id
     process_id = int(os.environ.get("LM_PROCESS_ID", "-1"))
   local_devices = local_devices or int(os.environ.get("LM_LOCAL_DEVICES", "0"))
   if not local_devices and "device_count" not in os.environ.get("XLA_FLAGS", ""):
-    # One CPU device per core: data parallelism over cores beats one device whose matmuls
-    # use every core (README "Performance"). Only affects the CPU backend.
-    local_devices = min(os.cpu_count() or 1, 8)
+    local_devices = default_local_devices(os.cpu_count() or 1)
   if local_devices:
     jax.config.update("jax_num_cpu_devices", local_devices)
   if coordinator_address:

@@ -130,6 +130,10 @@ class Trainer:
       raise ValueError("config.optim.flatten_update=True needs replicated parameters, but the "
                        f"mesh {dict(self.mesh.shape)} shards them over fsdp/tensor; set it to "
                        "False")
+    if tcfg.eval_batch_size % dp or tcfg.eval_batch_size % jax.process_count():
+      raise ValueError(f"config.train.eval_batch_size={tcfg.eval_batch_size} is not divisible "
+                       f"by the data-parallel size {dp} and the process count "
+                       f"{jax.process_count()}")
     if tcfg.batch_size % jax.process_count():
       raise ValueError(f"config.train.batch_size={tcfg.batch_size} is not divisible by the "
                        f"process count {jax.process_count()}")
@@ -224,9 +228,9 @@ class Trainer:
     Returns (state, data iterator state bytes or None).
     """
     if self.checkpointer.latest_step() is not None:
-      restored = self.checkpointer.restore(self.abstract_state.params,
-                                           self._abstract_train_state())
-      self._check_model_config(restored["metadata"], self.checkpointer.directory)
+      restored = self.checkpointer.restore(
+          self.abstract_state.params, self._abstract_train_state(),
+          validate=lambda meta: self._check_model_config(meta, self.checkpointer.directory))
       self.parent = restored["metadata"].get("parent")
       ts = restored["train_state"]
       state = TrainState(step=ts["step"], params=restored["params"],
@@ -235,8 +239,9 @@ class Trainer:
       print(f"Resumed from {self.checkpointer.directory}/{restored['step']}", flush=True)
       return state, restored["data_iter"]
     if self.config.init_from:
-      params, meta, _ = ckpt_lib.load_params(self.config.init_from, self.abstract_state.params)
-      self._check_model_config(meta, self.config.init_from)
+      params, meta, _ = ckpt_lib.load_params(
+          self.config.init_from, self.abstract_state.params,
+          validate=lambda meta: self._check_model_config(meta, self.config.init_from))
       self.parent = {"path": meta["checkpoint_path"], "step": meta["step"],
                      "stage": meta.get("stage")}
       print(f"Initialised params from {meta['checkpoint_path']} ({meta.get('stage')})",
