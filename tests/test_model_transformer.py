@@ -276,3 +276,17 @@ def test_fused_projections_compute_the_same_function(tiny_cfg, tiny_fwd):
   np.testing.assert_allclose(np.asarray(_forward(fused)(params, tokens, positions, segments)),
                              np.asarray(fwd(params, tokens, positions, segments)),
                              rtol=0, atol=1e-5)
+
+
+def test_bfloat16_compute_stays_close_to_float32(tiny_cfg, tiny_fwd):
+  fwd, params = tiny_fwd
+  bf16 = nnx.eval_shape(lambda: Transformer(tiny_cfg.replace(dtype="bfloat16"),
+                                            nnx.Rngs(params=0)))
+  tokens, positions, segments, _ = _packed_batch(tiny_cfg.vocab_size, seed=9)
+  ref = np.asarray(fwd(params, tokens, positions, segments))
+  out = np.asarray(_forward(bf16)(params, tokens, positions, segments))
+  assert out.dtype == np.float32  # logits are float32 whatever the compute dtype
+  assert np.isfinite(out).all()
+  scale = np.abs(ref).max()
+  assert np.abs(out - ref).max() < 0.05 * scale  # bf16 has ~3 significant digits
+  assert np.abs(out - ref).max() > 0  # and it really ran in bf16

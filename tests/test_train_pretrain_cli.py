@@ -230,6 +230,28 @@ def test_resume_refuses_a_checkpoint_of_a_different_model_naming_the_field(refer
   trainer.close()
 
 
+def test_resume_with_a_different_optimizer_layout_fails_without_destroying_checkpoints(
+    reference_run, tmp_path):
+  # The reference run used flatten_update=True (one flat Adam vector). Resuming it with
+  # flatten_update=False is a config mistake, not a corrupted checkpoint: it must be refused
+  # with a CheckpointError, and every step must still be there for the corrected command.
+  workdir = _copy_run(reference_run, tmp_path / "run")
+  ckdir = os.path.join(workdir, "checkpoints")
+  before = finalized_steps(ckdir)
+  trainer = _trainer_on(workdir, (1, 1, 1), jax.devices()[:1], reference_run,
+                        flatten_update=False)
+  try:
+    with pytest.raises(ckpt_lib.CheckpointError):
+      trainer.restore_or_init()
+  finally:
+    trainer.close()
+  assert finalized_steps(ckdir) == before, sorted(os.listdir(ckdir))
+  trainer = _trainer_on(workdir, (1, 1, 1), jax.devices()[:1], reference_run)  # corrected
+  state, _ = trainer.restore_or_init()
+  trainer.close()
+  assert int(state.step) == before[-1]
+
+
 def test_init_from_refuses_a_checkpoint_of_a_different_model_naming_the_field(reference_run,
                                                                              tmp_path):
   trainer = _trainer_on(tmp_path / "init", (1, 1, 1), jax.devices()[:1], reference_run,

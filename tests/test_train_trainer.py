@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import random_lm_batch, tiny_run_config
 from train.checkpoint import Checkpointer
 from train.loop import NonFiniteLossError
-from train.losses import lm_loss
+from train.losses import lm_loss, token_log_probs
 from train.trainer import Trainer
 
 BATCH, SEQ = 8, 16
@@ -181,6 +181,23 @@ def test_step_matches_a_plain_value_and_grad_reference(single_run, batch):
 def test_flattened_update_is_refused_on_a_sharded_mesh(tmp_path, tiny_cfg):
   with pytest.raises(ValueError, match="flatten_update"):
     _trainer(tmp_path, tiny_cfg, (1, 2, 1), devices=jax.devices()[:2], flatten_update=True)
+
+
+def test_evaluate_is_the_exact_token_mean_over_all_batches(single_run, tiny_cfg):
+  trainer, init, _, _ = single_run
+  rng = np.random.default_rng(3)
+  batches = [random_lm_batch(rng, BATCH, SEQ, tiny_cfg.vocab_size) for _ in range(2)]
+  batches[1]["loss_mask"][:, SEQ // 4:] = 0.0  # e.g. padding rows of the last eval batch
+  batches[1]["loss_mask"][0] = 0.0
+  metrics = trainer.evaluate(init.params, batches)
+
+  graphdef = trainer.graphdef
+  per_token = jax.jit(lambda p, b: -token_log_probs(
+      nnx.merge(graphdef, p)(b["tokens"], b["positions"], b["segment_ids"]), b["targets"]))
+  nll = np.concatenate([np.asarray(per_token(init.params, b)).ravel() for b in batches])
+  mask = np.concatenate([b["loss_mask"].ravel() for b in batches])
+  assert metrics["tokens"] == mask.sum() == BATCH * SEQ + (BATCH - 1) * (SEQ // 4)
+  assert metrics["loss"] == pytest.approx(float((nll * mask).sum() / mask.sum()), rel=1e-5)
 
 
 def test_batch_not_divisible_by_data_parallel_size_names_both(tmp_path, tiny_cfg):

@@ -98,6 +98,7 @@ class Checkpointer:
     )
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_handlers=_handlers())
+    self._unreadable: set[int] = set()  # steps skipped by restore()
 
   def all_steps(self) -> list[int]:
     self._mngr.reload()
@@ -120,6 +121,9 @@ class Checkpointer:
       items["tokenizer"] = BlobSave(tokenizer)
     if data_state is not None:
       items["data_iter"] = BlobSave(data_state, per_process=True)
+    if step in self._unreadable and step in self.all_steps():
+      self._mngr.delete(step)  # replace the unreadable copy skipped at restore
+      self._unreadable.discard(step)
     self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
 
   def restore(self, abstract_params: Any, abstract_train_state: Any, step: int | None = None,
@@ -128,8 +132,9 @@ class Checkpointer:
 
     `validate(metadata)` runs before any array is read; a CheckpointError it raises (e.g. a
     model config mismatch) stops the restore instead of falling back to an older step.
-    A step that fails to read is moved aside to `<step>.corrupt` so that the run can save
-    that step number again.
+    A step that fails to read is skipped (never renamed or deleted: the failure may be
+    transient or a config mistake); if the run later saves that step number again, the
+    unreadable one is replaced.
 
     Returns:
       dict with keys params, train_state, metadata, data_iter (bytes or None),
@@ -147,25 +152,13 @@ class Checkpointer:
         raise
       except Exception as e:  # corrupted files: report and fall back to the previous step
         msg = (f"checkpoint step {s} in {self.directory} is unreadable "
-               f"({type(e).__name__}: {e}); moved it to {s}.corrupt")
-        self._move_aside(s)
+               f"({type(e).__name__}: {e})")
+        self._unreadable.add(s)
         logging.warning("%s; trying an older step", msg)
         print(f"WARNING: {msg}; trying an older step", flush=True)
         errors.append(msg)
     raise CheckpointError(f"No restorable checkpoint in {self.directory}: " +
                           ("; ".join(errors) or "no finalized steps"))
-
-  def _move_aside(self, step: int) -> None:
-    if jax.process_index() == 0:
-      src = self.directory / str(step)
-      dst = self.directory / f"{step}.corrupt"
-      if dst.exists():
-        dst.rmtree()
-      src.rename(dst)
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-      multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
-    self._mngr.reload()
 
   def _restore_step(self, step: int, abstract_params: Any, abstract_train_state: Any,
                     validate: Callable[[Mapping[str, Any]], None] | None = None

@@ -230,7 +230,7 @@ class Trainer:
     if self.checkpointer.latest_step() is not None:
       restored = self.checkpointer.restore(
           self.abstract_state.params, self._abstract_train_state(),
-          validate=lambda meta: self._check_model_config(meta, self.checkpointer.directory))
+          validate=lambda meta: self._check_resume(meta, self.checkpointer.directory))
       self.parent = restored["metadata"].get("parent")
       ts = restored["train_state"]
       state = TrainState(step=ts["step"], params=restored["params"],
@@ -252,6 +252,16 @@ class Trainer:
   def _abstract_train_state(self) -> dict[str, Any]:
     a = self.abstract_state
     return {"opt_state": a.opt_state, "step": a.step, "rng": a.rng}
+
+  def _check_resume(self, meta: Mapping[str, Any], where: Any) -> None:
+    """Resume needs the same model and the same optimizer-state layout."""
+    self._check_model_config(meta, where)
+    saved = meta.get("config", {}).get("optim", {}).get("flatten_update", False)
+    if saved != self.config.optim.flatten_update:
+      raise ckpt_lib.CheckpointError(
+          f"Checkpoint {where} was written with optim.flatten_update={saved}, this run has "
+          f"{self.config.optim.flatten_update}: the optimizer state layouts differ; resume "
+          "with the same setting or start a new workdir with init_from")
 
   def _check_model_config(self, meta: Mapping[str, Any], where: Any) -> None:
     diff = model_config_diff(meta.get("model_config", {}), self.model_cfg)
