@@ -18,7 +18,6 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -120,14 +119,6 @@ def logical_to_spec(logical: Sequence[str | None], rules: Sequence[tuple[str, An
   """Maps a tuple of logical names to a mesh PartitionSpec."""
   table = dict(rules)
   return P(*(table.get(name) if name is not None else None for name in logical))
-
-
-def state_shardings(abstract_state: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> Any:
-  """NamedShardings for an `nnx.State` whose Variables carry logical `out_sharding` names."""
-  with nnx.logical_axis_rules(rules):
-    specs = nnx.get_partition_spec(abstract_state)
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
-                      is_leaf=lambda x: isinstance(x, P))
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

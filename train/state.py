@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from model.config import ModelConfig
+from model.sharding import logical_to_spec
 
 ModelFactory = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 
@@ -47,11 +48,8 @@ def abstract_model(factory: ModelFactory, cfg: ModelConfig) -> tuple[nnx.GraphDe
 
 def mesh_shardings(logical_specs: Any, mesh: Mesh, rules: Any) -> Any:
   """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
-  table = dict(rules)
-
-  def to_sharding(spec: P) -> NamedSharding:
-    return NamedSharding(mesh, P(*(table.get(n) if n is not None else None for n in spec)))
-  return jax.tree.map(to_sharding, logical_specs, is_leaf=lambda x: isinstance(x, P))
+  return jax.tree.map(lambda spec: NamedSharding(mesh, logical_to_spec(spec, rules)),
+                      logical_specs, is_leaf=lambda x: isinstance(x, P))
 
 
 def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any,

@@ -18,8 +18,8 @@ loss the exact per-token mean over the whole split.
 from __future__ import annotations
 
 import collections
+import contextlib
 import signal
-import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
@@ -138,17 +138,11 @@ class Trainer:
       raise ValueError(f"config.train.batch_size={tcfg.batch_size} is not divisible by the "
                        f"process count {jax.process_count()}")
 
+  @contextlib.contextmanager
   def mesh_context(self):
     """Mesh + logical rules, active whenever model code is traced."""
-    class _Ctx:
-      def __enter__(ctx):
-        ctx.a = jax.set_mesh(self.mesh)
-        ctx.b = nnx.logical_axis_rules(self.rules)
-        ctx.a.__enter__(), ctx.b.__enter__()
-      def __exit__(ctx, *exc):
-        ctx.b.__exit__(*exc)
-        ctx.a.__exit__(*exc)
-    return _Ctx()
+    with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
+      yield
 
   def _compile(self) -> None:
     """The one place where the train and eval steps are jitted."""
