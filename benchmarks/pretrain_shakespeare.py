@@ -25,6 +25,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+import xla_profile  # benchmarks/xla_profile.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
@@ -80,6 +82,13 @@ def step_breakdown(config, steps: int) -> dict[str, float]:
       state, m = trainer._jit_step(state, batch)
       jax.block_until_ready(m)
     out["train_step_ms"] = (time.perf_counter() - t0) / steps * 1000
+
+    def profiled_steps():
+      nonlocal state
+      for _ in range(10):
+        state, m = trainer._jit_step(state, batch)
+      jax.block_until_ready(m)
+    out.update(xla_profile.with_profile(profiled_steps, 10, jax.device_count()))
   out["backward_ms"] = out["forward_backward_ms"] - out["forward_ms"]
   out["optimizer_ms"] = out["train_step_ms"] - out["forward_backward_ms"]
   trainer.close()
@@ -126,7 +135,9 @@ def main(argv):
         f"({100 * data_frac:.1f}%) + compute {step_ms * (1 - data_frac):.1f} ms; "
         f"MFU {100 * mfu:.1f}%")
   print("breakdown (isolated, same shapes): " +
-        ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
+        ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items() if not k.startswith("profile")))
+  print("profile (ms per step per device, by XLA op kind): " +
+        ", ".join(f"{k[8:-3]} {v:.1f}" for k, v in breakdown.items() if k.startswith("profile")))
   print(json.dumps({
       "val_loss": results["loss"], "iters": config.train.num_steps, "wall_s": wall,
       "tokens_per_sec": tok_s, "data_wait_frac": data_frac, "mfu": mfu,

@@ -83,7 +83,8 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000   # Checkpoint interval (the last step is always saved).
   c.keep_checkpoints = 3      # Most recent checkpoints kept.
   c.async_checkpoint = True   # Write checkpoints in the background.
-  c.max_steps_in_flight = 2   # Dispatched-but-unfinished steps (see train/loop.py).
+  c.steps_per_call = 1        # Train steps per jitted call (a scan; see train/loop.py).
+  c.max_calls_in_flight = 2   # Dispatched-but-unfinished calls (see train/loop.py).
   c.peak_flops = 0.0          # FLOP/s for MFU; 0 = vendor figure or measured matmul peak.
   c.update(overrides)
   return c

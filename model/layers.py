@@ -54,11 +54,17 @@ def rope_tables(positions: jax.Array, head_dim: int, theta: float
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotates pairs (i, i + D/2) of `x` [B, T, H, D] ("rotate half", the Llama/HF layout)."""
-  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # each [B, T, H, D/2]
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)
+  """Rotates pairs (i, i + D/2) of `x` [B, T, H, D] ("rotate half", the Llama/HF layout).
+
+  out = [x1 cos - x2 sin, x2 cos + x1 sin] for x = [x1, x2], written as
+  x * [cos, cos] + roll(x, D/2) * [-sin, sin]: the same products and sums, but one
+  elementwise fusion instead of split + concatenate (whose backward pass is pad + add).
+  """
+  out_dtype = x.dtype
+  x = x.astype(jnp.float32)
+  cos = jnp.concatenate([cos, cos], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+  sin = jnp.concatenate([-sin, sin], axis=-1)[:, :, None, :]
+  return (x * cos + jnp.roll(x, x.shape[-1] // 2, axis=-1) * sin).astype(out_dtype)
 
 
 def attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None

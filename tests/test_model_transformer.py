@@ -225,6 +225,23 @@ def test_rope_scores_depend_only_on_relative_position():
       float(np.linalg.norm(q)), rel=1e-5)
 
 
+
+def test_rope_matches_hugging_face_rotate_half_formula():
+  # transformers' Llama: q * cos + rotate_half(q) * sin with cos/sin = cat(freqs, freqs) and
+  # rotate_half(x) = cat(-x2, x1); written out here in numpy, independently of apply_rope.
+  rng = np.random.default_rng(7)
+  b, t, h, d, theta = 2, 5, 3, 8, 10000.0
+  x = rng.normal(size=(b, t, h, d)).astype(np.float32)
+  positions = rng.integers(0, 50, size=(b, t))
+  inv_freq = 1.0 / theta ** (np.arange(0, d, 2) / d)
+  freqs = positions[..., None] * inv_freq  # [B, T, D/2]
+  emb = np.concatenate([freqs, freqs], -1)[:, :, None, :]
+  rotate_half = np.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1)
+  ref = x * np.cos(emb) + rotate_half * np.sin(emb)
+  cos, sin = rope_tables(jnp.asarray(positions), d, theta)
+  np.testing.assert_allclose(np.asarray(apply_rope(jnp.asarray(x), cos, sin)), ref,
+                             rtol=1e-5, atol=1e-5)
+
 @pytest.mark.parametrize("overrides", [
     {}, {"tie_embeddings": True}, {"scan_layers": True}, {"head_dim": 32, "num_kv_heads": 1},
 ])

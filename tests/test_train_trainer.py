@@ -286,3 +286,59 @@ def test_non_finite_loss_stops_the_run_without_saving_that_state(accum_trainer, 
   with open(os.path.join(trainer.workdir, "metrics.jsonl")) as f:
     logged = [json.loads(line)["step"] for line in f]
   assert max(logged) == 4
+
+
+def _recording_dispatch(trainer):
+  """Wraps trainer.dispatch to record the number of steps of every call."""
+  calls = []
+  dispatch = trainer.dispatch
+
+  def recorded(state, batch, num_steps):
+    calls.append(num_steps)
+    return dispatch(state, batch, num_steps)
+
+  trainer.dispatch = recorded
+  return calls
+
+
+def test_several_steps_per_call_train_exactly_like_one_step_per_call(tmp_path, tiny_cfg):
+  # Calls end on multiples of steps_per_call (3) and on every log step (4) and the last
+  # step (10): 1-3, 4, 5-6, 7-8, 9, 10. The run is the same as one step per call: same
+  # logged interval means and same final parameters.
+  def run(name, steps_per_call):
+    trainer = _trainer(tmp_path, tiny_cfg, (2, 1, 1), devices=jax.devices()[:2], name=name,
+                       num_steps=10, log_every=4, steps_per_call=steps_per_call)
+    calls = _recording_dispatch(trainer)
+    rng = np.random.default_rng(3)
+    batches = iter(lambda: random_lm_batch(rng, BATCH, SEQ, tiny_cfg.vocab_size), None)
+    state = trainer.train(trainer.init_state(), batches)
+    trainer.close()
+    with open(os.path.join(trainer.workdir, "metrics.jsonl")) as f:
+      logged = {r["step"]: r["train/loss"] for r in map(json.loads, f)}
+    return calls, logged, _host(state.params), int(state.step)
+
+  calls, logged, params, step = run("three", 3)
+  ref_calls, ref_logged, ref_params, ref_step = run("one", 1)
+  assert calls == [3, 1, 2, 2, 1, 1]
+  assert ref_calls == [1] * 10
+  assert step == ref_step == 10
+  assert sorted(logged) == sorted(ref_logged) == [4, 8, 10]
+  for s in logged:
+    assert logged[s] == pytest.approx(ref_logged[s], rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               params, ref_params)
+
+
+def test_non_finite_loss_inside_a_multi_step_call_names_its_step(tmp_path, tiny_cfg):
+  trainer = _trainer(tmp_path, tiny_cfg, (2, 1, 1), devices=jax.devices()[:2],
+                     loss_fn=_poisoned_lm_loss, num_steps=12, log_every=100,
+                     checkpoint_every=4, steps_per_call=4)
+  calls = _recording_dispatch(trainer)
+  rng = np.random.default_rng(1)
+  batches = (_with_poison(random_lm_batch(rng, BATCH, SEQ, tiny_cfg.vocab_size), step == 6)
+             for step in range(1, 100))
+  with pytest.raises(NonFiniteLossError, match=r"Loss became nan at step 6;"):
+    trainer.train(trainer.init_state(), batches)
+  trainer.close()
+  assert calls == [4, 4]  # steps 5-8 ran as one call; the NaN was found in it
+  assert Checkpointer(str(trainer.checkpointer.directory)).all_steps() == [4]
