@@ -113,8 +113,15 @@ class Attention(nnx.Module):
     self.wv = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
     self.wo = _param(rngs, out_init, (n, d, e), pd, ("heads", "head_dim", "embed"))
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
-               ) -> jax.Array:
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               kv_cache: tuple[jax.Array, jax.Array] | None = None,
+               cache_index: jax.Array | int = 0):
+    """Attention over `x` [B, T, E]; returns [B, T, E].
+
+    With `kv_cache` (k, v), each [B, S, K, D]: this call's keys/values are written at
+    slots [cache_index, cache_index + T), queries attend to all S slots under `mask`
+    [B, T, S], and the result is (output, updated (k, v)).
+    """
     dt = x.dtype
     if self.cfg.fuse_projections:
       n, kh = self.cfg.num_heads, self.cfg.num_kv_heads
@@ -126,9 +133,15 @@ class Attention(nnx.Module):
       k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
       v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_cache is not None:
+      start = (0, cache_index, 0, 0)
+      kv_cache = (jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start),
+                  jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start))
+      k, v = kv_cache[0].astype(dt), kv_cache[1].astype(dt)  # [B, S, K, D]
     attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
     out = attend(q, k, v, mask)  # [B, T, N, D]
-    return jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt))
+    out = jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt))
+    return out if kv_cache is None else (out, kv_cache)
 
 
 class MLP(nnx.Module):
@@ -164,7 +177,13 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array
-               ) -> jax.Array:
-    x = x + self.attn(self.attn_norm(x), cos, sin, mask)
-    return x + self.mlp(self.mlp_norm(x))
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               kv_cache: tuple[jax.Array, jax.Array] | None = None,
+               cache_index: jax.Array | int = 0):
+    """[B, T, E] -> [B, T, E]; with `kv_cache`, -> (output, updated cache) (see Attention)."""
+    if kv_cache is None:
+      x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+      return x + self.mlp(self.mlp_norm(x))
+    a, kv_cache = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, cache_index)
+    x = x + a
+    return x + self.mlp(self.mlp_norm(x)), kv_cache

@@ -10,7 +10,7 @@ layouts compute the same function.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,37 @@ from model.layers import Block, RMSNorm, attention_mask, rope_tables
 from model.sharding import constrain
 
 ACTIVATION = ("batch", "length", None)  # residual stream sharding: batch only
+# KV cache [L, B, S, K, D]: batch over the data axes, kv heads over tensor, like the weights.
+CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+
+
+class KVCache(NamedTuple):
+  """Keys and values of every layer for S slots: k, v [L, B, S, K, D]."""
+  k: jax.Array
+  v: jax.Array
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
+  """An empty (zero) cache of `length` slots in the compute dtype."""
+  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
+  zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+  return KVCache(constrain(zeros, CACHE_AXES), constrain(zeros, CACHE_AXES))
+
+
+def cache_attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array,
+                         cache_index: jax.Array | int) -> jax.Array:
+  """[B, T, S] mask for queries at slots [cache_index, cache_index + T) over a cache.
+
+  A query attends to filled slots (kv segment != 0) of its own segment at or before its
+  own slot. Padding queries (segment 0) attend to nothing real; they get their own slot so
+  softmax never sees a fully masked row.
+  """
+  t, s = segment_ids.shape[1], kv_segment_ids.shape[1]
+  q_slot = cache_index + jnp.arange(t)  # [T]
+  causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
+  same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
+  own = jnp.arange(s)[None, :] == q_slot[:, None]
+  return (causal[None] & same & (kv_segment_ids[:, None, :] != 0)) | own[None]
 
 
 def remat_policy(name: str) -> Callable | None:
@@ -72,34 +103,62 @@ class Transformer(nnx.Module):
     return jnp.take(table, tokens, axis=0)
 
   def hidden(self, tokens: jax.Array, positions: jax.Array | None = None,
-             segment_ids: jax.Array | None = None) -> jax.Array:
-    """Final normalised hidden states [B, T, E] (compute dtype)."""
+             segment_ids: jax.Array | None = None, *, cache: KVCache | None = None,
+             cache_index: jax.Array | int = 0, kv_segment_ids: jax.Array | None = None):
+    """Final normalised hidden states [B, T, E] (compute dtype).
+
+    With `cache` (decoding): the T tokens occupy cache slots [cache_index, cache_index + T),
+    `kv_segment_ids` [B, S] gives the segment of every slot (0 = empty; it must already
+    include these T tokens), and the result is (hidden states, updated cache).
+    """
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
     cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)  # [B, T, D/2]
-    mask = attention_mask(segment_ids)  # [B, T, T]
+    if cache is None:
+      mask = attention_mask(segment_ids)  # [B, T, T]
+    else:
+      mask = cache_attention_mask(segment_ids, kv_segment_ids, cache_index)  # [B, T, S]
     x = constrain(self.embed(tokens), ACTIVATION)
 
-    def run_block(block: Block, x: jax.Array) -> jax.Array:
-      return constrain(block(x, cos, sin, mask), ACTIVATION)
+    def run_block(block: Block, x: jax.Array, kv=None):
+      if kv is None:
+        return constrain(block(x, cos, sin, mask), ACTIVATION)
+      x, kv = block(x, cos, sin, mask, kv, cache_index)
+      return constrain(x, ACTIVATION), kv
 
-    policy = remat_policy(cfg.remat_policy)
-    if cfg.remat_policy != "none":
-      run_block = nnx.remat(run_block, policy=policy)
+    if cfg.remat_policy != "none" and cache is None:  # decoding keeps no activations
+      run_block = nnx.remat(run_block, policy=remat_policy(cfg.remat_policy))
     if cfg.scan_layers:
       graphdef, stacked = nnx.split(self.blocks)
 
-      def body(x, layer_state):
-        return run_block(nnx.merge(graphdef, layer_state), x), None
+      def body(x, xs):
+        if cache is None:
+          return run_block(nnx.merge(graphdef, xs), x), None
+        layer_state, k, v = xs
+        x, kv = run_block(nnx.merge(graphdef, layer_state), x, (k, v))
+        return x, kv
 
-      x, _ = jax.lax.scan(body, x, stacked)
-    else:
+      if cache is None:
+        x, _ = jax.lax.scan(body, x, stacked)
+      else:
+        x, (k, v) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+        cache = KVCache(k, v)
+    elif cache is None:
       for block in self.blocks:
         x = run_block(block, x)
-    return self.final_norm(x)
+    else:
+      ks, vs = [], []
+      for i, block in enumerate(self.blocks):
+        x, (k, v) = run_block(block, x, (cache.k[i], cache.v[i]))
+        ks.append(k)
+        vs.append(v)
+      cache = KVCache(jnp.stack(ks), jnp.stack(vs))
+    h = self.final_norm(x)
+    return h if cache is None else (h, KVCache(constrain(cache.k, CACHE_AXES),
+                                                constrain(cache.v, CACHE_AXES)))
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Projects hidden states [B, T, E] to float32 logits [B, T, V]."""
