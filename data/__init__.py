@@ -4,10 +4,17 @@ Modules (import them directly; this package imports nothing so that importing
 `data.sources` or `data.tokenizer` does not pull in TensorFlow):
   sources      text / jsonl / TFDS readers, data path resolution, train/val split.
   tokenizer    lossless SentencePiece training and the `Tokenizer` wrapper (+ CLI).
-  config       `default_data_config()` and `get_or_train_tokenizer`.
+  config       `default_data_config()`, `default_sft_data_config()` and
+               `get_or_train_tokenizer`.
   packing      how documents are cut into (input, target) pieces and packed into rows.
   lm_pipeline  the pretraining pipeline: `build_lm_pipelines`, `LMPipeline`,
                `ValidationSet`.
+  chat         the chat template: markers, `ChatTemplate` (ids + loss mask).
+  sft_sources  SFT jsonl readers (alpaca, prompt/response, GSM8K, HH transcripts)
+               and the train/val split by prompt hash.
+  sft_rows     SFT examples -> rows: truncation, first-fit packing or padding.
+  sft_pipeline the SFT pipeline: `build_sft_pipelines`, `SFTPipeline`,
+               `SFTValidationSet`.
 
 This package never imports jax or model code.
 """

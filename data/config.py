@@ -7,6 +7,9 @@ Stage configs start from `default_data_config()` and override fields, e.g.
   config.data.tokenizer.model_type = "bpe"
   config.data.tokenizer.vocab_size = 4096
 
+`default_sft_data_config()` is the data config of SFT runs (chat conversations,
+see `data/sft_pipeline.py`).
+
 `get_or_train_tokenizer` gives the run its tokenizer: a given model file, the
 one a previous attempt of this run wrote (resume), or a new one trained on the
 training split only (the validation text never leaks into the vocabulary).
@@ -51,6 +54,30 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tokenizer.byte_fallback = False  # Unseen characters -> UTF-8 byte pieces.
   # An existing .model file; "" = train one on the training split at run start.
   c.tokenizer.path = ""
+  return c
+
+
+def default_sft_data_config() -> ml_collections.ConfigDict:
+  """Returns the SFT data config (`config.data` of SFT runs): chat conversations.
+
+  Read by `data.sft_pipeline.build_sft_pipelines`; the tokenizer comes from the
+  checkpoint SFT starts from, with the chat markers added (`Tokenizer.with_pieces`).
+  """
+  c = ml_collections.ConfigDict()
+  # jsonl[.gz] files, comma-separated (or a list), relative to $LM_DATA_DIR else
+  # ../shared/data; "path:format" names the format (alpaca | prompt_response |
+  # gsm8k | transcript), otherwise it is detected from the first record.
+  c.sources = "sft/alpaca_subset.jsonl,sft/dolly_hhrlhf_1k.jsonl"
+  c.template = "chat"         # data.chat.get_template name.
+  c.seq_len = 512             # Tokens per row; an example keeps <= seq_len + 1 tokens.
+  c.packing = "pack"          # "pack": first-fit several examples per row | "pad": one.
+  # Fraction of conversations in validation, by a seeded hash of the opening prompt.
+  c.val_fraction = 0.05
+  c.seed = 0                  # Seeds the split, the packing order and the row order.
+  # A response cut to fit seq_len must keep at least this many tokens, else the
+  # example is dropped.
+  c.min_response_tokens = 1
+  c.prefetch = 2              # Fetches prefetched; -1 = tf.data.AUTOTUNE, 0 = off.
   return c
 
 

@@ -12,6 +12,8 @@ and unseen words to unk, so it is not lossless; it is kept only for ablations.
 
 Special ids are fixed for every model: pad=0 `<pad>`, unk=1 `<unk>`, bos=2 `<s>`,
 eos=3 `</s>`, then "\\n" at 4 and any other user-defined symbols.
+`Tokenizer.with_pieces` appends more user-defined symbols (chat markers) at the end
+of an existing vocabulary, so a pretrained model's ids keep their meaning.
 
 Command line (prints the vocab size and a round-trip sample):
 
@@ -28,12 +30,15 @@ import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from data import sources
 
 MODEL_TYPES = ("bpe", "unigram", "char", "word")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 NEWLINE = "\n"
+# SentencePiece's escaped space: a piece's " " is stored as this character.
+_SPACE_SYMBOL = "\u2581"
 # SentencePiece silently skips sentences longer than max_sentence_length bytes, so
 # long lines are cut into pieces of at most this many characters (4 bytes each max).
 _MAX_SENTENCE_CHARS = 4096
@@ -169,6 +174,47 @@ class Tokenizer:
       f.write(self._proto)
     os.chmod(f.name, 0o644)  # NamedTemporaryFile is private (0600); models are not.
     os.replace(f.name, path)
+
+  def with_pieces(self, pieces: Sequence[str]) -> "Tokenizer":
+    """A copy of this tokenizer with `pieces` added as unsplittable symbols.
+
+    Missing pieces are appended at the END of the vocabulary as USER_DEFINED
+    pieces, in the given order, so every existing id keeps its meaning (a
+    pretrained embedding table stays valid and only grows) and the new ids are
+    `vocab_size, vocab_size + 1, ...`. Pieces already in the vocabulary (of any
+    type) are left as they are and get no new id. SentencePiece matches
+    user-defined pieces before anything else, so each new piece encodes to one
+    id wherever it occurs, and text without them encodes exactly as before.
+
+    Args:
+      pieces: Piece strings, e.g. the chat markers of `data.chat`. A space
+        inside a piece is stored as SentencePiece's escaped space "\u2581",
+        which is what the encoder matches it as.
+
+    Returns:
+      A new Tokenizer (this one is unchanged); `self` itself when nothing is
+      missing, so the fingerprint only changes when the vocabulary does.
+
+    Raises:
+      ValueError: An empty piece.
+    """
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(self._proto)
+    present = {p.piece for p in proto.pieces}
+    added = False
+    for piece in pieces:
+      if not piece:
+        raise ValueError("Tokenizer.with_pieces: pieces must be non-empty strings")
+      stored = piece.replace(" ", _SPACE_SYMBOL)
+      if stored in present:
+        continue
+      new = proto.pieces.add()
+      new.piece = stored
+      new.score = 0.0
+      new.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
+      present.add(stored)
+      added = True
+    return Tokenizer(proto.SerializeToString()) if added else self
 
   @property
   def fingerprint(self) -> str:
