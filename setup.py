@@ -27,5 +27,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10"],
+        # Hugging Face comparisons (benchmarks; interop parity tests). Exactly this torch:
+        # the CPU wheel available here; any other version pulls gigabytes of CUDA packages.
+        "hf": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"],
     },
 )

@@ -114,13 +114,15 @@ class Attention(nnx.Module):
     self.wo = _param(rngs, out_init, (n, d, e), pd, ("heads", "head_dim", "embed"))
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               kv_cache: tuple[jax.Array, jax.Array] | None = None,
+               kv_cache: tuple[jax.Array, jax.Array, jax.Array | int] | None = None,
                cache_index: jax.Array | int = 0):
     """Attention over `x` [B, T, E]; returns [B, T, E].
 
-    With `kv_cache` (k, v), each [B, S, K, D]: this call's keys/values are written at
-    slots [cache_index, cache_index + T), queries attend to all S slots under `mask`
-    [B, T, S], and the result is (output, updated (k, v)).
+    With `kv_cache` = (k, v, layer), k and v the whole model's cache [L, B, S, K, D]: this
+    call's keys/values are written into layer `layer` at slots [cache_index,
+    cache_index + T) (in place: only the new slots are written, never the whole cache),
+    queries attend to that layer's S slots under `mask` [B, T, S], and the result is
+    (output, (updated k, updated v)).
     """
     dt = x.dtype
     if self.cfg.fuse_projections:
@@ -134,10 +136,13 @@ class Attention(nnx.Module):
       v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
-      start = (0, cache_index, 0, 0)
-      kv_cache = (jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), start),
-                  jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), start))
-      k, v = kv_cache[0].astype(dt), kv_cache[1].astype(dt)  # [B, S, K, D]
+      k_all, v_all, layer = kv_cache
+      start = (layer, 0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+      kv_cache = (k_all, v_all)
+      k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)  # [B,S,K,D]
+      v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
     attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
     out = attend(q, k, v, mask)  # [B, T, N, D]
     out = jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt))
@@ -178,9 +183,9 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-               kv_cache: tuple[jax.Array, jax.Array] | None = None,
+               kv_cache: tuple[jax.Array, jax.Array, jax.Array | int] | None = None,
                cache_index: jax.Array | int = 0):
-    """[B, T, E] -> [B, T, E]; with `kv_cache`, -> (output, updated cache) (see Attention)."""
+    """[B, T, E] -> [B, T, E]; with `kv_cache`, -> (output, updated (k, v)) (see Attention)."""
     if kv_cache is None:
       x = x + self.attn(self.attn_norm(x), cos, sin, mask)
       return x + self.mlp(self.mlp_norm(x))

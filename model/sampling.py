@@ -51,6 +51,8 @@ class SamplingConfig:
     pad_id: Filler after a sequence ended, and left padding of prompts.
     prompt_bucket: Prompt lengths are padded up to a multiple of this (compile once per
       bucket).
+    use_cache: Decode with the KV cache (False: recompute the whole sequence every step;
+      the same tokens, for benchmarks and tests).
   """
   max_new_tokens: int = 64
   temperature: float = 1.0
@@ -59,6 +61,7 @@ class SamplingConfig:
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   prompt_bucket: int = 32
+  use_cache: bool = True
 
   def __post_init__(self):
     if self.max_new_tokens <= 0:
@@ -177,6 +180,46 @@ def _generate(model: nnx.Module, prompt_tokens: jax.Array, prompt_lengths: jax.A
   }
 
 
+def _generate_uncached(model: nnx.Module, prompt_tokens: jax.Array,
+                       prompt_lengths: jax.Array, rng: jax.Array, cfg: SamplingConfig
+                       ) -> dict[str, jax.Array]:
+  """The same program without a cache: one full forward over [B, P + N] per new token."""
+  b, p = prompt_tokens.shape
+  n = cfg.max_new_tokens
+  slots = jnp.arange(p)
+  real = slots[None, :] >= (p - prompt_lengths)[:, None]
+  positions = jnp.concatenate(
+      [jnp.where(real, slots[None, :] - (p - prompt_lengths)[:, None], 0),
+       prompt_lengths[:, None] + jnp.arange(n)[None, :]], axis=1).astype(jnp.int32)
+  # Later slots never influence earlier logits (causal), so they may be 1 from the start.
+  segment_ids = jnp.concatenate([real.astype(jnp.int32), jnp.ones((b, n), jnp.int32)], 1)
+  eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
+
+  def cond(carry):
+    return (carry[0] < n) & ~jnp.all(carry[-1])
+
+  def body(carry):
+    i, tokens, rng, out_logp, out_mask, done = carry
+    rng, step_rng = jax.random.split(rng)
+    h = model.hidden(tokens, positions, segment_ids)  # [B, P + N, E]: the full recompute
+    h = jax.lax.dynamic_slice_in_dim(h, p - 1 + i, 1, axis=1)  # only the next token's logits
+    logits = model.logits(h)[:, 0]
+    token, logp = sample_token(logits, step_rng, cfg)
+    token = jnp.where(done, cfg.pad_id, token)
+    tokens = tokens.at[:, p + i].set(token)
+    out_logp = out_logp.at[:, i].set(jnp.where(done, 0.0, logp))
+    out_mask = out_mask.at[:, i].set(~done)
+    return i + 1, tokens, rng, out_logp, out_mask, done | jnp.isin(token, eos)
+
+  tokens = jnp.concatenate([prompt_tokens, jnp.full((b, n), cfg.pad_id, jnp.int32)], axis=1)
+  init = (jnp.int32(0), tokens, rng, jnp.zeros((b, n), jnp.float32), jnp.zeros((b, n), bool),
+          jnp.zeros((b,), bool))
+  _, tokens, _, out_logp, out_mask, done = jax.lax.while_loop(cond, body, init)
+  return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids,
+          "response": tokens[:, p:], "response_mask": out_mask.astype(jnp.int32),
+          "logprobs": out_logp, "finished": done}
+
+
 def pad_prompts(prompts: Sequence[Sequence[int]], cfg: SamplingConfig, max_seq_len: int
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Left-pads token lists to [B, P] (P a multiple of cfg.prompt_bucket); returns lengths.
@@ -223,8 +266,9 @@ class Sampler:
   def _fn(self, cfg: SamplingConfig):
     if cfg not in self._compiled:
       def run(params, prompt_tokens, prompt_lengths, rng):
-        return _generate(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths,
-                         rng, cfg)
+        generate = _generate if cfg.use_cache else _generate_uncached
+        return generate(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, rng,
+                        cfg)
       if self.mesh is None:
         self._compiled[cfg] = jax.jit(run)
       else:

@@ -133,29 +133,27 @@ class Transformer(nnx.Module):
       run_block = nnx.remat(run_block, policy=remat_policy(cfg.remat_policy))
     if cfg.scan_layers:
       graphdef, stacked = nnx.split(self.blocks)
-
-      def body(x, xs):
-        if cache is None:
-          return run_block(nnx.merge(graphdef, xs), x), None
-        layer_state, k, v = xs
-        x, kv = run_block(nnx.merge(graphdef, layer_state), x, (k, v))
-        return x, kv
-
       if cache is None:
-        x, _ = jax.lax.scan(body, x, stacked)
-      else:
-        x, (k, v) = jax.lax.scan(body, x, (stacked, cache.k, cache.v))
+        x, _ = jax.lax.scan(lambda x, s: (run_block(nnx.merge(graphdef, s), x), None),
+                            x, stacked)
+      else:  # the whole cache is carried and updated in place, layer by layer
+        def body(carry, xs):
+          x, k, v = carry
+          layer_state, layer = xs
+          x, (k, v) = run_block(nnx.merge(graphdef, layer_state), x, (k, v, layer))
+          return (x, k, v), None
+
+        (x, k, v), _ = jax.lax.scan(body, (x, cache.k, cache.v),
+                                    (stacked, jnp.arange(cfg.num_layers)))
         cache = KVCache(k, v)
     elif cache is None:
       for block in self.blocks:
         x = run_block(block, x)
     else:
-      ks, vs = [], []
-      for i, block in enumerate(self.blocks):
-        x, (k, v) = run_block(block, x, (cache.k[i], cache.v[i]))
-        ks.append(k)
-        vs.append(v)
-      cache = KVCache(jnp.stack(ks), jnp.stack(vs))
+      k, v = cache
+      for layer, block in enumerate(self.blocks):
+        x, (k, v) = run_block(block, x, (k, v, layer))
+      cache = KVCache(k, v)
     h = self.final_norm(x)
     return h if cache is None else (h, KVCache(constrain(cache.k, CACHE_AXES),
                                                 constrain(cache.v, CACHE_AXES)))

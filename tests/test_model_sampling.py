@@ -7,6 +7,8 @@ lengths, list and scanned layers); the sampler's log-probabilities equal the tra
 against numpy; bad prompts are refused; the sampler on an 8-device mesh matches one device.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -157,3 +159,15 @@ def test_sharded_sampler_matches_one_device(tiny_cfg):
   np.testing.assert_allclose(got.logprobs, ref.logprobs, atol=2e-5)
   leaf = sharded_params["blocks"][0]["mlp"]["w_gate"]
   assert leaf.sharding.spec == shardings["blocks"][0]["mlp"]["w_gate"].spec
+
+
+def test_uncached_generation_gives_the_same_tokens_and_logprobs(tiny_cfg):
+  _, graphdef, params = _model(tiny_cfg)
+  sampler = Sampler(graphdef, tiny_cfg)
+  cfg = SamplingConfig(max_new_tokens=6, temperature=0.9, top_p=0.95, eos_ids=(3,))
+  cached = sampler.generate(params, PROMPTS, cfg, seed=2)
+  uncached = sampler.generate(params, PROMPTS, dataclasses.replace(cfg, use_cache=False),
+                              seed=2)
+  np.testing.assert_array_equal(uncached.response, cached.response)
+  np.testing.assert_array_equal(uncached.response_mask, cached.response_mask)
+  np.testing.assert_allclose(uncached.logprobs, cached.logprobs, atol=2e-5)
