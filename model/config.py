@@ -53,10 +53,11 @@ class ModelConfig:
       1/sqrt(2 * num_layers), as in GPT-2/nanoGPT).
     one_hot_embed: look tokens up with a one-hot matmul instead of a gather. Faster on
       CPU/TPU for small vocabularies (the gather's backward is a scatter-add).
-    fuse_projections: run Q/K/V as one matmul and SwiGLU gate/up as one matmul by
-      concatenating the (separately stored) weights at compute time. Fewer, larger matmuls
-      are faster on CPU; leave off when heads/mlp are tensor-sharded (the concatenation
-      would move shards).
+    fuse_projections: store Q/K/V as one matrix per kv-head group (`attn.wqkv`
+      [E, K, G+2, D]) and SwiGLU gate/up as one (`mlp.w_gate_up` [E, 2, F]), so each runs
+      as one matmul. Fewer, larger matmuls are faster on CPU and in decoding; it is a
+      parameter layout, so checkpoints of the two layouts are converted with
+      `model.layout.fuse_params` / `unfuse_params` (HF interop uses the unfused one).
   """
 
   vocab_size: int = 0

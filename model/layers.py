@@ -94,6 +94,22 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> 
   return out.reshape(b, t, n, d)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+  """Attention over a KV cache in its own layout. q [B,T,N,D], k/v [B,K,S,D], mask [B,T,S].
+
+  The same math as `xla_attention`; the cache keeps heads before slots so decoding never
+  transposes the whole cache (it would, every layer and every token, in [B,S,K,D]).
+  """
+  b, t, n, d = q.shape
+  kh = k.shape[1]
+  q = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+  return out.reshape(b, t, n, d)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
                           ) -> jax.Array:
   """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when it applies)."""
@@ -108,9 +124,15 @@ class Attention(nnx.Module):
     pd = jnp.dtype(cfg.param_dtype)
     init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
     self.cfg = cfg
-    self.wq = _param(rngs, init, (e, n, d), pd, ("embed", "heads", "head_dim"))
-    self.wk = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
-    self.wv = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
+    if cfg.fuse_projections:
+      # One matrix per kv head group: its G query heads, then its key, then its value.
+      # Query head n = k * G + g is wqkv[:, k, g]; the same head order as wq's.
+      self.wqkv = _param(rngs, init, (e, k, n // k + 2, d), pd,
+                         ("embed", "kv_heads", None, "head_dim"))
+    else:
+      self.wq = _param(rngs, init, (e, n, d), pd, ("embed", "heads", "head_dim"))
+      self.wk = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
+      self.wv = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
     self.wo = _param(rngs, out_init, (n, d, e), pd, ("heads", "head_dim", "embed"))
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -118,18 +140,19 @@ class Attention(nnx.Module):
                cache_index: jax.Array | int = 0):
     """Attention over `x` [B, T, E]; returns [B, T, E].
 
-    With `kv_cache` = (k, v, layer), k and v the whole model's cache [L, B, S, K, D]: this
-    call's keys/values are written into layer `layer` at slots [cache_index,
-    cache_index + T) (in place: only the new slots are written, never the whole cache),
-    queries attend to that layer's S slots under `mask` [B, T, S], and the result is
-    (output, (updated k, updated v)).
+    With `kv_cache` = (k, v, layer): this call's keys/values are written at slots
+    [cache_index, cache_index + T) (in place: only the new slots are written), queries
+    attend to all S slots under `mask` [B, T, S], and the result is (output, (updated k,
+    updated v)). k and v are this layer's cache [B, K, S, D] (layer None) or the whole
+    stacked cache [L, B, K, S, D] with this layer's index (scanned layers).
     """
     dt = x.dtype
     if self.cfg.fuse_projections:
-      n, kh = self.cfg.num_heads, self.cfg.num_kv_heads
-      w = jnp.concatenate([self.wq[...], self.wk[...], self.wv[...]], axis=1).astype(dt)
-      qkv = jnp.einsum("bte,end->btnd", x, w)  # [B, T, N + 2K, D]
-      q, k, v = qkv[:, :, :n], qkv[:, :, n:n + kh], qkv[:, :, n + kh:]
+      b, t, _ = x.shape
+      qkv = jnp.einsum("bte,ekhd->btkhd", x, self.wqkv[...].astype(dt))  # [B,T,K,G+2,D]
+      g = qkv.shape[3] - 2
+      q = qkv[:, :, :, :g].reshape(b, t, -1, qkv.shape[-1])  # [B, T, N, D]
+      k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, K, D]
     else:
       q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
       k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
@@ -137,14 +160,20 @@ class Attention(nnx.Module):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
       k_all, v_all, layer = kv_cache
-      start = (layer, 0, cache_index, 0, 0)
-      k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), start)
+      k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # new slots [B, K, T, D]
+      start = (0, 0, cache_index, 0)
+      if layer is not None:  # stacked cache: write into, then read, this layer's slice
+        k, v, start = k[None], v[None], (layer, *start)
+      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), start)
+      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), start)
       kv_cache = (k_all, v_all)
-      k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(dt)  # [B,S,K,D]
-      v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(dt)
-    attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
-    out = attend(q, k, v, mask)  # [B, T, N, D]
+      if layer is not None:
+        k_all = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+        v_all = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+      out = cached_attention(q, k_all.astype(dt), v_all.astype(dt), mask)  # [B, T, N, D]
+    else:
+      attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
+      out = attend(q, k, v, mask)  # [B, T, N, D]
     out = jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt))
     return out if kv_cache is None else (out, kv_cache)
 
@@ -157,16 +186,18 @@ class MLP(nnx.Module):
     e, f = cfg.embed_dim, cfg.mlp_dim
     pd = jnp.dtype(cfg.param_dtype)
     init, out_init = _normal(cfg.init_std), _normal(cfg.init_std / math.sqrt(2 * cfg.num_layers))
-    self.w_gate = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
-    self.w_up = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
+    if self.fuse:  # [E, 2, F]: gate then up
+      self.w_gate_up = _param(rngs, init, (e, 2, f), pd, ("embed", None, "mlp"))
+    else:
+      self.w_gate = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
+      self.w_up = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
     self.w_down = _param(rngs, out_init, (f, e), pd, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
     if self.fuse:
-      f = self.w_gate.shape[1]
-      h = x @ jnp.concatenate([self.w_gate[...], self.w_up[...]], axis=1).astype(dt)
-      gate, up = h[..., :f], h[..., f:]  # [B, T, F] each
+      h = jnp.einsum("bte,esf->btsf", x, self.w_gate_up[...].astype(dt))  # [B, T, 2, F]
+      gate, up = h[:, :, 0], h[:, :, 1]
     else:
       gate = x @ self.w_gate[...].astype(dt)  # [B, T, F]
       up = x @ self.w_up[...].astype(dt)

@@ -21,21 +21,29 @@ from model.layers import Block, RMSNorm, attention_mask, rope_tables
 from model.sharding import constrain
 
 ACTIVATION = ("batch", "length", None)  # residual stream sharding: batch only
-# KV cache [L, B, S, K, D]: batch over the data axes, kv heads over tensor, like the weights.
-CACHE_AXES = ("layers", "batch", None, "kv_heads", "head_dim")
+# KV cache [L, B, K, S, D]: batch over the data axes, kv heads over tensor, like the weights.
+CACHE_AXES = ("layers", "batch", "kv_heads", None, "head_dim")
 
 
 class KVCache(NamedTuple):
-  """Keys and values of every layer for S slots: k, v [L, B, S, K, D]."""
-  k: jax.Array
-  v: jax.Array
+  """Keys and values of every layer for S slots, heads before slots.
+
+  With scanned layers k and v are stacked arrays [L, B, K, S, D] (the scan carries them);
+  otherwise tuples of L arrays [B, K, S, D], so no step ever copies a layer out of a stack.
+  """
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   """An empty (zero) cache of `length` slots in the compute dtype."""
-  shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.resolved_head_dim)
-  zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
-  return KVCache(constrain(zeros, CACHE_AXES), constrain(zeros, CACHE_AXES))
+  shape = (batch, cfg.num_kv_heads, length, cfg.resolved_head_dim)
+  if cfg.scan_layers:
+    zeros = jnp.zeros((cfg.num_layers, *shape), jnp.dtype(cfg.dtype))
+    return KVCache(constrain(zeros, CACHE_AXES), constrain(zeros, CACHE_AXES))
+  layers = tuple(constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES[1:])
+                 for _ in range(cfg.num_layers))
+  return KVCache(layers, layers)
 
 
 def cache_attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array,
@@ -150,13 +158,16 @@ class Transformer(nnx.Module):
       for block in self.blocks:
         x = run_block(block, x)
     else:
-      k, v = cache
-      for layer, block in enumerate(self.blocks):
-        x, (k, v) = run_block(block, x, (k, v, layer))
-      cache = KVCache(k, v)
+      ks, vs = [], []
+      for block, k, v in zip(self.blocks, cache.k, cache.v):
+        x, (k, v) = run_block(block, x, (k, v, None))
+        ks.append(constrain(k, CACHE_AXES[1:]))
+        vs.append(constrain(v, CACHE_AXES[1:]))
+      cache = KVCache(tuple(ks), tuple(vs))
     h = self.final_norm(x)
-    return h if cache is None else (h, KVCache(constrain(cache.k, CACHE_AXES),
-                                                constrain(cache.v, CACHE_AXES)))
+    if cache is not None and cfg.scan_layers:
+      cache = KVCache(constrain(cache.k, CACHE_AXES), constrain(cache.v, CACHE_AXES))
+    return h if cache is None else (h, cache)
 
   def logits(self, h: jax.Array) -> jax.Array:
     """Projects hidden states [B, T, E] to float32 logits [B, T, V]."""

@@ -283,16 +283,26 @@ def test_unknown_fields_and_presets_are_rejected():
   assert ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
-def test_fused_projections_compute_the_same_function(tiny_cfg, tiny_fwd):
-  fwd, params = tiny_fwd
-  fused = nnx.eval_shape(lambda: Transformer(tiny_cfg.replace(fuse_projections=True),
-                                             nnx.Rngs(params=0)))
-  assert jax.tree.map(lambda x: x.shape, _params(fused)) == \
-      jax.tree.map(lambda x: x.shape, params)  # same parameters, stored separately
-  tokens, positions, segments, _ = _packed_batch(tiny_cfg.vocab_size, seed=8)
-  np.testing.assert_allclose(np.asarray(_forward(fused)(params, tokens, positions, segments)),
-                             np.asarray(fwd(params, tokens, positions, segments)),
-                             rtol=0, atol=1e-5)
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_layout_computes_the_same_function(tiny_cfg, scan):
+  from model.layout import fuse_params, unfuse_params
+  cfg = tiny_cfg.replace(scan_layers=scan)
+  unfused_model = Transformer(cfg, nnx.Rngs(params=0))
+  params = _params(unfused_model)
+  fused_cfg = cfg.replace(fuse_projections=True)
+  fused = nnx.eval_shape(lambda: Transformer(fused_cfg, nnx.Rngs(params=0)))
+  fused_params = fuse_params(params, fused_cfg)
+  assert jax.tree.map(lambda x: x.shape, fused_params) == \
+      jax.tree.map(lambda x: x.shape, _params(fused))  # the fused model's own layout
+  attn = fused_params["blocks"]["attn"] if scan else fused_params["blocks"][0]["attn"]
+  assert "wqkv" in attn and "wq" not in attn
+  tokens, positions, segments, _ = _packed_batch(cfg.vocab_size, seed=8)
+  np.testing.assert_allclose(
+      np.asarray(_forward(fused)(fused_params, tokens, positions, segments)),
+      np.asarray(_forward(unfused_model)(params, tokens, positions, segments)),
+      rtol=0, atol=1e-5)
+  # And back: the round trip is exact.
+  jax.tree.map(np.testing.assert_array_equal, unfuse_params(fused_params, fused_cfg), params)
 
 
 def test_bfloat16_compute_stays_close_to_float32(tiny_cfg, tiny_fwd):

@@ -208,10 +208,10 @@ def test_data_parallel_checkpoint_restores_onto_fsdp(reference_run, restored_on_
                         init_from=reference_run, flatten_update=False)
   state, _ = trainer.restore_or_init()
   trainer.close()
-  wq = state.params["blocks"][0]["attn"]["wq"]
-  assert wq.sharding.spec == P("fsdp", "tensor", None)  # tensor has size 1 here
-  assert {s.data.shape for s in wq.addressable_shards} == {(32, 4, 16)}
-  assert {d.id for d in wq.sharding.device_set} == {2, 3}
+  wqkv = state.params["blocks"][0]["attn"]["wqkv"]  # the config stores Q/K/V fused
+  assert wqkv.sharding.spec == P("fsdp", "tensor", None, None)  # tensor has size 1 here
+  assert {s.data.shape for s in wqkv.addressable_shards} == {(32, 4, 3, 16)}
+  assert {d.id for d in wqkv.sharding.device_set} == {2, 3}
   emb = state.params["embedding"]
   assert emb.sharding.spec == P("tensor", "fsdp")
   assert {s.data.shape for s in emb.addressable_shards} == {(emb.shape[0], 32)}

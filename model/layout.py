@@ -1,0 +1,77 @@
+"""Conversions between the two parameter layouts of `ModelConfig.fuse_projections`.
+
+  fuse_params(params, cfg)    separate wq/wk/wv and w_gate/w_up -> wqkv and w_gate_up
+  unfuse_params(params, cfg)  the reverse
+
+`params` is a pure dict (as the Trainer and checkpoints hold it), with either layer layout
+(a dict of blocks, or scanned blocks with a leading `layers` axis): only the last axes are
+touched. Arrays may be numpy or JAX. The fused query/key/value matrix is grouped per kv
+head, `wqkv[e, k, :G]` = the G query heads n = k * G + g that share kv head k, then that
+head's key and value, so `wq[e, n] == wqkv[e, n // G, n % G]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from model.config import ModelConfig
+
+
+def _xp(x: Any):
+  """numpy for numpy arrays, jax.numpy otherwise (keeps arrays where they are)."""
+  if isinstance(x, np.ndarray):
+    return np
+  import jax.numpy as jnp
+  return jnp
+
+
+def _map_blocks(params: dict, fn) -> dict:
+  """Applies fn(name, sub_dict) -> sub_dict to every "attn" / "mlp" dict, recursively."""
+  out = {}
+  for key, value in params.items():
+    if isinstance(value, dict):
+      value = fn(key, _map_blocks(value, fn)) if key in ("attn", "mlp") else \
+          _map_blocks(value, fn)
+    out[key] = value
+  return out
+
+
+def fuse_params(params: dict, cfg: ModelConfig) -> dict:
+  """Unfused -> fused layout (see the module docstring)."""
+  k = cfg.num_kv_heads
+
+  def fuse(name: str, p: dict) -> dict:
+    p = dict(p)
+    if name == "attn" and "wq" in p:
+      wq, wk, wv = p.pop("wq"), p.pop("wk"), p.pop("wv")
+      xp = _xp(wq)
+      e, n, d = wq.shape[-3:]
+      wq = wq.reshape(*wq.shape[:-3], e, k, n // k, d)
+      p["wqkv"] = xp.concatenate([wq, wk[..., None, :], wv[..., None, :]], axis=-2)
+    if name == "mlp" and "w_gate" in p:
+      gate, up = p.pop("w_gate"), p.pop("w_up")
+      p["w_gate_up"] = _xp(gate).stack([gate, up], axis=-2)
+    return p
+
+  return _map_blocks(params, fuse)
+
+
+def unfuse_params(params: dict, cfg: ModelConfig) -> dict:
+  """Fused -> unfused layout (see the module docstring)."""
+  g = cfg.num_heads // cfg.num_kv_heads
+
+  def unfuse(name: str, p: dict) -> dict:
+    p = dict(p)
+    if name == "attn" and "wqkv" in p:
+      w = p.pop("wqkv")  # [..., E, K, G + 2, D]
+      e, kh, _, d = w.shape[-4:]
+      p["wq"] = w[..., :g, :].reshape(*w.shape[:-4], e, kh * g, d)
+      p["wk"], p["wv"] = w[..., g, :], w[..., g + 1, :]
+    if name == "mlp" and "w_gate_up" in p:
+      w = p.pop("w_gate_up")  # [..., E, 2, F]
+      p["w_gate"], p["w_up"] = w[..., 0, :], w[..., 1, :]
+    return p
+
+  return _map_blocks(params, unfuse)
