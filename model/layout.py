@@ -2,6 +2,7 @@
 
   fuse_params(params, cfg)    separate wq/wk/wv and w_gate/w_up -> wqkv and w_gate_up
   unfuse_params(params, cfg)  the reverse
+  extend_vocab(params, new_vocab_size, seed)  append embedding rows / output columns
 
 `params` is a pure dict (as the Trainer and checkpoints hold it), with either layer layout
 (a dict of blocks, or scanned blocks with a leading `layers` axis): only the last axes are
@@ -75,3 +76,35 @@ def unfuse_params(params: dict, cfg: ModelConfig) -> dict:
     return p
 
   return _map_blocks(params, unfuse)
+
+
+def extend_vocab(params: dict, new_vocab_size: int, seed: int = 0) -> dict:
+  """Grows the vocabulary to `new_vocab_size`, leaving every existing row untouched.
+
+  New tokens (e.g. chat markers appended to a pretrained tokenizer) get the mean of the
+  existing embeddings (and output columns) plus seeded noise of 1% of their per-dimension
+  std: close to an "average" token, so the pretrained model's predictions barely move,
+  yet distinct from each other, so the new markers can be told apart from the first step.
+  """
+  import jax.numpy as jnp
+  old = params["embedding"].shape[0]
+  if new_vocab_size == old:
+    return params
+  if new_vocab_size < old:
+    raise ValueError(f"Cannot shrink the vocabulary from {old} to {new_vocab_size}")
+  rng = np.random.default_rng(seed)
+
+  def grow(table: Any, axis: int) -> Any:
+    t = np.asarray(table, np.float32)
+    mean, std = t.mean(axis=axis, keepdims=True), t.std(axis=axis, keepdims=True)
+    shape = list(t.shape)
+    shape[axis] = new_vocab_size - old
+    extra = mean + 0.01 * std * rng.standard_normal(shape).astype(np.float32)
+    out = np.concatenate([t, extra], axis=axis).astype(np.asarray(table).dtype)
+    return out if isinstance(table, np.ndarray) else jnp.asarray(out)
+
+  out = dict(params)
+  out["embedding"] = grow(params["embedding"], 0)  # [V, E]
+  if "lm_head" in params:
+    out["lm_head"] = grow(params["lm_head"], 1)  # [E, V]
+  return out

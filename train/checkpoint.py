@@ -250,3 +250,15 @@ def load_params(path: str, abstract_params: Any,
   except Exception:
     tok = None
   return out["params"], meta, tok
+
+
+def read_tokenizer(path: str) -> bytes:
+  """The SentencePiece model bytes stored in the newest (or the named) checkpoint step."""
+  directory, step = resolve_checkpoint(path)
+  mngr = ocp.CheckpointManager(directory, item_handlers=_handlers(),
+                               options=ocp.CheckpointManagerOptions(read_only=True))
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(tokenizer=BlobRestore()))["tokenizer"]
+  except Exception as e:  # noqa: BLE001 - any failure means the item is not there
+    raise CheckpointError(f"Checkpoint {directory / str(step)} has no readable tokenizer "
+                          f"({type(e).__name__}: {e})") from e

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import signal
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -43,6 +44,20 @@ from train.state import (ModelFactory, TrainState, abstract_model, make_init_fn,
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array],
                   tuple[jax.Array, dict[str, jax.Array]]]
 Hook = Callable[["Trainer", int, TrainState], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class InitAdapter:
+  """How `init_from` maps a parent checkpoint of another model shape onto this run's model.
+
+  Attributes:
+    parent_model_cfg: The parent's ModelConfig (checked against its metadata).
+    adapt: Parent params (pure dict of host arrays) -> this model's params.
+    parent_factory: Builds the parent's module (default: this run's model factory).
+  """
+  parent_model_cfg: ModelConfig
+  adapt: Callable[[Any], Any]
+  parent_factory: ModelFactory | None = None
 
 # Fields that only change how the model executes, not what its parameters are: a checkpoint
 # may be restored into a config that differs in these.
@@ -70,14 +85,18 @@ class Trainer:
     tokenizer_bytes: the SentencePiece model, stored in every checkpoint.
     tokenizer_fingerprint: its sha256, recorded in checkpoint metadata.
     devices: devices of the mesh (default: all global devices).
+    init_adapter: maps an `init_from` checkpoint of a different model shape (see
+      InitAdapter); without it the parent must have this run's model config.
   """
 
   def __init__(self, config: Any, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn, *,
                model_factory: ModelFactory = Transformer, tokenizer_bytes: bytes | None = None,
-               tokenizer_fingerprint: str = "", devices: list[jax.Device] | None = None):
+               tokenizer_fingerprint: str = "", devices: list[jax.Device] | None = None,
+               init_adapter: InitAdapter | None = None):
     self.config, self.workdir, self.model_cfg = config, workdir, model_cfg
     self.loss_fn, self.model_factory = loss_fn, model_factory
     self.tokenizer_bytes, self.tokenizer_fingerprint = tokenizer_bytes, tokenizer_fingerprint
+    self.init_adapter = init_adapter
     tcfg = config.train
     self.num_steps = tcfg.num_steps
     self.rules = msharding.normalize_rules(rules_from_config(config.mesh.rules))
@@ -262,16 +281,41 @@ class Trainer:
       self.writer.truncate_after(int(restored["step"]))
       print(f"Resumed from {self.checkpointer.directory}/{restored['step']}", flush=True)
       return state, restored["data_iter"]
-    if self.config.init_from:
+    if self.config.init_from and self.init_adapter is not None:
+      params, meta = self._load_adapted(self.config.init_from)
+    elif self.config.init_from:
       params, meta, _ = ckpt_lib.load_params(
           self.config.init_from, self.abstract_state.params,
           validate=lambda meta: self._check_model_config(meta, self.config.init_from))
+    if self.config.init_from:
       self.parent = {"path": meta["checkpoint_path"], "step": meta["step"],
                      "stage": meta.get("stage")}
       print(f"Initialised params from {meta['checkpoint_path']} ({meta.get('stage')})",
             flush=True)
       return self.init_state(params), None
     return self.init_state(), None
+
+  def _load_adapted(self, path: str) -> tuple[Any, dict[str, Any]]:
+    """init_from through `init_adapter`: load the parent's params as the parent's model, on
+    this mesh, then map them to this model's (e.g. a larger vocabulary, or added heads)."""
+    adapter = self.init_adapter
+    _, abstract, logical = abstract_model(adapter.parent_factory or self.model_factory,
+                                          adapter.parent_model_cfg)
+    shardings = mesh_shardings(logical, self.mesh, self.rules)
+
+    def check(meta: Mapping[str, Any]) -> None:
+      diff = model_config_diff(meta.get("model_config", {}), adapter.parent_model_cfg)
+      if diff:
+        detail = ", ".join(f"{k}: checkpoint={a!r} expected={b!r}" for k, (a, b) in diff.items())
+        raise ckpt_lib.CheckpointError(f"Checkpoint {path} is not the expected parent model "
+                                       f"({detail})")
+
+    params, meta, _ = ckpt_lib.load_params(path, with_shardings(abstract, shardings),
+                                           validate=check)
+    # The adapter works on host arrays: simple, and fine for the models this runs on CPU;
+    # a pod-scale adapter would map sharded arrays under jit instead.
+    params = jax.device_put(adapter.adapt(jax.device_get(params)), self.param_shardings)
+    return params, meta
 
   def _abstract_train_state(self) -> dict[str, Any]:
     a = self.abstract_state

@@ -1,0 +1,57 @@
+"""Supervised fine-tuning in the chat format on the shared instruction data.
+
+Starts from a pretraining checkpoint (default: the English BPE base model of
+configs/pretrain/english_bpe.py), adds the chat markers to its tokenizer if missing, and
+trains on Alpaca-style and Dolly instructions with the loss on assistant turns only.
+
+Launch:
+  python -m train.sft --config=configs/sft/chat.py --workdir=runs/sft \
+      --config.init_from=runs/english_bpe
+Smoke run (a few steps, any pretraining checkpoint):
+  python -m train.sft --config=configs/sft/chat.py:runlocal=true --workdir=/tmp/sft \
+      --config.init_from=/tmp/sc
+"""
+
+import ml_collections
+
+from configs import common
+from data.config import default_sft_data_config
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False)
+  config = common.base_config()
+  config.stage = "sft"
+  config.init_from = "runs/english_bpe"
+  # Execution overrides of the parent's model config ("" = keep the parent's value).
+  config.model = ml_collections.ConfigDict(
+      {"dtype": "", "param_dtype": "", "remat_policy": "", "attention_impl": "",
+       "max_seq_len": 0})
+  config.data = default_sft_data_config()
+  config.data.sources = ("sft/alpaca_subset.jsonl,sft/dolly_hhrlhf_1k.jsonl,"
+                         "sft/gsm8k_train.jsonl.gz")
+  config.data.seq_len = 256
+  # Fine-tuning: a lower peak learning rate than pretraining, short warmup, decay to 10%.
+  config.optim = common.optim_config(lr=3e-4, end_lr=3e-5, warmup_steps=50, b2=0.99,
+                                     flatten_update=True)
+  config.train = common.train_config(batch_size=16, num_steps=1500, log_every=50,
+                                     eval_every=250, eval_batch_size=32,
+                                     checkpoint_every=500, steps_per_call=10)
+  config.mesh = common.mesh_config(data=-1)
+  config.sample_every = 500        # Answer a few held-out prompts (0 = never).
+  config.num_samples = 4
+  config.sample_max_new_tokens = 64
+  if arg.runlocal:
+    config.data.seq_len = 64
+    config.data.sources = "sft/alpaca_subset.jsonl"
+    config.train.batch_size = 8
+    config.train.num_steps = 10
+    config.train.log_every = 5
+    config.train.eval_every = 10
+    config.train.eval_batch_size = 8
+    config.train.checkpoint_every = 10
+    config.train.steps_per_call = 1
+    config.sample_every = 10
+    config.num_samples = 2
+    config.sample_max_new_tokens = 8
+  return config
