@@ -29,7 +29,7 @@ from data.tokenizer import Tokenizer, train_tokenizer
 def default_data_config() -> ml_collections.ConfigDict:
   """Returns the data config for nanoGPT-style char-level tinyshakespeare."""
   c = ml_collections.ConfigDict()
-  # Where documents come from: "text" | "jsonl" | "tfds".
+  # Where documents come from: "text" | "jsonl" | "tfds" | "corpus" (data/corpus.py).
   c.source = "text"
   # text/jsonl file; relative paths resolve under $LM_DATA_DIR, else ../shared/data.
   c.path = "pretrain/tinyshakespeare.txt"
@@ -41,8 +41,19 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tfds_val_split = "validation"
   # Used when source="text" and the file is missing (needs internet or prepared data).
   c.fallback_tfds = "tiny_shakespeare"
-  # text: last fraction of characters (nanoGPT's 90/10); jsonl: last fraction of records.
+  # text: last fraction of characters (nanoGPT's 90/10); jsonl: last fraction of records;
+  # corpus: documents whose content hash falls below it.
   c.val_fraction = 0.1
+  # source="corpus" only (held-out rules in data/corpus.py):
+  # "path[:kind],..." under the data dir; kind text | sft | transcript (default by file).
+  c.corpus_sources = ""
+  # SFT conversations the SFT stage holds out are left out; must match the SFT run's
+  # data.val_fraction and data.seed (defaults: default_sft_data_config()'s).
+  c.corpus_sft_val_fraction = default_sft_data_config().val_fraction
+  c.corpus_sft_seed = default_sft_data_config().seed
+  # HH preference pairs the reward model holds out (split_preference_prefixes) are left out.
+  c.corpus_pref_val_fraction = 0.1
+  c.corpus_pref_seed = 0
   c.seq_len = 64              # Tokens per row (nanoGPT's block_size).
   c.seed = 0                  # Seeds window offsets, packing and row order.
   c.add_eos = True            # Append </s> to every document.
@@ -54,6 +65,8 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tokenizer.byte_fallback = False  # Unseen characters -> UTF-8 byte pieces.
   # An existing .model file; "" = train one on the training split at run start.
   c.tokenizer.path = ""
+  # Comma-separated pieces never split (e.g. the chat markers); used when training.
+  c.tokenizer.user_defined_symbols = ""
   return c
 
 
@@ -87,7 +100,8 @@ def get_or_train_tokenizer(data_cfg: Any, train_docs: Sequence[str],
 
   Order: `data_cfg.tokenizer.path` if set; else `out_path` if it exists (a
   resumed run keeps its vocabulary); else train on `train_docs` and save to
-  `out_path`.
+  `out_path`, with `data_cfg.tokenizer.user_defined_symbols` (comma-separated)
+  as unsplittable pieces.
 
   Args:
     data_cfg: The data config (`default_data_config()` layout).
@@ -109,7 +123,9 @@ def get_or_train_tokenizer(data_cfg: Any, train_docs: Sequence[str],
     with open(text_path, "w", encoding="utf-8") as f:
       # The trainer reads lines, so joining documents by "\n" loses nothing.
       f.write("\n".join(train_docs))
+    symbols = [s.strip() for s in getattr(tok_cfg, "user_defined_symbols", "").split(",")]
     train_tokenizer([text_path], out_path, vocab_size=tok_cfg.vocab_size,
                     model_type=tok_cfg.model_type,
-                    byte_fallback=tok_cfg.byte_fallback)
+                    byte_fallback=tok_cfg.byte_fallback,
+                    user_defined_symbols=[s for s in symbols if s])
   return Tokenizer.from_file(out_path)

@@ -13,7 +13,8 @@ under `../shared/data` next to the repository root, so configs can say
 `pretrain/tinyshakespeare.txt` and work on a laptop, in CI and on a TPU VM alike.
 
 `load_split_documents(data_cfg)` turns a data config (see `data/config.py`) into
-`(train_docs, val_docs)`.
+`(train_docs, val_docs)`; `source="corpus"` delegates to `data/corpus.py` (several
+sources with held-out rules).
 """
 
 from __future__ import annotations
@@ -238,15 +239,17 @@ def load_split_documents(data_cfg: Any) -> tuple[list[str], list[str]]:
 
   Args:
     data_cfg: Anything with attribute access (usually the `data` ConfigDict from
-      `data.config.default_data_config()`): `source` ("text" | "jsonl" | "tfds"),
-      `path`, `field`, `split_on`, `val_fraction`, `fallback_tfds`, `tfds_name`,
-      `tfds_data_dir`, `tfds_train_split`, `tfds_val_split`.
+      `data.config.default_data_config()`): `source` ("text" | "jsonl" | "tfds" |
+      "corpus"), `path`, `field`, `split_on`, `val_fraction`, `fallback_tfds`,
+      `tfds_name`, `tfds_data_dir`, `tfds_train_split`, `tfds_val_split`, and for
+      "corpus" the `corpus_*` fields (see `data/corpus.py`).
 
   Returns:
     (train_docs, val_docs). Text files are split at character
     `int(len(text) * (1 - val_fraction))` before being cut into documents;
     jsonl files put the last `val_fraction` of records into val; TFDS uses its
-    named splits.
+    named splits; a corpus splits its documents by hash, after its held-out rules
+    (`data.corpus.load_corpus_split`).
 
   Raises:
     ValueError: Unknown source, bad val_fraction, or an empty training split.
@@ -266,8 +269,13 @@ def load_split_documents(data_cfg: Any) -> tuple[list[str], list[str]]:
     if not name:
       raise ValueError("data.source='tfds' needs data.tfds_name")
     train, val = _load_tfds_split(data_cfg, name, field)
+  elif source == "corpus":
+    # Imported here: data.corpus imports this module (and the SFT readers).
+    from data import corpus  # pylint: disable=g-import-not-at-top
+    train, val = corpus.load_corpus_split(data_cfg)
   else:
-    raise ValueError(f"Unknown data.source {source!r}; expected text, jsonl or tfds")
+    raise ValueError(
+        f"Unknown data.source {source!r}; expected text, jsonl, tfds or corpus")
   if not train:
     raise ValueError(f"The training split is empty (source={source!r}, "
                                       f"val_fraction={val_fraction})")
