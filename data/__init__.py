@@ -3,6 +3,7 @@
 Modules (import them directly; this package imports nothing so that importing
 `data.sources` or `data.tokenizer` does not pull in TensorFlow):
   sources      text / jsonl / TFDS readers, data path resolution, train/val split.
+  corpus       a multi-source pretraining corpus with held-out rules (source="corpus").
   tokenizer    lossless SentencePiece training and the `Tokenizer` wrapper (+ CLI).
   config       `default_data_config()`, `default_sft_data_config()` and
                `get_or_train_tokenizer`.
