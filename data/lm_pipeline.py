@@ -162,6 +162,23 @@ def _train_dataset(corpus: TokenizedCorpus, *, seq_len: int, rows_per_fetch: int
   return ds
 
 
+def serve_next_step(pipeline: Any) -> Batch:
+  """The next step of a pipeline that fetches several steps per tf.data call.
+
+  `pipeline` has `_iterator` (tf.data, yielding [steps_per_fetch * batch, seq_len] arrays),
+  `_fetched` (the current fetch, [steps, batch, seq_len] numpy arrays) and `_served` (steps
+  of it handed out); shared by the pretraining and SFT pipelines.
+  """
+  if pipeline._served >= len(pipeline._fetched.get("tokens", ())):
+    shape = (pipeline.steps_per_fetch, pipeline.per_host_batch_size, pipeline.seq_len)
+    pipeline._fetched = {k: v.numpy().reshape(shape)
+                         for k, v in next(pipeline._iterator).items()}
+    pipeline._served = 0
+  batch = {k: v[pipeline._served] for k, v in pipeline._fetched.items()}
+  pipeline._served += 1
+  return batch
+
+
 class LMPipeline:
   """Infinite iterator over this host's training batches, with exact resume.
 
@@ -233,14 +250,7 @@ class LMPipeline:
     return self
 
   def __next__(self) -> Batch:
-    if self._served >= len(self._fetched.get("tokens", ())):
-      shape = (self.steps_per_fetch, self.per_host_batch_size, self.seq_len)
-      self._fetched = {k: v.numpy().reshape(shape)
-                       for k, v in next(self._iterator).items()}
-      self._served = 0
-    batch = {k: v[self._served] for k, v in self._fetched.items()}
-    self._served += 1
-    return batch
+    return serve_next_step(self)
 
   def get_state(self) -> bytes:
     """Serializes the iterator position (tf.data checkpoint) into one blob."""

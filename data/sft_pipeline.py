@@ -39,7 +39,7 @@ import tensorflow as tf
 
 from data import sft_sources
 from data.chat import ChatTemplate
-from data.lm_pipeline import _check_sharding  # pylint: disable=protected-access
+from data.lm_pipeline import _check_sharding, serve_next_step  # pylint: disable=protected-access
 from data.sft_rows import SFTRows, build_rows
 
 Batch = dict[str, np.ndarray]
@@ -126,15 +126,8 @@ class SFTPipeline:
     return self
 
   def __next__(self) -> Batch:
-    if self._served >= len(self._fetched.get("tokens", ())):
-      shape = (self.steps_per_fetch, self.per_host_batch_size, self.seq_len)
-      self._fetched = {k: v.numpy().reshape(shape)
-                       for k, v in next(self._iterator).items()}
-      self._served = 0
-    batch = {k: v[self._served] for k, v in self._fetched.items()}
-    self._served += 1
     self._step += 1
-    return batch
+    return serve_next_step(self)
 
   def get_state(self) -> bytes:
     """The position (batches served) and the layout it is valid for, as JSON."""

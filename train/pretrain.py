@@ -78,12 +78,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
             f"accuracy {metrics['accuracy']:.4f} | {int(metrics['tokens'])} tokens", flush=True)
 
   trainer.add_hook(eval_hook, every=config.train.eval_every or config.train.num_steps)
-  trainer.install_sigterm_handler()
-  try:
-    trainer.train(state, iter(train_iter))
-  finally:
-    trainer.close()
-  results.update({f"run/{k}": v for k, v in trainer.run_stats.items()})
+  results.update(trainer.fit(state, iter(train_iter)))
   return results
 
 

@@ -116,12 +116,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   trainer.add_hook(eval_hook, every=config.train.eval_every or config.train.num_steps)
   if config.sample_every:
     trainer.add_hook(_sample_hook(trainer, template, val_convs, config), config.sample_every)
-  trainer.install_sigterm_handler()
-  try:
-    trainer.train(state, iter(train_iter))
-  finally:
-    trainer.close()
-  results.update({f"run/{k}": v for k, v in trainer.run_stats.items()})
+  results.update(trainer.fit(state, iter(train_iter)))
   return results
 
 

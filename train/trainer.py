@@ -386,6 +386,17 @@ class Trainer:
     """Runs steps until config.train.num_steps; returns the final state."""
     return run_loop(self, state, batches)
 
+  def fit(self, state: TrainState, batches: Iterator[Mapping[str, np.ndarray]]
+          ) -> dict[str, float]:
+    """What every entry point does last: train with the SIGTERM save installed, close the
+    checkpointer and writer whatever happens, and return the run's `run/...` totals."""
+    self.install_sigterm_handler()
+    try:
+      self.train(state, batches)
+    finally:
+      self.close()
+    return {f"run/{k}": v for k, v in self.run_stats.items()}
+
   def install_sigterm_handler(self) -> None:
     """SIGTERM (preemption) makes the loop save a checkpoint and stop after this step."""
     def handler(signum, frame):
