@@ -44,22 +44,48 @@ def base_run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, base_run):
+  """SFT from the shakespeare_char base (its tokenizer lacks the chat markers)."""
   workdir = str(tmp_path_factory.mktemp("sft") / "run")
   out = run_cmd(sft_cmd(workdir, base_run, *SFT_FLAGS))
   assert out.returncode == 0, out.stdout[-5000:]
   return workdir, out.stdout
 
 
-def test_sft_lowers_held_out_response_loss_below_the_base_models(sft_run):
-  workdir, stdout = sft_run
+@pytest.fixture(scope="module")
+def english_sft_run(tmp_path_factory):
+  """The documented chain at smoke size: english_bpe base (BPE with the markers reserved),
+  then SFT on the shared instruction data."""
+  base = str(tmp_path_factory.mktemp("english") / "base")
+  out = run_cmd(pretrain_cmd(base, config="configs/pretrain/english_bpe.py:runlocal=true"))
+  assert out.returncode == 0, out.stdout[-3000:]
+  workdir = str(tmp_path_factory.mktemp("english") / "sft")
+  out = run_cmd(sft_cmd(workdir, base, *SFT_FLAGS))
+  assert out.returncode == 0, out.stdout[-5000:]
+  return workdir, out.stdout
+
+
+def _evals(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    evals = [r for r in map(json.loads, f) if "eval/loss" in r]
+    return [r for r in map(json.loads, f) if "eval/loss" in r]
+
+
+def test_sft_on_the_english_base_lowers_held_out_response_loss(english_sft_run):
+  workdir, stdout = english_sft_run
+  evals = _evals(workdir)
   assert [r["step"] for r in evals] == [0, 30]  # the base model's figure, then the end
   base, final = evals[0]["eval/loss"], evals[-1]["eval/loss"]
   assert final < base - 0.1, (base, final)
-  assert "vocabulary 69 + 4 chat markers" in stdout
+  assert "+ 0 chat markers" in stdout  # the base reserved them already
   samples = [json.loads(line) for line in open(os.path.join(workdir, "samples.jsonl"))]
   assert len(samples) == 2 and all(s["prompt"].endswith("<|assistant|>") for s in samples)
+
+
+def test_sft_from_a_base_without_markers_grows_its_vocabulary_and_learns(sft_run):
+  workdir, stdout = sft_run
+  evals = _evals(workdir)
+  assert [r["step"] for r in evals] == [0, 30]
+  assert evals[-1]["eval/loss"] < evals[0]["eval/loss"] - 0.1
+  assert "vocabulary 69 + 4 chat markers" in stdout
 
 
 def test_sft_checkpoint_records_its_parent_and_the_grown_tokenizer(sft_run, base_run):
