@@ -151,3 +151,14 @@ def test_init_from_accepts_a_workdir_checkpoints_dir_or_step_dir(tmp_path):
   with pytest.raises(ckpt_lib.CheckpointError, match="no finalized checkpoint steps"):
     os.makedirs(tmp_path / "bare")
     ckpt_lib.resolve_checkpoint(str(tmp_path / "bare"))
+
+
+def test_a_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+  # Orbax refuses relative paths; the README's commands use --workdir=runs/...
+  monkeypatch.chdir(tmp_path)
+  _save_steps("runs/x/checkpoints", [1])
+  ckpt = ckpt_lib.Checkpointer("runs/x/checkpoints")
+  assert ckpt.all_steps() == [1]
+  assert str(ckpt.directory) == str(tmp_path / "runs/x/checkpoints")
+  assert ckpt_lib.resolve_checkpoint("runs/x") == (ckpt.directory, 1)
+  ckpt.close()

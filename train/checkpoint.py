@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -89,7 +90,7 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = absolute_path(directory)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep),
         enable_async_checkpointing=async_save,
@@ -191,6 +192,12 @@ class Checkpointer:
     self._mngr.close()
 
 
+def absolute_path(path: str) -> epath.Path:
+  """Orbax needs absolute paths: a local path is made absolute; URLs (gs://...) stay."""
+  path = os.fspath(path)
+  return epath.Path(path if "://" in path else os.path.abspath(path))
+
+
 def check_format(meta: Mapping[str, Any], where: Any) -> None:
   version = meta.get("format_version")
   if version != FORMAT_VERSION:
@@ -204,7 +211,7 @@ def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
   `init_from` may point at any of: `runs/x` (workdir), `runs/x/checkpoints`, or
   `runs/x/checkpoints/2000`. Returns (checkpoints directory, step).
   """
-  p = epath.Path(path)
+  p = absolute_path(path)
   if not p.exists():
     raise CheckpointError(f"init_from={path!r}: no such directory")
   if (p / "checkpoints").is_dir():
