@@ -82,31 +82,22 @@ def attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = No
   return causal[None] & same
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Reference attention. q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,N,D]."""
-  b, t, n, d = q.shape
-  kh = k.shape[2]
-  q = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-  return out.reshape(b, t, n, d)
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                  heads_first: bool = False) -> jax.Array:
+  """Reference attention. q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,N,D].
 
-
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Attention over a KV cache in its own layout. q [B,T,N,D], k/v [B,K,S,D], mask [B,T,S].
-
-  The same math as `xla_attention`; the cache keeps heads before slots so decoding never
-  transposes the whole cache (it would, every layer and every token, in [B,S,K,D]).
+  `heads_first`: k/v are [B,K,S,D], the KV cache's layout (heads before slots, so decoding
+  never transposes the whole cache, which it would every layer and every token in
+  [B,S,K,D]). The math is the same.
   """
   b, t, n, d = q.shape
-  kh = k.shape[1]
+  kh = k.shape[1 if heads_first else 2]
+  kv = "bksd" if heads_first else "bskd"
   q = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
-  scores = jnp.einsum("btkgd,bksd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
+  scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+  out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
   return out.reshape(b, t, n, d)
 
 
@@ -170,7 +161,7 @@ class Attention(nnx.Module):
       if layer is not None:
         k_all = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
         v_all = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-      out = cached_attention(q, k_all.astype(dt), v_all.astype(dt), mask)  # [B, T, N, D]
+      out = xla_attention(q, k_all.astype(dt), v_all.astype(dt), mask, heads_first=True)
     else:
       attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
       out = attend(q, k, v, mask)  # [B, T, N, D]
