@@ -123,40 +123,36 @@ def run(config: Any, workdir: str) -> dict[str, float]:
 def _sample_hook(trainer: Any, template: Any, val_convs: list, config: Any):
   """Answers a few held-out prompts with the sampler and logs them (samples.jsonl)."""
   import jax
+  from eval.sample import respond
   from model.sampling import Sampler, SamplingConfig
 
   sampler = Sampler(trainer.graphdef, trainer.model_cfg, trainer.mesh, trainer.rules,
                     trainer.param_shardings)
   max_new = config.sample_max_new_tokens
-  prompts = [template.prompt_ids(c[:-1]) for c in val_convs
-             if c and c[-1]["role"] == "assistant"]
-  prompts = [p for p in prompts if len(p) + max_new <= trainer.model_cfg.max_seq_len]
+  prompts = [c[:-1] for c in val_convs if c and c[-1]["role"] == "assistant"]
+  prompts = [p for p in prompts
+             if len(template.prompt_ids(p)) + max_new <= trainer.model_cfg.max_seq_len]
   prompts = prompts[:config.num_samples]
   if not prompts:
     raise ValueError(f"No held-out prompt is short enough to sample {max_new} tokens within "
                      f"the model context ({trainer.model_cfg.max_seq_len}); lower "
                      "config.sample_max_new_tokens or set config.sample_every=0")
-  scfg = SamplingConfig(max_new_tokens=max_new, temperature=0.0,
-                        eos_ids=(template.end_id, template.tokenizer.eos_id),
-                        pad_id=template.tokenizer.pad_id)
+  # respond() sets the end-of-turn / </s> stop ids and pads rows to the mesh's batch axes.
+  scfg = SamplingConfig(max_new_tokens=max_new, temperature=0.0)
 
   def hook(trainer: Any, step: int, state: Any) -> None:
-    # Rows must split evenly over the batch axes: repeat the prompts to a multiple.
-    rows = list(prompts)
-    while len(rows) % max(1, trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]):
-      rows.append(prompts[0])
-    out = sampler.generate(state.params, rows, scfg)
+    replies = respond(sampler, state.params, template, prompts, scfg)
     if jax.process_index() != 0:
       return
     with open(os.path.join(trainer.workdir, "samples.jsonl"), "a") as f:
-      for i, p in enumerate(prompts):
-        reply = template.decode_response(out.response[i][out.response_mask[i] > 0].tolist())
-        record = {"step": step, "prompt": template.tokenizer.decode(p.tolist()),
-                  "response": reply, "ended": bool(out.finished[i])}
+      for i, (prompt, reply) in enumerate(zip(prompts, replies)):
+        record = {"step": step,
+                  "prompt": template.tokenizer.decode(template.prompt_ids(prompt).tolist()),
+                  "response": reply["response"], "ended": reply["ended"]}
         f.write(json.dumps(record) + "\n")
         if i < 2:
-          print(f"sample step {step}: {record['prompt'][-80:]!r} -> {reply[:160]!r}",
-                flush=True)
+          print(f"sample step {step}: {record['prompt'][-80:]!r} -> "
+                f"{reply['response'][:160]!r}", flush=True)
   return hook
 
 

@@ -303,15 +303,9 @@ class Trainer:
                                           adapter.parent_model_cfg)
     shardings = mesh_shardings(logical, self.mesh, self.rules)
 
-    def check(meta: Mapping[str, Any]) -> None:
-      diff = model_config_diff(meta.get("model_config", {}), adapter.parent_model_cfg)
-      if diff:
-        detail = ", ".join(f"{k}: checkpoint={a!r} expected={b!r}" for k, (a, b) in diff.items())
-        raise ckpt_lib.CheckpointError(f"Checkpoint {path} is not the expected parent model "
-                                       f"({detail})")
-
-    params, meta, _ = ckpt_lib.load_params(path, with_shardings(abstract, shardings),
-                                           validate=check)
+    params, meta, _ = ckpt_lib.load_params(
+        path, with_shardings(abstract, shardings),
+        validate=lambda meta: self._check_model_config(meta, path, adapter.parent_model_cfg))
     # The adapter works on host arrays: simple, and fine for the models this runs on CPU;
     # a pod-scale adapter would map sharded arrays under jit instead.
     params = jax.device_put(adapter.adapt(jax.device_get(params)), self.param_shardings)
@@ -331,8 +325,10 @@ class Trainer:
           f"{self.config.optim.flatten_update}: the optimizer state layouts differ; resume "
           "with the same setting or start a new workdir with init_from")
 
-  def _check_model_config(self, meta: Mapping[str, Any], where: Any) -> None:
-    diff = model_config_diff(meta.get("model_config", {}), self.model_cfg)
+  def _check_model_config(self, meta: Mapping[str, Any], where: Any,
+                          expected: ModelConfig | None = None) -> None:
+    """The checkpoint's model config must be `expected` (default: this run's model)."""
+    diff = model_config_diff(meta.get("model_config", {}), expected or self.model_cfg)
     if diff:
       detail = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
       raise ckpt_lib.CheckpointError(
