@@ -101,3 +101,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = train_config()
   c.mesh = mesh_config()
   return c
+
+
+def wikitext_smoke(config: ml_collections.ConfigDict) -> None:
+  """The `runlocal` data and schedule of the GPU/TPU configs: a few steps on local
+  WikiText-2 text with a 2048-piece tokenizer, float32, so they run on a laptop CPU."""
+  config.model.vocab_size = 0  # take the tokenizer's vocabulary
+  config.model.dtype = "float32"
+  config.data.source = "text"
+  config.data.path = "pretrain/wikitext2_tokens_valid.txt"
+  config.data.seq_len = 128
+  config.data.tokenizer.vocab_size = 2048
+  config.train.update(dict(batch_size=8, eval_batch_size=8, num_steps=10, log_every=5))
+  config.optim.warmup_steps = 2

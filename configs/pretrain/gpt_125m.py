@@ -29,17 +29,7 @@ def get_config(arg=None):
   config.data.tokenizer.model_type = "bpe"
   config.data.tokenizer.vocab_size = 32000
   if arg.runlocal:
-    config.model.vocab_size = 0  # take the tokenizer's vocabulary
+    common.wikitext_smoke(config)
     config.model.num_layers = 2
-    config.model.dtype = "float32"
-    config.data.source = "text"
-    config.data.path = "pretrain/wikitext2_tokens_valid.txt"
-    config.data.seq_len = 128
-    config.data.tokenizer.vocab_size = 2048
-    config.train.batch_size = 8
-    config.train.eval_batch_size = 8
-    config.train.num_steps = 10
-    config.train.log_every = 5
     config.train.eval_every = 10
-    config.optim.warmup_steps = 2
   return config

@@ -30,15 +30,5 @@ def get_config(arg=None):
     config.model.mlp_dim = 512
     config.model.num_heads = 8
     config.model.num_kv_heads = 2
-    config.model.vocab_size = 0
-    config.model.dtype = "float32"
-    config.data.source = "text"
-    config.data.path = "pretrain/wikitext2_tokens_valid.txt"
-    config.data.seq_len = 128
-    config.data.tokenizer.vocab_size = 2048
-    config.train.batch_size = 8
-    config.train.eval_batch_size = 8
-    config.train.num_steps = 10
-    config.train.log_every = 5
-    config.optim.warmup_steps = 2
+    common.wikitext_smoke(config)
   return config
