@@ -14,8 +14,13 @@ Modules (import them directly; this package imports nothing so that importing
   sft_sources  SFT jsonl readers (alpaca, prompt/response, GSM8K, HH transcripts)
                and the train/val split by prompt hash.
   sft_rows     SFT examples -> rows: truncation, first-fit packing or padding.
-  sft_pipeline the SFT pipeline: `build_sft_pipelines`, `SFTPipeline`,
-               `SFTValidationSet`.
+  row_pipeline shuffled, resumable, per-host batches of a fixed row table:
+               `RowPipeline`, `RowValidationSet` (SFT and preference rows).
+  sft_pipeline the SFT pipeline: `build_sft_pipelines`.
+  preferences  preference-pair readers (HH transcripts, prompt/chosen/rejected,
+               sharegpt, TFDS) with counted skips, and the split by prompt.
+  preference_pipeline  pairs -> [B, 2, T] chosen/rejected rows: truncation,
+               score index, `build_preference_pipelines`.
 
 This package never imports jax or model code.
 """

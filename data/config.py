@@ -8,7 +8,8 @@ Stage configs start from `default_data_config()` and override fields, e.g.
   config.data.tokenizer.vocab_size = 4096
 
 `default_sft_data_config()` is the data config of SFT runs (chat conversations,
-see `data/sft_pipeline.py`).
+see `data/sft_pipeline.py`); `default_preference_data_config()` that of reward-model
+and DPO runs (preference pairs, see `data/preference_pipeline.py`).
 
 `get_or_train_tokenizer` gives the run its tokenizer: a given model file, the
 one a previous attempt of this run wrote (resume), or a new one trained on the
@@ -90,6 +91,30 @@ def default_sft_data_config() -> ml_collections.ConfigDict:
   # A response cut to fit seq_len must keep at least this many tokens, else the
   # example is dropped.
   c.min_response_tokens = 1
+  c.prefetch = 2              # Fetches prefetched; -1 = tf.data.AUTOTUNE, 0 = off.
+  return c
+
+
+def default_preference_data_config() -> ml_collections.ConfigDict:
+  """Returns the preference data config (`config.data` of reward-model and DPO runs).
+
+  Read by `data.preference_pipeline.build_preference_pipelines`; the tokenizer comes from
+  the `init_from` checkpoint, with the chat markers added when missing.
+  """
+  c = ml_collections.ConfigDict()
+  # Comma-separated "path[:format]" (format hh | prompt_chosen_rejected | sharegpt, else
+  # detected) relative to $LM_DATA_DIR else ../shared/data, or "tfds:name[:split]".
+  c.sources = "preference/hh_rlhf_harmless_base_test_shared.jsonl.gz"
+  c.tfds_data_dir = ""        # For tfds: sources; "" = the TFDS default directory.
+  c.template = "chat"         # data.chat.get_template name.
+  c.seq_len = 256             # Tokens per side; prompts are cut from their start to fit.
+  # A prompt cut to fit must keep at least this many tokens, else the pair is dropped.
+  c.min_prompt_tokens = 16
+  # Fraction of distinct prompts in validation (data.corpus.split_preference_prefixes).
+  # Must match the pretraining corpus's corpus_pref_val_fraction / corpus_pref_seed so
+  # the validation pairs were never pretrained on (both default to 0.1 / 0).
+  c.val_fraction = 0.1
+  c.seed = 0                  # Seeds the split and the row order.
   c.prefetch = 2              # Fetches prefetched; -1 = tf.data.AUTOTUNE, 0 = off.
   return c
 

@@ -165,13 +165,13 @@ def _train_dataset(corpus: TokenizedCorpus, *, seq_len: int, rows_per_fetch: int
 def serve_next_step(pipeline: Any) -> Batch:
   """The next step of a pipeline that fetches several steps per tf.data call.
 
-  `pipeline` has `_iterator` (tf.data, yielding [steps_per_fetch * batch, seq_len] arrays),
-  `_fetched` (the current fetch, [steps, batch, seq_len] numpy arrays) and `_served` (steps
+  `pipeline` has `_iterator` (tf.data, yielding [steps_per_fetch * batch, ...] arrays),
+  `_fetched` (the current fetch, [steps, batch, ...] numpy arrays) and `_served` (steps
   of it handed out); shared by the pretraining and SFT pipelines.
   """
   if pipeline._served >= len(pipeline._fetched.get("tokens", ())):
-    shape = (pipeline.steps_per_fetch, pipeline.per_host_batch_size, pipeline.seq_len)
-    pipeline._fetched = {k: v.numpy().reshape(shape)
+    lead = (pipeline.steps_per_fetch, pipeline.per_host_batch_size)
+    pipeline._fetched = {k: v.numpy().reshape(lead + tuple(v.shape[1:]))
                          for k, v in next(pipeline._iterator).items()}
     pipeline._served = 0
   batch = {k: v[pipeline._served] for k, v in pipeline._fetched.items()}

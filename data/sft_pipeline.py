@@ -5,7 +5,7 @@ Entry point:
   build_sft_pipelines(data_cfg, template, *, global_batch_size: int,
                       process_index: int = 0, process_count: int = 1,
                       conversations: tuple[list, list] | None = None,
-                      ) -> tuple[SFTPipeline, SFTValidationSet, dict]
+                      ) -> tuple[RowPipeline, RowValidationSet, dict]
 
 `data_cfg` is `data.config.default_sft_data_config()`; `template` a
 `data.chat.ChatTemplate`. Batches have the pretraining contract (see
@@ -16,165 +16,19 @@ unchanged; every array is [per_host_batch, seq_len]:
              `<|end|>` closing an assistant turn; 0 on prompts, markers, padding.
 Truncation, dropping and packing ("pack" | "pad") are in `data/sft_rows.py`.
 
-Decisions:
-- Order: epoch e visits the rows in a stateless permutation of (seed, e); the
-  row stream runs on across epochs. Host h keeps global rows h, h + P, ... of
-  each global batch, as in `lm_pipeline`. Batch k is a pure function of k, so the
-  iterator state is just the count of batches served (a few bytes of JSON);
-  `set_state` rebuilds the tf.data pipeline from there.
-- tf.data does the gathers in the background with prefetch, a block of steps
-  per call (as in `lm_pipeline`: an eager next() costs ~1-2 ms).
-- Validation: every validation row once, in order; the last global batch is
-  padded with loss_mask-0 rows so every host yields the same number of batches.
+Order, resume, multi-host layout and validation padding: `data/row_pipeline.py`
+(`RowPipeline`, `RowValidationSet`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any, Iterator
-
-import numpy as np
-import tensorflow as tf
+from typing import Any
 
 from data import sft_sources
 from data.chat import ChatTemplate
-from data.lm_pipeline import _check_sharding, serve_next_step  # pylint: disable=protected-access
-from data.sft_rows import SFTRows, build_rows
-
-Batch = dict[str, np.ndarray]
-_SLOTS_PER_FETCH = 65536  # Token slots per tf.data call, as in lm_pipeline.
-_MAX_STEPS_PER_FETCH = 16
-
-
-class SFTPipeline:
-  """Infinite iterator over this host's SFT training batches, with exact resume.
-
-  `get_state()` after k batches, then `set_state()` on a fresh pipeline built
-  from the same data, config and host layout, continues with batch k + 1.
-  """
-
-  def __init__(self, rows: SFTRows, *, global_batch_size: int, seed: int = 0,
-               prefetch: int = 2, process_index: int = 0, process_count: int = 1,
-               fingerprint: str = ""):
-    """Builds the pipeline.
-
-    Args:
-      rows: The training rows (at least one).
-      global_batch_size: Rows per step over all hosts.
-      seed: Seeds the row order of every epoch.
-      prefetch: Fetches (of `steps_per_fetch` batches) prepared in the
-        background; -1 = AUTOTUNE, 0 = none.
-      process_index: This host's index.
-      process_count: Number of hosts.
-      fingerprint: Identifies the tokenizer/config; `set_state` refuses a state
-        saved with a different one (the rows' own fingerprint is checked too).
-    """
-    if rows.num_rows == 0:
-      raise ValueError("The SFT training split has no rows (every example dropped?)")
-    self.per_host_batch_size = _check_sharding(
-        global_batch_size, process_index, process_count, "global_batch_size")
-    self.global_batch_size = global_batch_size
-    self.seq_len = rows.seq_len
-    self.num_rows = rows.num_rows
-    self.num_loss_tokens = rows.num_loss_tokens
-    self.steps_per_fetch = int(np.clip(
-        _SLOTS_PER_FETCH // (self.per_host_batch_size * self.seq_len), 1,
-        _MAX_STEPS_PER_FETCH))
-    self._seed, self._prefetch = seed, prefetch
-    self._host, self._hosts = process_index, process_count
-    self._materialize = rows.materializer()
-    self._meta = {
-        "global_batch_size": global_batch_size, "seed": seed, "seq_len": self.seq_len,
-        "process_index": process_index, "process_count": process_count,
-        "num_rows": self.num_rows, "rows_fingerprint": rows.fingerprint(),
-        "fingerprint": fingerprint,
-    }
-    self._start(0)
-
-  @property
-  def tokens_per_batch(self) -> int:
-    """Token slots per global batch (all hosts, padding included)."""
-    return self.global_batch_size * self.seq_len
-
-  @property
-  def steps_per_epoch(self) -> float:
-    """Global steps per pass over the training rows."""
-    return self.num_rows / self.global_batch_size
-
-  def _row_index(self, j: tf.Tensor) -> tf.Tensor:
-    """Row of this host's j-th row slot: global stream index -> (epoch, shuffle)."""
-    step, within = j // self.per_host_batch_size, j % self.per_host_batch_size
-    k = step * self.global_batch_size + self._host + within * self._hosts
-    epoch, index = k // self.num_rows, k % self.num_rows
-    seed = tf.stack([tf.constant(self._seed, tf.int64), epoch])
-    return tf.random.experimental.index_shuffle(
-        index, seed, tf.constant(self.num_rows - 1, tf.int64))
-
-  def _start(self, step: int) -> None:
-    """(Re)builds the tf.data iterator so that the next batch is batch `step`."""
-    ds = tf.data.Dataset.counter(step * self.per_host_batch_size).map(self._row_index)
-    ds = ds.batch(self.per_host_batch_size * self.steps_per_fetch).map(self._materialize)
-    if self._prefetch:
-      ds = ds.prefetch(tf.data.AUTOTUNE if self._prefetch < 0 else self._prefetch)
-    self._iterator = iter(ds)
-    self._fetched: Batch = {}
-    self._served = 0
-    self._step = step
-
-  def __iter__(self) -> "SFTPipeline":
-    return self
-
-  def __next__(self) -> Batch:
-    self._step += 1
-    return serve_next_step(self)
-
-  def get_state(self) -> bytes:
-    """The position (batches served) and the layout it is valid for, as JSON."""
-    return json.dumps({"step": self._step, **self._meta}, sort_keys=True).encode()
-
-  def set_state(self, state: bytes) -> None:
-    """Continues after the last batch served when `state` was saved.
-
-    Raises:
-      ValueError: The state was saved by a pipeline with different data,
-        batch size, seed or host layout.
-    """
-    saved = json.loads(state.decode())
-    diff = {k: (saved.get(k), v) for k, v in self._meta.items() if saved.get(k) != v}
-    if diff:
-      raise ValueError("SFT data iterator state does not match this pipeline "
-                       f"(field: (saved, current)): {diff}")
-    self._start(int(saved["step"]))
-
-
-class SFTValidationSet:
-  """The validation rows; `val(eval_batch_size)` iterates over one full pass.
-
-  Same interface as `lm_pipeline.ValidationSet`: every validation row exactly
-  once over all hosts; `eval_batch_size` is the global batch.
-  """
-
-  def __init__(self, rows: SFTRows, *, process_index: int = 0, process_count: int = 1):
-    self.seq_len = rows.seq_len
-    self.num_rows = rows.num_rows
-    self.num_targets = rows.num_loss_tokens
-    self._host, self._hosts = process_index, process_count
-    self._materialize = rows.materializer() if rows.num_rows else None
-
-  def num_batches(self, eval_batch_size: int) -> int:
-    """Batches each host yields per pass."""
-    return -(-self.num_rows // eval_batch_size)
-
-  def __call__(self, eval_batch_size: int) -> Iterator[Batch]:
-    per_host = _check_sharding(eval_batch_size, self._host, self._hosts,
-                               "eval_batch_size")
-    if self._materialize is None:
-      return iter(())
-    padded_rows = self.num_batches(eval_batch_size) * eval_batch_size
-    ds = tf.data.Dataset.range(self._host, padded_rows, self._hosts)
-    ds = ds.batch(per_host).map(self._materialize)
-    return ds.prefetch(2).as_numpy_iterator()
+from data.row_pipeline import RowPipeline, RowValidationSet
+from data.sft_rows import build_rows
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -198,7 +52,7 @@ def format_stats(stats: dict[str, Any]) -> str:
 def build_sft_pipelines(data_cfg: Any, template: ChatTemplate, *, global_batch_size: int,
                         process_index: int = 0, process_count: int = 1,
                         conversations: tuple[list, list] | None = None,
-                        ) -> tuple[SFTPipeline, SFTValidationSet, dict[str, Any]]:
+                        ) -> tuple[RowPipeline, RowValidationSet, dict[str, Any]]:
   """Builds this host's SFT training pipeline, validation set and data stats.
 
   Args:
@@ -233,10 +87,10 @@ def build_sft_pipelines(data_cfg: Any, template: ChatTemplate, *, global_batch_s
   stats.update({f"val/{k}": v for k, v in val_counts.items()})
   logging.info("%s", format_stats(stats))
   fingerprint = f"{template.name}:{template.tokenizer.fingerprint}:{data_cfg.packing}"
-  train = SFTPipeline(train_rows, global_batch_size=global_batch_size,
+  train = RowPipeline(train_rows, global_batch_size=global_batch_size,
                       seed=data_cfg.seed, prefetch=data_cfg.prefetch,
                       process_index=process_index, process_count=process_count,
                       fingerprint=fingerprint)
-  val = SFTValidationSet(val_rows, process_index=process_index,
+  val = RowValidationSet(val_rows, process_index=process_index,
                          process_count=process_count)
   return train, val, stats

@@ -14,7 +14,8 @@ import pytest
 from data import sft_pipeline, sft_rows
 from data.chat import ASSISTANT, CHAT_MARKERS, USER, ChatTemplate
 from data.config import default_sft_data_config
-from data.sft_pipeline import SFTPipeline, SFTValidationSet, build_sft_pipelines
+from data.row_pipeline import RowPipeline, RowValidationSet
+from data.sft_pipeline import build_sft_pipelines
 from data.sft_rows import build_rows, first_fit, fit_example
 from data.sources import resolve_data_path
 from data.tokenizer import Tokenizer, train_tokenizer
@@ -146,13 +147,13 @@ def test_pack_and_pad_hold_the_same_examples(template):
   for mode in ("pack", "pad"):
     rows, counts = build_rows(conversations, template, seq_len=96, packing=mode)
     assert counts["kept"] == len(conversations)
-    batches = list(SFTValidationSet(rows)(8))
+    batches = list(RowValidationSet(rows)(8))
     got[mode] = _examples_in_rows(batches)
     assert sorted(got[mode]) == expected
     assert sum(b["loss_mask"].sum() for b in batches) == counts["loss_tokens"]
     if mode == "pad":
       assert rows.num_rows == len(conversations)
-  assert max(len(_examples_in_rows([b])) for b in SFTValidationSet(
+  assert max(len(_examples_in_rows([b])) for b in RowValidationSet(
       build_rows(conversations, template, seq_len=96)[0])(8)) > 8  # Rows hold several.
   assert build_rows(conversations, template, seq_len=96)[1]["rows"] < len(conversations)
 
@@ -170,9 +171,9 @@ def _row_keys(batch):
 
 def test_epochs_visit_every_row_once_in_a_new_order(template):
   rows = _rows(template, n=12)
-  pipeline = SFTPipeline(rows, global_batch_size=4, seed=3)
+  pipeline = RowPipeline(rows, global_batch_size=4, seed=3)
   epochs = [[k for _ in range(3) for k in _row_keys(next(pipeline))] for _ in range(3)]
-  all_rows = sorted(_row_keys(next(iter(SFTValidationSet(rows)(12)))))
+  all_rows = sorted(_row_keys(next(iter(RowValidationSet(rows)(12)))))
   for epoch in epochs:
     assert sorted(epoch) == all_rows
   assert epochs[0] != epochs[1] != epochs[2]
@@ -184,12 +185,12 @@ def test_epochs_visit_every_row_once_in_a_new_order(template):
 def test_resume_continues_with_the_next_batch(template):
   rows = _rows(template, n=30)
   # 30 rows, 4 per step: the batches after the state cross two epoch ends.
-  first = SFTPipeline(rows, global_batch_size=4, seed=1, prefetch=2)
+  first = RowPipeline(rows, global_batch_size=4, seed=1, prefetch=2)
   for _ in range(5):
     next(first)
   state = first.get_state()
   want = [next(first) for _ in range(20)]
-  fresh = SFTPipeline(rows, global_batch_size=4, seed=1, prefetch=2)
+  fresh = RowPipeline(rows, global_batch_size=4, seed=1, prefetch=2)
   next(fresh)  # Its own position must not matter.
   fresh.set_state(state)
   for expected in want:
@@ -197,15 +198,15 @@ def test_resume_continues_with_the_next_batch(template):
     for key in KEYS:
       np.testing.assert_array_equal(got[key], expected[key])
   with pytest.raises(ValueError, match="seed"):
-    SFTPipeline(rows, global_batch_size=4, seed=2).set_state(state)
+    RowPipeline(rows, global_batch_size=4, seed=2).set_state(state)
   with pytest.raises(ValueError, match="rows_fingerprint"):
-    SFTPipeline(_rows(template, n=31), global_batch_size=4, seed=1).set_state(state)
+    RowPipeline(_rows(template, n=31), global_batch_size=4, seed=1).set_state(state)
 
 
 def test_two_hosts_interleave_into_the_global_batch(template):
   rows = _rows(template, n=25)
-  single = SFTPipeline(rows, global_batch_size=6, seed=0)
-  hosts = [SFTPipeline(rows, global_batch_size=6, seed=0, process_index=h,
+  single = RowPipeline(rows, global_batch_size=6, seed=0)
+  hosts = [RowPipeline(rows, global_batch_size=6, seed=0, process_index=h,
                        process_count=2) for h in range(2)]
   for _ in range(12):  # About three epochs.
     whole = next(single)
@@ -218,7 +219,7 @@ def test_two_hosts_interleave_into_the_global_batch(template):
 def test_validation_covers_every_example_once_on_two_hosts(template):
   conversations = _conversations(37, seed=5)
   rows, _ = build_rows(conversations, template, seq_len=96, packing="pack")
-  per_host = [list(SFTValidationSet(rows, process_index=h, process_count=2)(4))
+  per_host = [list(RowValidationSet(rows, process_index=h, process_count=2)(4))
               for h in range(2)]
   assert len(per_host[0]) == len(per_host[1]) == -(-rows.num_rows // 4)
   assert rows.num_rows % 4  # The last global batch is padded.
