@@ -27,24 +27,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from etils import epath
 
 from data.chat import ASSISTANT, SYSTEM, TEMPLATES, USER, get_template
 from data.tokenizer import Tokenizer
+from eval.loading import load_checkpoint, parse_mesh
 from model import sharding as msharding
-from model.config import ModelConfig
 from model.sampling import Sampler, SamplingConfig
 from model.transformer import Transformer
 from train import checkpoint as ckpt_lib
-from train.state import abstract_model, mesh_shardings, with_shardings
-from train.trainer import rules_from_config
 
 RAW_TEMPLATE = "none"
 TEMPLATE_NAMES = (*sorted(TEMPLATES), RAW_TEMPLATE)
@@ -98,36 +94,9 @@ def make_template(name: str, tokenizer: Tokenizer) -> Any:
     raise ValueError(f"{e} For a base (pretrained) checkpoint use --template=none.") from e
 
 
-def parse_mesh(spec: str) -> dict[str, int]:
-  """Parses "data=1,fsdp=2,tensor=1" (missing axes are 1); "" means one device."""
-  shape = {}
-  for item in filter(None, (s.strip() for s in spec.split(","))):
-    axis, _, value = (x.strip() for x in item.partition("="))
-    if axis not in msharding.MESH_AXES or not value.lstrip("-").isdigit():
-      raise ValueError(f"--mesh={spec!r}: expected axis=size pairs with axes "
-                       f"{msharding.MESH_AXES}, e.g. 'data=1,fsdp=2,tensor=1'")
-    shape[axis] = int(value)
-  return shape
-
-
-def _sampling_mesh(mesh_shape: Mapping[str, int] | None) -> jax.sharding.Mesh:
-  """One device by default; else the first prod(shape) devices (all of them with a -1)."""
-  shape = dict(mesh_shape or {})
-  devices = jax.devices()
-  if -1 not in shape.values():
-    devices = devices[:math.prod(shape.values())]  # too few: make_mesh names the shortfall
-  return msharding.make_mesh(shape, devices)
-
-
-def _rules(meta: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-  """The run's logical rules (its config.mesh.rules), else the defaults."""
-  rules_cfg = meta.get("config", {}).get("mesh", {}).get("rules")
-  return msharding.normalize_rules(rules_from_config(rules_cfg) if rules_cfg else None)
-
-
 def load_for_sampling(checkpoint: str, mesh_shape: Mapping[str, int] | None = None
                       ) -> tuple[Sampler, Any, Tokenizer, dict[str, Any]]:
-  """Restores a checkpoint's params and tokenizer and builds a Sampler for them.
+  """Restores a language-model checkpoint and builds a Sampler for it (`eval.loading`).
 
   Args:
     checkpoint: a workdir, its `checkpoints/` directory, or one step directory.
@@ -137,32 +106,14 @@ def load_for_sampling(checkpoint: str, mesh_shape: Mapping[str, int] | None = No
     (sampler, params on the mesh, tokenizer, checkpoint metadata incl. checkpoint_path).
 
   Raises:
-    CheckpointError: the checkpoint is missing, unreadable, or has no model config or
-      tokenizer; the message names the path.
+    CheckpointError: the checkpoint is missing, unreadable, not a language model, or has
+      no model config or tokenizer; the message names the path.
     ValueError: a mesh that does not fit the devices.
   """
-  if not epath.Path(checkpoint).exists():
-    raise ckpt_lib.CheckpointError(f"Checkpoint {checkpoint!r} does not exist")
-  try:
-    meta = ckpt_lib.read_metadata(checkpoint)
-    model_cfg = ModelConfig.from_dict(meta["model_config"])
-  except Exception as e:  # noqa: BLE001 - any failure here means an unusable checkpoint
-    raise ckpt_lib.CheckpointError(
-        f"Cannot read checkpoint {checkpoint!r}: {type(e).__name__}: {e}") from e
-  rules = _rules(meta)
-  mesh = _sampling_mesh(mesh_shape)
-  graphdef, abstract, logical = abstract_model(Transformer, model_cfg)
-  shardings = mesh_shardings(logical, mesh, rules)
-  path = meta["checkpoint_path"]  # the step read above, even if a newer one appears
-  try:
-    params, meta, tokenizer_bytes = ckpt_lib.load_params(path, with_shardings(abstract, shardings))
-  except Exception as e:  # noqa: BLE001
-    raise ckpt_lib.CheckpointError(
-        f"Cannot restore params from {path}: {type(e).__name__}: {e}") from e
-  if not tokenizer_bytes:
-    raise ckpt_lib.CheckpointError(f"Checkpoint {path} holds no tokenizer")
-  sampler = Sampler(graphdef, model_cfg, mesh=mesh, rules=rules, param_shardings=shardings)
-  return sampler, params, Tokenizer.from_bytes(tokenizer_bytes), meta
+  loaded = load_checkpoint(checkpoint, mesh_shape, expect=Transformer)
+  sampler = Sampler(loaded.graphdef, loaded.model_cfg, mesh=loaded.mesh, rules=loaded.rules,
+                    param_shardings=loaded.param_shardings)
+  return sampler, loaded.params, loaded.tokenizer, loaded.meta
 
 
 def respond(sampler: Sampler, params: Any, template: Any,

@@ -80,7 +80,9 @@ class Transformer(nnx.Module):
   [B, T, V]. `hidden()` returns the final normalised hidden states [B, T, E] for heads.
   """
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, *, lm_head: bool = True):
+    """Builds the parameters; `lm_head=False` leaves out the (untied) output projection
+    (a trunk under a scalar head, `model.heads.RewardModel`, never produces logits)."""
     if cfg.vocab_size <= 0:
       raise ValueError("ModelConfig.vocab_size must be set (> 0) before building a model")
     self.cfg = cfg
@@ -97,7 +99,7 @@ class Transformer(nnx.Module):
     else:
       self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.embed_dim, cfg)
-    if not cfg.tie_embeddings:
+    if lm_head and not cfg.tie_embeddings:
       self.lm_head = nnx.Param(
           nnx.initializers.normal(cfg.init_std)(rngs.params(), (cfg.embed_dim, cfg.vocab_size),
                                                 pd),
@@ -172,6 +174,9 @@ class Transformer(nnx.Module):
   def logits(self, h: jax.Array) -> jax.Array:
     """Projects hidden states [B, T, E] to float32 logits [B, T, V]."""
     dt = h.dtype
+    if not self.cfg.tie_embeddings and not hasattr(self, "lm_head"):
+      raise ValueError("This transformer was built with lm_head=False (a scalar-head trunk); "
+                       "it has no output projection")
     if self.cfg.tie_embeddings:
       out = jnp.einsum("bte,ve->btv", h, self.embedding[...].astype(dt))
     else:

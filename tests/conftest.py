@@ -200,3 +200,30 @@ def reference_run(tmp_path_factory):
   out = run_cmd(pretrain_cmd(workdir, *REF_FLAGS))
   assert out.returncode == 0, out.stdout[-5000:]
   return workdir
+
+
+# ---------------------------------------------------------------------------------- stage chain
+SFT_FLAGS = ("--config.train.num_steps=30", "--config.train.eval_every=30",
+             "--config.optim.lr=3e-3", "--config.optim.warmup_steps=5",
+             "--config.sample_every=30")
+
+
+def sft_cmd(workdir: str, init_from: str, *flags: str) -> list[str]:
+  """`python -m train.sft` with the chat config's runlocal variant."""
+  return [sys.executable, "-m", "train.sft", "--config=configs/sft/chat.py:runlocal=true",
+          f"--workdir={workdir}", f"--config.init_from={init_from}", "--local_devices=2",
+          "--config.train.peak_flops=1e9", *flags]
+
+
+@pytest.fixture(scope="session")
+def english_sft_run(tmp_path_factory):
+  """The documented chain at smoke size: english_bpe base (BPE with the chat markers
+  reserved), then SFT on the shared instruction data. Returns (sft workdir, SFT stdout);
+  shared by the SFT and reward-model tests."""
+  base = str(tmp_path_factory.mktemp("english") / "base")
+  out = run_cmd(pretrain_cmd(base, config="configs/pretrain/english_bpe.py:runlocal=true"))
+  assert out.returncode == 0, out.stdout[-3000:]
+  workdir = str(tmp_path_factory.mktemp("english") / "sft")
+  out = run_cmd(sft_cmd(workdir, base, *SFT_FLAGS))
+  assert out.returncode == 0, out.stdout[-5000:]
+  return workdir, out.stdout

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SMALL_MODEL_FLAGS, pretrain_cmd, run_cmd
+from conftest import SFT_FLAGS, SMALL_MODEL_FLAGS, pretrain_cmd, run_cmd, sft_cmd
 from data.chat import CHAT_MARKERS, ChatTemplate
 from data.sft_rows import build_rows
 from data.tokenizer import train_tokenizer, Tokenizer
@@ -19,18 +19,6 @@ from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
 from train.losses import lm_loss
 from train.trainer import InitAdapter, Trainer
-
-SFT_FLAGS = ("--config.train.num_steps=30", "--config.train.eval_every=30",
-             "--config.optim.lr=3e-3", "--config.optim.warmup_steps=5",
-             "--config.sample_every=30")
-
-
-def sft_cmd(workdir, init_from, *flags):
-  import sys
-  return [sys.executable, "-m", "train.sft", "--config=configs/sft/chat.py:runlocal=true",
-          f"--workdir={workdir}", f"--config.init_from={init_from}", "--local_devices=2",
-          "--config.train.peak_flops=1e9", *flags]
-
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
@@ -47,19 +35,6 @@ def sft_run(tmp_path_factory, base_run):
   """SFT from the shakespeare_char base (its tokenizer lacks the chat markers)."""
   workdir = str(tmp_path_factory.mktemp("sft") / "run")
   out = run_cmd(sft_cmd(workdir, base_run, *SFT_FLAGS))
-  assert out.returncode == 0, out.stdout[-5000:]
-  return workdir, out.stdout
-
-
-@pytest.fixture(scope="module")
-def english_sft_run(tmp_path_factory):
-  """The documented chain at smoke size: english_bpe base (BPE with the markers reserved),
-  then SFT on the shared instruction data."""
-  base = str(tmp_path_factory.mktemp("english") / "base")
-  out = run_cmd(pretrain_cmd(base, config="configs/pretrain/english_bpe.py:runlocal=true"))
-  assert out.returncode == 0, out.stdout[-3000:]
-  workdir = str(tmp_path_factory.mktemp("english") / "sft")
-  out = run_cmd(sft_cmd(workdir, base, *SFT_FLAGS))
   assert out.returncode == 0, out.stdout[-5000:]
   return workdir, out.stdout
 

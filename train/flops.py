@@ -26,12 +26,17 @@ KNOWN_PEAKS = {
 }
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
-  """Model FLOPs per token for a forward+backward (training) or forward pass."""
+def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True,
+                    output_projection: bool = True) -> float:
+  """Model FLOPs per token for a forward+backward (training) or forward pass.
+
+  `output_projection=False` leaves out the vocabulary projection (scalar-head models).
+  """
   e, hd = cfg.embed_dim, cfg.resolved_head_dim
   attn_proj = e * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
   mlp = 3 * e * cfg.mlp_dim
-  matmul_params = cfg.num_layers * (attn_proj + mlp) + e * cfg.vocab_size  # + output proj
+  matmul_params = (cfg.num_layers * (attn_proj + mlp)
+                   + (e * cfg.vocab_size if output_projection else 0))
   attention = cfg.num_layers * seq_len * cfg.num_heads * hd  # causal: half of 2*T*N*D*2
   forward = 2 * matmul_params + 2 * attention
   return 3 * forward if training else forward

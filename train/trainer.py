@@ -124,6 +124,9 @@ class Trainer:
         f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
     self.writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     self.parent: dict[str, Any] | None = None
+    # Stage-specific facts added to every checkpoint's metadata from now on (e.g. the
+    # reward model's score normalisation, set by a last-step hook before the final save).
+    self.extra_metadata: dict[str, Any] = {}
     self.data_state_fn: Callable[[], bytes] | None = None
     self._sigterm = False
     self.tokens_per_step = 0
@@ -340,7 +343,8 @@ class Trainer:
     meta = {"stage": self.config.stage, "config": self.config.to_dict(),
             "model_config": self.model_cfg.to_dict(), "parent": self.parent,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
-            "process_count": jax.process_count()}
+            "model_class": getattr(self.model_factory, "__name__", ""),
+            "process_count": jax.process_count(), **self.extra_metadata}
     data_state = self.data_state_fn() if self.data_state_fn else None
     self.checkpointer.save(step, state.params,
                            {"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
@@ -366,10 +370,13 @@ class Trainer:
       raise ValueError("Evaluation saw no weighted examples (empty validation split?)")
     return {**{k: v / weight for k, v in totals.items()}, "tokens": weight}
 
-  def setup_throughput(self, tokens_per_step: int, seq_len: int) -> None:
-    """Sets what progress lines report: tokens per step and model FLOPs for MFU."""
+  def setup_throughput(self, tokens_per_step: int, seq_len: int,
+                       output_projection: bool = True) -> None:
+    """Sets what progress lines report: tokens per step and model FLOPs for MFU
+    (`output_projection=False` for models without the vocabulary projection)."""
     self.tokens_per_step = tokens_per_step
-    self.flops_per_step = flops_lib.flops_per_token(self.model_cfg, seq_len) * tokens_per_step
+    self.flops_per_step = flops_lib.flops_per_token(
+        self.model_cfg, seq_len, output_projection=output_projection) * tokens_per_step
     peak = self.config.train.peak_flops
     if not peak:
       per_device = flops_lib.device_peak_flops()

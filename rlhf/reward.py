@@ -1,0 +1,193 @@
+"""Reward-model entry point: a scalar head on an SFT trunk, trained on preference pairs.
+
+  python -m rlhf.reward --config=configs/reward/hh.py --workdir=runs/rm \
+      --config.init_from=runs/sft
+
+The Trainer, step, checkpoint format and data plumbing are the other stages'; what is
+particular here:
+
+- Model: `model.heads.RewardModel`, the `init_from` checkpoint's trunk (any stage: an SFT,
+  pretraining or reward-model checkpoint) without its output projection, plus a freshly
+  initialised scalar head (a reward-model parent keeps its head). The chat markers are added
+  to a parent tokenizer that lacks them, as in SFT.
+- Loss (`reward_loss`): Bradley-Terry, `-log sigmoid(r_chosen - r_rejected - margin)`,
+  averaged over the real pairs of the batch, where margin = `config.reward.margin` + the
+  pair's own margin from the data (0 unless given); plus the optional centering term
+  `center_coef * mean((r_chosen + r_rejected)^2)` (TRL's `center_rewards_coefficient`,
+  which keeps scores near 0 without changing their differences).
+- Metrics: `accuracy` (r_chosen > r_rejected; a tie counts 1/2), `margin` (mean
+  r_chosen - r_rejected), `chosen_mean`, `rejected_mean`, `score_std`; eval averages them
+  exactly over the validation pairs (weight = number of pairs).
+- After the last step the mean and std of the validation pairs' scores (both responses)
+  go into the checkpoint metadata as `reward_norm`, so PPO can normalise rewards
+  (ORLHF keeps its eval-set statistics the same way; LMHP normalises on its reference
+  policy's samples).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from train.pretrain import write_config
+
+
+def bradley_terry(chosen: jax.Array, rejected: jax.Array, margin: jax.Array | float = 0.0
+                  ) -> jax.Array:
+  """Per-pair loss -log sigmoid(chosen - rejected - margin), float32 [B]."""
+  return -jax.nn.log_sigmoid(chosen - rejected - margin)
+
+
+def pair_scores(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Scores [B, 2] (chosen, rejected) of a preference batch ([B, 2, T] arrays)."""
+  b, two, t = batch["tokens"].shape
+  flat = lambda x: x.reshape(b * two, *x.shape[2:])  # [B, 2, ...] -> [2B, ...], pairs adjacent
+  scores = model.score(flat(batch["tokens"]), flat(batch["positions"]),
+                       flat(batch["segment_ids"]), flat(batch["score_index"]))
+  return scores.reshape(b, two)
+
+
+def reward_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                margin: float = 0.0, center_coef: float = 0.0
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Bradley-Terry loss on a preference batch; aux has the RM metrics (module doc)."""
+  del rng  # no dropout
+  scores = pair_scores(model, batch)
+  chosen, rejected = scores[:, 0], scores[:, 1]
+  mask = batch["pair_mask"].astype(jnp.float32)
+  pairs = jnp.sum(mask)
+  mean = lambda x: jnp.sum(x * mask) / jnp.maximum(pairs, 1.0)
+  loss = mean(bradley_terry(chosen, rejected, margin + batch["margin"]))
+  if center_coef:
+    loss = loss + center_coef * mean((chosen + rejected) ** 2)
+  diff = chosen - rejected
+  score_mean = mean(chosen + rejected) / 2
+  score_sq_mean = mean(chosen ** 2 + rejected ** 2) / 2
+  return loss, {
+      "accuracy": mean((diff > 0) + 0.5 * (diff == 0)),
+      "margin": mean(diff),
+      "chosen_mean": mean(chosen),
+      "rejected_mean": mean(rejected),
+      "score_mean": score_mean,
+      "score_sq_mean": score_sq_mean,
+      "score_std": jnp.sqrt(jnp.maximum(score_sq_mean - score_mean ** 2, 0.0)),
+      "weight": pairs,
+  }
+
+
+def reward_model_adapter(parent_cfg: Any, parent_meta: Mapping[str, Any], model_cfg: Any,
+                         seed: int):
+  """InitAdapter mapping a parent checkpoint (LM or reward model) to a RewardModel."""
+  from model import layout
+  from model.heads import RewardModel, score_head_params
+  from model.transformer import Transformer
+  from train.sft import MODEL_OVERRIDES
+  from train.trainer import InitAdapter
+
+  is_rm = parent_meta.get("model_class") == RewardModel.__name__
+  execution = {k: getattr(model_cfg, k) for k in MODEL_OVERRIDES if k != "max_seq_len"}
+
+  def adapt(params: dict) -> dict:
+    trunk = dict(params["trunk"] if is_rm else params)
+    trunk.pop("lm_head", None)  # the scalar model has no output projection
+    trunk = layout.extend_vocab(trunk, model_cfg.vocab_size, seed)
+    head = params["head"] if is_rm else score_head_params(model_cfg, seed)
+    return {"trunk": trunk, "head": head}
+
+  return InitAdapter(parent_cfg.replace(**execution), adapt,
+                     parent_factory=RewardModel if is_rm else Transformer)
+
+
+def norm_from_eval(metrics: Mapping[str, float]) -> dict[str, float]:
+  """`reward_norm` metadata from eval metrics (exact means over the validation pairs)."""
+  mean = metrics["score_mean"]
+  std = math.sqrt(max(metrics["score_sq_mean"] - mean ** 2, 0.0))
+  return {"mean": mean, "std": std, "set": "validation pairs, chosen and rejected",
+          "num_scores": int(2 * metrics["tokens"])}
+
+
+def build(config: Any, workdir: str):
+  """The run's Trainer and data: (trainer, train pipeline, validation set, data stats).
+
+  Reads the `init_from` parent (model config, tokenizer), adds the chat markers, builds the
+  preference pipelines and a Trainer for a RewardModel whose init maps the parent's params
+  (`reward_model_adapter`). Nothing is initialised or restored yet.
+  """
+  import functools
+  from data.chat import CHAT_MARKERS, get_template
+  from data.preference_pipeline import build_preference_pipelines
+  from model.heads import RewardModel
+  from train.sft import load_parent, sft_model_config
+  from train.trainer import Trainer
+
+  if not config.init_from:
+    raise ValueError("A reward model starts from a checkpoint: set --config.init_from to an "
+                     "SFT (or pretraining) workdir or checkpoint directory")
+  parent_cfg, parent_tok, parent_meta = load_parent(config.init_from)
+  tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
+  template = get_template(config.data.template, tokenizer)
+  model_cfg = sft_model_config(parent_cfg, config.model, tokenizer.vocab_size)
+  if model_cfg.max_seq_len < config.data.seq_len:
+    raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model context "
+                     f"({model_cfg.max_seq_len}); lower it or set config.model.max_seq_len")
+  train_iter, val_set, stats, _ = build_preference_pipelines(
+      config.data, template, global_batch_size=config.train.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  loss_fn = functools.partial(reward_loss, margin=config.reward.margin,
+                              center_coef=config.reward.center_coef)
+  trainer = Trainer(config, workdir, model_cfg, loss_fn, model_factory=RewardModel,
+                    tokenizer_bytes=tokenizer.to_bytes(),
+                    tokenizer_fingerprint=tokenizer.fingerprint,
+                    init_adapter=reward_model_adapter(parent_cfg, parent_meta, model_cfg,
+                                                      config.seed))
+  return trainer, train_iter, val_set, stats
+
+
+def run(config: Any, workdir: str) -> dict[str, float]:
+  """Trains a reward model per `config` in `workdir`; returns the final eval metrics."""
+  from data.preference_pipeline import format_stats
+
+  if jax.process_index() == 0:
+    write_config(config, workdir)
+  trainer, train_iter, val_set, stats = build(config, workdir)
+  if jax.process_index() == 0:
+    print(format_stats(stats), flush=True)
+    num_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
+    print(f"Model: {num_params:,} parameters (trunk without output projection + scalar "
+          f"head); mesh {dict(trainer.mesh.shape)}", flush=True)
+  state, data_state = trainer.restore_or_init()
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  trainer.data_state_fn = train_iter.get_state
+  # Both sides of every pair are processed: 2 x batch x seq_len token slots per step.
+  trainer.setup_throughput(2 * config.train.batch_size * config.data.seq_len,
+                           config.data.seq_len, output_projection=False)
+  results: dict[str, float] = {}
+
+  def evaluate(trainer: Any, step: int, state: Any) -> None:
+    metrics = trainer.evaluate(state.params, val_set(config.train.eval_batch_size))
+    trainer.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if step == trainer.num_steps:  # before the final save: normalisation for PPO
+      trainer.extra_metadata["reward_norm"] = norm_from_eval(metrics)
+    results.update(metrics)
+    if jax.process_index() == 0:
+      print(f"eval step {step}: accuracy {metrics['accuracy']:.4f} | loss "
+            f"{metrics['loss']:.4f} | margin {metrics['margin']:.3f} | chosen "
+            f"{metrics['chosen_mean']:.3f} | rejected {metrics['rejected_mean']:.3f} | "
+            f"{int(metrics['tokens'])} pairs", flush=True)
+
+  trainer.add_hook(evaluate, every=config.train.eval_every or config.train.num_steps)
+  results.update(trainer.fit(state, iter(train_iter)))
+  if "reward_norm" in trainer.extra_metadata:
+    results.update({f"norm_{k}": v for k, v in trainer.extra_metadata["reward_norm"].items()
+                    if k in ("mean", "std")})
+  return results
+
+
+if __name__ == "__main__":
+  from train import entry
+  entry.launch(run)
