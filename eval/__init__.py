@@ -1,5 +1,9 @@
 """eval package.
 
+loading: restores any checkpoint of the shared format (language model or reward model)
+  onto a mesh with its tokenizer.
 sample: responses, batches of prompts and interactive chat from a checkpoint
   (`python -m eval.sample --checkpoint=runs/sft --prompt="Name three colors."`).
+reward: reward-model accuracy on preference pairs with a bootstrap interval and the
+  length baselines (`python -m eval.reward --checkpoint=runs/rm`).
 """
