@@ -13,6 +13,7 @@ whole pairs). Per host, with B pairs, T = seq_len, side 0 = chosen, 1 = rejected
   positions    int32   [B, 2, T]  0, 1, ... over the real tokens, 0 on padding
   segment_ids  int32   [B, 2, T]  1 on real tokens, 0 on padding
   score_index  int32   [B, 2]     index of the response's <|end|>: where the score is read
+  response_start int32 [B, 2]     index of the response's first token (the prompt's length)
   margin       float32 [B]        the pair's margin (0 unless the data gives one)
   pair_mask    float32 [B]        1 for a real pair, 0 for validation padding rows
 
@@ -49,11 +50,12 @@ STATUSES = ("kept", "truncated_prompt", "dropped_too_long")
 
 
 def encode_pair(pair: PreferencePair, template: ChatTemplate, seq_len: int,
-                min_prompt_tokens: int = 16) -> tuple[list[np.ndarray] | None, str]:
+                min_prompt_tokens: int = 16) -> tuple[list[np.ndarray] | None, int, str]:
   """The two token sequences of a pair (chosen, rejected), truncated to `seq_len`.
 
   Returns:
-    ([chosen ids, rejected ids] or None when dropped, status in `STATUSES`).
+    ([chosen ids, rejected ids] or None when dropped, the prompt's length, status in
+    `STATUSES`); both sides start with the same (possibly truncated) prompt.
   """
   prompt = template.prompt_ids(list(pair.prompt))
   end = np.asarray([template.end_id], np.int32)
@@ -64,9 +66,9 @@ def encode_pair(pair: PreferencePair, template: ChatTemplate, seq_len: int,
   if longest > seq_len:
     cut = longest - seq_len
     if len(prompt) - cut < min(min_prompt_tokens, len(prompt)):
-      return None, "dropped_too_long"
+      return None, 0, "dropped_too_long"
     prompt, status = prompt[cut:], "truncated_prompt"
-  return [np.concatenate([prompt, r]) for r in responses], status
+  return [np.concatenate([prompt, r]) for r in responses], len(prompt), status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +76,7 @@ class PreferenceRows:
   """Encoded pairs, one per row (the `data.row_pipeline.Rows` protocol)."""
   tokens: np.ndarray   # int32 [N, 2, T], 0-padded on the right.
   lengths: np.ndarray  # int32 [N, 2], real tokens per side (>= 2).
+  prompt_lengths: np.ndarray  # int32 [N], tokens before the responses (same both sides).
   margin: np.ndarray   # float32 [N].
   source_index: np.ndarray  # int32 [N]: the row's pair in the list given to build_rows.
 
@@ -99,6 +102,7 @@ class PreferenceRows:
     tokens = tf.constant(np.concatenate([self.tokens, np.zeros([1, 2, t], np.int32)]))
     lengths = tf.constant(np.concatenate([self.lengths, np.ones([1, 2], np.int32)]))
     margin = tf.constant(np.concatenate([self.margin, np.zeros([1], np.float32)]))
+    prompt_lengths = tf.constant(np.concatenate([self.prompt_lengths, np.zeros([1], np.int32)]))
 
     def materialize(rows: tf.Tensor) -> dict[str, tf.Tensor]:
       index = tf.minimum(rows, n)
@@ -110,6 +114,7 @@ class PreferenceRows:
           "positions": tf.where(real, slots, 0),
           "segment_ids": tf.cast(real, tf.int32),
           "score_index": length - 1,
+          "response_start": tf.tile(tf.gather(prompt_lengths, index)[:, None], [1, 2]),
           "margin": tf.gather(margin, index),
           "pair_mask": tf.cast(rows < n, tf.float32),
       }
@@ -121,9 +126,9 @@ def build_rows(pairs: Sequence[PreferencePair], template: ChatTemplate, *, seq_l
                min_prompt_tokens: int = 16) -> tuple[PreferenceRows, dict[str, int]]:
   """Encodes and truncates pairs; returns the rows and counts per status + "pairs"."""
   counts = dict.fromkeys(STATUSES, 0)
-  kept, lengths, margins, index = [], [], [], []
+  kept, lengths, margins, index, prompt_lengths = [], [], [], [], []
   for i, pair in enumerate(pairs):
-    sides, status = encode_pair(pair, template, seq_len, min_prompt_tokens)
+    sides, prompt_len, status = encode_pair(pair, template, seq_len, min_prompt_tokens)
     counts[status] += 1
     if sides is None:
       continue
@@ -134,9 +139,11 @@ def build_rows(pairs: Sequence[PreferencePair], template: ChatTemplate, *, seq_l
     lengths.append([len(ids) for ids in sides])
     margins.append(pair.margin)
     index.append(i)
+    prompt_lengths.append(prompt_len)
   rows = PreferenceRows(
       tokens=np.stack(kept) if kept else np.zeros([0, 2, seq_len], np.int32),
       lengths=np.asarray(lengths, np.int32).reshape(-1, 2),
+      prompt_lengths=np.asarray(prompt_lengths, np.int32),
       margin=np.asarray(margins, np.float32), source_index=np.asarray(index, np.int32))
   counts["pairs"] = len(pairs)
   return rows, counts

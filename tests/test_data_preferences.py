@@ -204,12 +204,12 @@ def _pair(prompt, chosen, rejected, margin=0.0):
 
 def test_long_prompts_lose_their_start_and_responses_stay_whole(template):
   pair = _pair("x" * 40 + "QUESTION", "yes indeed", "no")
-  full, status = encode_pair(pair, template, seq_len=100)
-  assert status == "kept"
-  sides, status = encode_pair(pair, template, seq_len=30, min_prompt_tokens=5)
+  full, full_prompt, status = encode_pair(pair, template, seq_len=100)
+  assert status == "kept" and full_prompt == len(full[1]) - len("no") - 1
+  sides, prompt_len, status = encode_pair(pair, template, seq_len=30, min_prompt_tokens=5)
   assert status == "truncated_prompt"
   assert max(len(s) for s in sides) == 30
-  prompt_len = len(sides[0]) - len("yes indeed") - 1
+  assert prompt_len == len(sides[0]) - len("yes indeed") - 1
   # The same (end of the) prompt on both sides; both responses whole, then <|end|>.
   assert list(sides[0][:prompt_len]) == list(sides[1][:prompt_len]) == \
       list(full[0][len(full[0]) - len(sides[0]):][:prompt_len])
@@ -218,8 +218,8 @@ def test_long_prompts_lose_their_start_and_responses_stay_whole(template):
   for ids, text in zip(sides, ("yes indeed", "no")):
     assert ids[-1] == template.end_id
     assert template.tokenizer.decode(ids[prompt_len:-1].tolist()) == text
-  assert encode_pair(pair, template, seq_len=30, min_prompt_tokens=25) == (None,
-                                                                          "dropped_too_long")
+  assert encode_pair(pair, template, seq_len=30, min_prompt_tokens=25) == (
+      None, 0, "dropped_too_long")
 
 
 def test_rows_give_pairs_score_indices_and_padding(template):
@@ -238,6 +238,10 @@ def test_rows_give_pairs_score_indices_and_padding(template):
       assert batch["tokens"][b, s, end] == template.end_id
       assert batch["segment_ids"][b, s].tolist() == [1] * (end + 1) + [0] * (31 - end)
       assert batch["positions"][b, s, :end + 1].tolist() == list(range(end + 1))
+      start = batch["response_start"][b, s]
+      assert batch["tokens"][b, s, start - 1] == template.role_id("assistant")
+      response = "a long answer" if (b, s) == (0, 0) else ["no", "b", "cc"][2 * b + s - 1]
+      assert template.tokenizer.decode(batch["tokens"][b, s, start:end].tolist()) == response
   # Training batches hold whole pairs and resume exactly.
   pipe = RowPipeline(rows, global_batch_size=2, seed=1)
   first = [next(pipe) for _ in range(3)]
