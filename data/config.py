@@ -91,6 +91,9 @@ def default_sft_data_config() -> ml_collections.ConfigDict:
   # A response cut to fit seq_len must keep at least this many tokens, else the
   # example is dropped.
   c.min_response_tokens = 1
+  # Drop examples whose final response (content + <|end|>) is longer than this; 0 = keep
+  # all. Set it to the sampling limit so the model learns to finish within it.
+  c.max_response_tokens = 0
   c.prefetch = 2              # Fetches prefetched; -1 = tf.data.AUTOTUNE, 0 = off.
   return c
 

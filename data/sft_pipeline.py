@@ -37,11 +37,12 @@ def format_stats(stats: dict[str, Any]) -> str:
   for split in ("train", "val"):
     s = {k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith(split + "/")}
     truncated = s["truncated_prompt"] + s["truncated_response"]
-    dropped = s["dropped_too_long"] + s["dropped_no_response"]
+    dropped = s["dropped_too_long"] + s["dropped_no_response"] + s["dropped_long_response"]
     parts.append(
         f"{split}: {s['examples']} examples, {truncated} truncated "
         f"({s['truncated_prompt']} prompt, {s['truncated_response']} response), "
         f"{dropped} dropped ({s['dropped_too_long']} too long, "
+        f"{s['dropped_long_response']} response over max_response_tokens, "
         f"{s['dropped_no_response']} no response), {s['rows']} rows, "
         f"{s['loss_tokens']} loss tokens ({s['loss_tokens'] / max(s['slots'], 1):.1%} "
         "of slots)")
@@ -78,7 +79,8 @@ def build_sft_pipelines(data_cfg: Any, template: ChatTemplate, *, global_batch_s
         examples, data_cfg.val_fraction, data_cfg.seed)
   train_convs, val_convs = conversations
   common = dict(seq_len=data_cfg.seq_len, packing=data_cfg.packing,
-                min_response_tokens=data_cfg.min_response_tokens)
+                min_response_tokens=data_cfg.min_response_tokens,
+                max_response_tokens=data_cfg.max_response_tokens)
   train_rows, train_counts = build_rows(train_convs, template,
                                         shuffle_seed=data_cfg.seed, **common)
   val_rows, val_counts = build_rows(val_convs, template, **common)

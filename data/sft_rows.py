@@ -13,7 +13,10 @@ Decisions:
   1-token prompt, the prompt is kept whole and the response's END is cut (a
   response without its question teaches nothing); if that leaves fewer than
   `min_response_tokens` (at least 1) response tokens, the example is dropped.
-  Examples with no loss token are dropped. `build_rows` counts each outcome.
+  Examples with no loss token are dropped, and so are examples whose response
+  (content + `<|end|>`) is longer than `max_response_tokens` when that is set: a
+  model trained on responses longer than its sampling limit learns to run past it.
+  `build_rows` counts each outcome.
 - Rows are built once, in numpy, as one int32 [rows, seq_len] table of token
   indices ("pairs"): `pack` puts whole examples first-fit into rows (segment ids
   1, 2, ... per example, positions restarting at 0, so no example attends to
@@ -44,11 +47,11 @@ except (RuntimeError, ValueError):  # Devices already initialised.
 PACKING_MODES = ("pack", "pad")
 PAD_TOKEN = 0  # Tokenizer.pad_id of every model trained by data.tokenizer.
 STATUSES = ("kept", "truncated_prompt", "truncated_response", "dropped_too_long",
-            "dropped_no_response")
+            "dropped_no_response", "dropped_long_response")
 
 
 def fit_example(ids: np.ndarray, mask: np.ndarray, max_tokens: int,
-                min_response_tokens: int = 1
+                min_response_tokens: int = 1, max_response_tokens: int = 0
                 ) -> tuple[np.ndarray | None, np.ndarray | None, str]:
   """Truncates one encoded example to `max_tokens` (see the module doc).
 
@@ -60,10 +63,12 @@ def fit_example(ids: np.ndarray, mask: np.ndarray, max_tokens: int,
   if loss.size == 0:
     return None, None, "dropped_no_response"
   n = len(ids)
-  if n <= max_tokens:
-    return ids, mask, "kept"
   gaps = np.flatnonzero(np.diff(loss) != 1)
   response_start = int(loss[gaps[-1] + 1] if gaps.size else loss[0])
+  if max_response_tokens and n - response_start > max_response_tokens:
+    return None, None, "dropped_long_response"
+  if n <= max_tokens:
+    return ids, mask, "kept"
   if n - response_start + 1 <= max_tokens:
     return ids[n - max_tokens:], mask[n - max_tokens:], "truncated_prompt"
   if mask[response_start:max_tokens].sum() < max(1, min_response_tokens):
@@ -163,6 +168,7 @@ class SFTRows:
 
 def build_rows(conversations: Sequence[Sequence[Message]], template: ChatTemplate, *,
                seq_len: int, packing: str = "pack", min_response_tokens: int = 1,
+               max_response_tokens: int = 0,
                shuffle_seed: int | None = None) -> tuple[SFTRows, dict[str, int]]:
   """Encodes, truncates and lays out conversations into rows.
 
@@ -172,6 +178,7 @@ def build_rows(conversations: Sequence[Sequence[Message]], template: ChatTemplat
     seq_len: Slots per row; an example keeps at most seq_len + 1 tokens.
     packing: "pack" (first-fit, several examples per row) or "pad" (one per row).
     min_response_tokens: Fewest response tokens a truncated response may keep.
+    max_response_tokens: Drop examples with a longer final response (0 = keep all).
     shuffle_seed: Shuffle the examples before packing (training); None keeps
       their order (validation).
 
@@ -186,7 +193,8 @@ def build_rows(conversations: Sequence[Sequence[Message]], template: ChatTemplat
   counts = dict.fromkeys(STATUSES, 0)
   kept = []
   for ids, mask in template.encode_batch(conversations):
-    ids, mask, status = fit_example(ids, mask, seq_len + 1, min_response_tokens)
+    ids, mask, status = fit_example(ids, mask, seq_len + 1, min_response_tokens,
+                                    max_response_tokens)
     counts[status] += 1
     if ids is not None:
       kept.append((ids, mask))

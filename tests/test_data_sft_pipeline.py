@@ -119,8 +119,14 @@ def test_counts_of_each_status(template):
                             min_response_tokens=5)
   assert {k: counts[k] for k in sft_rows.STATUSES} == {
       "kept": 2, "truncated_prompt": 1, "truncated_response": 1,
-      "dropped_too_long": 1, "dropped_no_response": 1}
+      "dropped_too_long": 1, "dropped_no_response": 1, "dropped_long_response": 0}
   assert counts["examples"] == len(conversations) and counts["rows"] == rows.num_rows == 4
+  # max_response_tokens drops examples whose response (content + <|end|>) is longer,
+  # before any truncation: "r" * 40 is 41 tokens, "ok" 3.
+  _, capped = build_rows(conversations, template, seq_len=24, packing="pad",
+                         min_response_tokens=5, max_response_tokens=40)
+  assert capped["dropped_long_response"] == 2 and capped["truncated_response"] == 0
+  assert capped["kept"] == 2 and capped["truncated_prompt"] == 1
   # Response + <|end|> each, and 25 - 4 (prompt) tokens of the cut response.
   assert counts["loss_tokens"] == len("ok") + 1 + len("ok") + 1 + 25 - 4 + len("fine") + 1
 
