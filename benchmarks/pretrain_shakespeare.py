@@ -43,9 +43,7 @@ NANOGPT_TOKENS_PER_SEC = 13_500  # the issue's measurement of nanoGPT on these m
 def step_breakdown(config, steps: int) -> dict[str, float]:
   """Times forward, forward+backward and the full train step on the benchmark's shapes."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  from flax import nnx
   from model.config import ModelConfig
   from train.losses import lm_loss
   from train.trainer import Trainer

@@ -1,6 +1,6 @@
 """Benchmark: does the SFT model answer in the chat format? (held-out prompts, end-of-turn rate)
 
-The chain it measures (about 30 + 15 minutes on the 2-core CPU):
+The chain it measures (about 30 + 9 minutes on the 2-core CPU):
   python -m train.pretrain --config=configs/pretrain/english_bpe.py --workdir=runs/english_bpe
   python -m train.sft --config=configs/sft/chat.py --workdir=runs/sft --config.init_from=runs/english_bpe
   python benchmarks/sft_chat.py --checkpoint=runs/sft

@@ -16,6 +16,7 @@ whole pairs). Per host, with B pairs, T = seq_len, side 0 = chosen, 1 = rejected
   response_start int32 [B, 2]     index of the response's first token (the prompt's length)
   margin       float32 [B]        the pair's margin (0 unless the data gives one)
   pair_mask    float32 [B]        1 for a real pair, 0 for validation padding rows
+  ref_logp     float32 [B, 2]     (DPO rows only) the reference model's response log-probs
 
 Decisions:
 - Each side is rendered with the chat template: `template.prompt_ids(prompt)` (which ends
@@ -79,6 +80,8 @@ class PreferenceRows:
   prompt_lengths: np.ndarray  # int32 [N], tokens before the responses (same both sides).
   margin: np.ndarray   # float32 [N].
   source_index: np.ndarray  # int32 [N]: the row's pair in the list given to build_rows.
+  # float32 [N, 2]: the frozen reference model's response log-probs (DPO), or None.
+  ref_logps: np.ndarray | None = None
 
   @property
   def num_rows(self) -> int:
@@ -90,7 +93,9 @@ class PreferenceRows:
 
   def fingerprint(self) -> str:
     h = hashlib.sha256()
-    for array in (self.tokens, self.lengths, self.margin):
+    for array in (self.tokens, self.lengths, self.margin, self.ref_logps):
+      if array is None:
+        continue
       h.update(np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
 
@@ -103,6 +108,8 @@ class PreferenceRows:
     lengths = tf.constant(np.concatenate([self.lengths, np.ones([1, 2], np.int32)]))
     margin = tf.constant(np.concatenate([self.margin, np.zeros([1], np.float32)]))
     prompt_lengths = tf.constant(np.concatenate([self.prompt_lengths, np.zeros([1], np.int32)]))
+    ref = (None if self.ref_logps is None else
+           tf.constant(np.concatenate([self.ref_logps, np.zeros([1, 2], np.float32)])))
 
     def materialize(rows: tf.Tensor) -> dict[str, tf.Tensor]:
       index = tf.minimum(rows, n)
@@ -117,6 +124,7 @@ class PreferenceRows:
           "response_start": tf.tile(tf.gather(prompt_lengths, index)[:, None], [1, 2]),
           "margin": tf.gather(margin, index),
           "pair_mask": tf.cast(rows < n, tf.float32),
+          **({} if ref is None else {"ref_logp": tf.gather(ref, index)}),
       }
 
     return materialize
@@ -164,22 +172,17 @@ def format_stats(stats: dict[str, Any]) -> str:
   return "Preference data: " + "; ".join(parts)
 
 
-def build_preference_pipelines(data_cfg: Any, template: ChatTemplate, *,
-                               global_batch_size: int, process_index: int = 0,
-                               process_count: int = 1):
+def build_preference_rows(data_cfg: Any, template: ChatTemplate):
   """Reads, splits and encodes the preference sources of `data_cfg`.
 
   Args:
     data_cfg: `default_preference_data_config()`: `sources`, `seq_len`, `val_fraction`,
-      `seed`, `min_prompt_tokens`, `prefetch`, `tfds_data_dir`.
+      `seed`, `min_prompt_tokens`, `tfds_data_dir`.
     template: The chat template with the run's tokenizer.
-    global_batch_size: Pairs per training step over all hosts.
-    process_index: This host's index.
-    process_count: Number of hosts.
 
   Returns:
-    (train pipeline, validation set, stats, (train pairs, val pairs)); stats has
-    "records", "skipped/<reason>", "branches_dropped", "train/<status>", "val/<status>".
+    (train rows, val rows, stats, (train pairs, val pairs)); stats has "records",
+    "skipped/<reason>", "branches_dropped", "train/<status>", "val/<status>".
   """
   pairs, files = preferences.read_sources(data_cfg.sources, data_cfg.tfds_data_dir)
   train_pairs, val_pairs, branches = preferences.split_pairs(
@@ -194,9 +197,32 @@ def build_preference_pipelines(data_cfg: Any, template: ChatTemplate, *,
   stats.update({f"train/{k}": v for k, v in train_counts.items()})
   stats.update({f"val/{k}": v for k, v in val_counts.items()})
   logging.info("%s", format_stats(stats))
+  return train_rows, val_rows, stats, (train_pairs, val_pairs)
+
+
+def preference_pipelines(train_rows: PreferenceRows, val_rows: PreferenceRows, data_cfg: Any,
+                         template: ChatTemplate, *, global_batch_size: int,
+                         process_index: int = 0, process_count: int = 1
+                         ) -> tuple[RowPipeline, RowValidationSet]:
+  """This host's training pipeline and validation set over encoded rows."""
   fingerprint = f"{template.name}:{template.tokenizer.fingerprint}:preference"
   train = RowPipeline(train_rows, global_batch_size=global_batch_size, seed=data_cfg.seed,
                       prefetch=data_cfg.prefetch, process_index=process_index,
                       process_count=process_count, fingerprint=fingerprint)
   val = RowValidationSet(val_rows, process_index=process_index, process_count=process_count)
-  return train, val, stats, (train_pairs, val_pairs)
+  return train, val
+
+
+def build_preference_pipelines(data_cfg: Any, template: ChatTemplate, *,
+                               global_batch_size: int, process_index: int = 0,
+                               process_count: int = 1):
+  """`build_preference_rows` then `preference_pipelines`.
+
+  Returns:
+    (train pipeline, validation set, stats, (train pairs, val pairs)).
+  """
+  train_rows, val_rows, stats, pairs = build_preference_rows(data_cfg, template)
+  train, val = preference_pipelines(train_rows, val_rows, data_cfg, template,
+                                    global_batch_size=global_batch_size,
+                                    process_index=process_index, process_count=process_count)
+  return train, val, stats, pairs

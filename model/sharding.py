@@ -18,7 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -79,17 +79,18 @@ def reward_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Arra
   }
 
 
-def reward_model_adapter(parent_cfg: Any, parent_meta: Mapping[str, Any], model_cfg: Any,
-                         seed: int):
-  """InitAdapter mapping a parent checkpoint (LM or reward model) to a RewardModel."""
+def reward_model_adapter(parent: Any, seed: int):
+  """InitAdapter mapping a parent checkpoint (LM or reward model) to a RewardModel.
+
+  `parent` is `train.parent.setup_child`'s result.
+  """
   from model import layout
   from model.heads import RewardModel, score_head_params
   from model.transformer import Transformer
-  from train.sft import MODEL_OVERRIDES
-  from train.trainer import InitAdapter
+  from train.restore import InitAdapter
 
-  is_rm = parent_meta.get("model_class") == RewardModel.__name__
-  execution = {k: getattr(model_cfg, k) for k in MODEL_OVERRIDES if k != "max_seq_len"}
+  is_rm = parent.meta.get("model_class") == RewardModel.__name__
+  model_cfg = parent.child_cfg
 
   def adapt(params: dict) -> dict:
     trunk = dict(params["trunk"] if is_rm else params)
@@ -98,7 +99,7 @@ def reward_model_adapter(parent_cfg: Any, parent_meta: Mapping[str, Any], model_
     head = params["head"] if is_rm else score_head_params(model_cfg, seed)
     return {"trunk": trunk, "head": head}
 
-  return InitAdapter(parent_cfg.replace(**execution), adapt,
+  return InitAdapter(parent.execution_cfg, adapt,
                      parent_factory=RewardModel if is_rm else Transformer)
 
 
@@ -118,32 +119,23 @@ def build(config: Any, workdir: str):
   (`reward_model_adapter`). Nothing is initialised or restored yet.
   """
   import functools
-  from data.chat import CHAT_MARKERS, get_template
   from data.preference_pipeline import build_preference_pipelines
   from model.heads import RewardModel
-  from train.sft import load_parent, sft_model_config
+  from train.parent import setup_child
   from train.trainer import Trainer
 
-  if not config.init_from:
-    raise ValueError("A reward model starts from a checkpoint: set --config.init_from to an "
-                     "SFT (or pretraining) workdir or checkpoint directory")
-  parent_cfg, parent_tok, parent_meta = load_parent(config.init_from)
-  tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
-  template = get_template(config.data.template, tokenizer)
-  model_cfg = sft_model_config(parent_cfg, config.model, tokenizer.vocab_size)
-  if model_cfg.max_seq_len < config.data.seq_len:
-    raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model context "
-                     f"({model_cfg.max_seq_len}); lower it or set config.model.max_seq_len")
+  parent = setup_child(config, "an SFT (or pretraining) workdir or checkpoint directory")
+  template = parent.template
   train_iter, val_set, stats, _ = build_preference_pipelines(
       config.data, template, global_batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
   loss_fn = functools.partial(reward_loss, margin=config.reward.margin,
                               center_coef=config.reward.center_coef)
-  trainer = Trainer(config, workdir, model_cfg, loss_fn, model_factory=RewardModel,
+  tokenizer = parent.child_tokenizer
+  trainer = Trainer(config, workdir, parent.child_cfg, loss_fn, model_factory=RewardModel,
                     tokenizer_bytes=tokenizer.to_bytes(),
                     tokenizer_fingerprint=tokenizer.fingerprint,
-                    init_adapter=reward_model_adapter(parent_cfg, parent_meta, model_cfg,
-                                                      config.seed))
+                    init_adapter=reward_model_adapter(parent, config.seed))
   return trainer, train_iter, val_set, stats
 
 

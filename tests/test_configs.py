@@ -6,7 +6,6 @@ import glob
 import importlib.util
 import os
 
-import jax
 import pytest
 from flax import nnx
 
@@ -67,7 +66,7 @@ def test_config_loads_and_its_model_builds(relpath):
     if "vocab_size" not in config.model:
       # A fine-tuning stage: the architecture comes from its init_from checkpoint and
       # config.model holds only execution overrides.
-      from train.sft import MODEL_OVERRIDES
+      from train.parent import MODEL_OVERRIDES
       assert set(config.model.keys()) <= set(MODEL_OVERRIDES), where
       assert config.init_from, where
       continue

@@ -13,7 +13,7 @@ import pytest
 from data import corpus, preferences
 from data.chat import ChatTemplate, render
 from data.preference_pipeline import build_rows, encode_pair
-from data.preferences import PreferencePair, read_records, read_source, split_pairs
+from data.preferences import PreferencePair, read_source, split_pairs
 from data.row_pipeline import RowPipeline, RowValidationSet
 from data.sources import resolve_data_path
 from data.tokenizer import Tokenizer

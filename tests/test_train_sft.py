@@ -15,10 +15,10 @@ from data.chat import CHAT_MARKERS, ChatTemplate
 from data.sft_rows import build_rows
 from data.tokenizer import train_tokenizer, Tokenizer
 from model import layout
-from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
 from train.losses import lm_loss
-from train.trainer import InitAdapter, Trainer
+from train.restore import InitAdapter
+from train.trainer import Trainer
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
@@ -78,14 +78,14 @@ def test_sft_checkpoint_records_its_parent_and_the_grown_tokenizer(sft_run, base
 
 def test_init_from_keeps_every_pretrained_parameter(base_run, tmp_path):
   """The SFT run's initial parameters equal the parent's; new vocabulary rows are appended."""
-  from train.sft import load_parent, sft_model_config
+  from train.parent import child_model_config, load_parent
   from configs.sft.chat import get_config
   parent_cfg, parent_tok, _ = load_parent(base_run)
   config = get_config("runlocal=true")
   with config.unlocked():
     config.init_from = base_run
   tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
-  model_cfg = sft_model_config(parent_cfg, config.model, tokenizer.vocab_size)
+  model_cfg = child_model_config(parent_cfg, config.model, tokenizer.vocab_size)
   adapter = InitAdapter(parent_cfg, lambda p: layout.extend_vocab(p, model_cfg.vocab_size))
   trainer = Trainer(config, str(tmp_path), model_cfg, lm_loss, init_adapter=adapter,
                     devices=jax.devices()[:2])
@@ -147,7 +147,7 @@ def test_response_only_loss_on_a_two_turn_conversation_matches_a_hand_computatio
 
 def test_sft_refuses_a_missing_init_from_and_an_architecture_override(base_run, tmp_path):
   out = run_cmd(sft_cmd(str(tmp_path / "a"), ""))
-  assert out.returncode != 0 and "SFT starts from a checkpoint" in out.stdout
+  assert out.returncode != 0 and "starts from a checkpoint: set --config.init_from" in out.stdout
   out = run_cmd(sft_cmd(str(tmp_path / "b"), base_run, "--config.model.num_layers=8"))
   assert out.returncode != 0 and "num_layers" in out.stdout
   out = run_cmd(sft_cmd(str(tmp_path / "c"), str(tmp_path / "nowhere")))

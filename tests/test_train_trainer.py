@@ -7,7 +7,6 @@ sizes; a non-finite loss stopping the run without saving that state.
 """
 
 import json
-import math
 import os
 
 import jax

@@ -22,7 +22,6 @@ device). tokens/s and MFU use wall time.
 from __future__ import annotations
 
 import collections
-import math
 import time
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 

@@ -27,54 +27,24 @@ from typing import Any
 
 from train.pretrain import write_config
 
-# Fields of ModelConfig an SFT run may change relative to its parent (not the parameters).
-MODEL_OVERRIDES = ("dtype", "param_dtype", "remat_policy", "attention_impl", "max_seq_len")
-
-
-def sft_model_config(parent_cfg: Any, overrides: Any, vocab_size: int):
-  """The run's ModelConfig: the parent's, with a vocabulary >= the tokenizer's and overrides."""
-  unknown = sorted(set(overrides.keys()) - set(MODEL_OVERRIDES))
-  if unknown:
-    raise ValueError(f"config.model.{unknown[0]} cannot be changed by SFT (the architecture "
-                     f"comes from the init_from checkpoint); allowed: {list(MODEL_OVERRIDES)}")
-  changes = {k: v for k, v in overrides.items() if v not in ("", 0, None)}
-  return parent_cfg.replace(vocab_size=max(parent_cfg.vocab_size, vocab_size), **changes)
-
-
-def load_parent(init_from: str) -> tuple[Any, Any, dict[str, Any]]:
-  """(parent ModelConfig, parent Tokenizer, parent metadata) of an `init_from` checkpoint."""
-  from data.tokenizer import Tokenizer
-  from model.config import ModelConfig
-  from train import checkpoint as ckpt_lib
-  meta = ckpt_lib.read_metadata(init_from)
-  tokenizer = Tokenizer.from_bytes(ckpt_lib.read_tokenizer(init_from))
-  return ModelConfig.from_dict(meta["model_config"]), tokenizer, meta
-
 
 def run(config: Any, workdir: str) -> dict[str, float]:
   """Fine-tunes per `config` in `workdir`; returns the final eval metrics (+ `base_loss`)."""
   import jax
   from data import sft_sources
-  from data.chat import CHAT_MARKERS, get_template
   from data.sft_pipeline import build_sft_pipelines, format_stats
   from model import layout
   from train.losses import lm_loss
-  from train.trainer import InitAdapter, Trainer
+  from train.parent import setup_child
+  from train.restore import InitAdapter
+  from train.trainer import Trainer
 
-  if not config.init_from:
-    raise ValueError("SFT starts from a checkpoint: set --config.init_from to a pretraining "
-                     "(or any stage's) workdir or checkpoint directory")
+  parent = setup_child(config, "a pretraining (or any stage's) workdir or checkpoint directory")
   if jax.process_index() == 0:
     write_config(config, workdir)
-  parent_cfg, parent_tok, _ = load_parent(config.init_from)
-  tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
-  template = get_template(config.data.template, tokenizer)
-  model_cfg = sft_model_config(parent_cfg, config.model, tokenizer.vocab_size)
-  if model_cfg.max_seq_len < config.data.seq_len:
-    raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model context "
-                     f"({model_cfg.max_seq_len}); lower it or set config.model.max_seq_len")
-  adapter = InitAdapter(parent_cfg.replace(**{k: getattr(model_cfg, k)
-                                              for k in MODEL_OVERRIDES if k != "max_seq_len"}),
+  tokenizer, template, model_cfg = parent.child_tokenizer, parent.template, parent.child_cfg
+  parent_tok = parent.tokenizer
+  adapter = InitAdapter(parent.execution_cfg,
                         lambda p: layout.extend_vocab(p, model_cfg.vocab_size, config.seed))
   examples, files = sft_sources.read_sft_sources(config.data.sources)
   train_convs, val_convs = sft_sources.split_examples(examples, config.data.val_fraction,

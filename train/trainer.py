@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import signal
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -35,9 +34,10 @@ from model.config import ModelConfig
 from model.transformer import Transformer
 from train import checkpoint as ckpt_lib
 from train import flops as flops_lib
-from train.loop import NonFiniteLossError, run_loop
+from train.loop import run_loop
 from train.metrics import MetricsWriter
 from train.optim import make_optimizer
+from train.restore import InitAdapter, Restorer
 from train.state import (ModelFactory, TrainState, abstract_model, make_init_fn,
                          mesh_shardings, opt_state_shardings, with_shardings)
 
@@ -46,33 +46,7 @@ LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array],
 Hook = Callable[["Trainer", int, TrainState], None]
 
 
-@dataclasses.dataclass(frozen=True)
-class InitAdapter:
-  """How `init_from` maps a parent checkpoint of another model shape onto this run's model.
-
-  Attributes:
-    parent_model_cfg: The parent's ModelConfig (checked against its metadata).
-    adapt: Parent params (pure dict of host arrays) -> this model's params.
-    parent_factory: Builds the parent's module (default: this run's model factory).
-  """
-  parent_model_cfg: ModelConfig
-  adapt: Callable[[Any], Any]
-  parent_factory: ModelFactory | None = None
-
-# Fields that only change how the model executes, not what its parameters are: a checkpoint
-# may be restored into a config that differs in these.
-EXECUTION_FIELDS = ("attention_impl", "remat_policy", "dtype", "param_dtype", "one_hot_embed",
-                    "max_seq_len")
-
-
-def model_config_diff(saved: Mapping[str, Any], current: ModelConfig) -> dict[str, tuple]:
-  """Parameter-relevant fields that differ between a checkpoint and `current`."""
-  now = current.to_dict()
-  return {k: (saved.get(k), now[k]) for k in now
-          if k not in EXECUTION_FIELDS and saved.get(k) != now[k]}
-
-
-class Trainer:
+class Trainer(Restorer):
   """Owns the mesh, state, jitted step, loop, eval, metrics and checkpoints of one run.
 
   Args:
@@ -119,6 +93,7 @@ class Trainer:
     self.abstract_state = with_shardings(abstract_state, self.state_shardings)
     self.batch_sharding = NamedSharding(self.mesh, P(self.batch_axes))
     self._hooks: list[tuple[int, Hook]] = []
+    self._jit_predict: dict[Callable, Any] = {}
     self._compile()
     self.checkpointer = ckpt_lib.Checkpointer(
         f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
@@ -268,76 +243,6 @@ class Trainer:
         return self._jit_init(rng)
       return self._jit_init_from(rng, params)
 
-  def restore_or_init(self) -> tuple[TrainState, bytes | None]:
-    """Resume order: this workdir's newest readable checkpoint, then init_from, then scratch.
-
-    Returns (state, data iterator state bytes or None).
-    """
-    if self.checkpointer.latest_step() is not None:
-      restored = self.checkpointer.restore(
-          self.abstract_state.params, self._abstract_train_state(),
-          validate=lambda meta: self._check_resume(meta, self.checkpointer.directory))
-      self.parent = restored["metadata"].get("parent")
-      ts = restored["train_state"]
-      state = TrainState(step=ts["step"], params=restored["params"],
-                         opt_state=ts["opt_state"], rng=ts["rng"])
-      self.writer.truncate_after(int(restored["step"]))
-      print(f"Resumed from {self.checkpointer.directory}/{restored['step']}", flush=True)
-      return state, restored["data_iter"]
-    if self.config.init_from and self.init_adapter is not None:
-      params, meta = self._load_adapted(self.config.init_from)
-    elif self.config.init_from:
-      params, meta, _ = ckpt_lib.load_params(
-          self.config.init_from, self.abstract_state.params,
-          validate=lambda meta: self._check_model_config(meta, self.config.init_from))
-    if self.config.init_from:
-      self.parent = {"path": meta["checkpoint_path"], "step": meta["step"],
-                     "stage": meta.get("stage")}
-      print(f"Initialised params from {meta['checkpoint_path']} ({meta.get('stage')})",
-            flush=True)
-      return self.init_state(params), None
-    return self.init_state(), None
-
-  def _load_adapted(self, path: str) -> tuple[Any, dict[str, Any]]:
-    """init_from through `init_adapter`: load the parent's params as the parent's model, on
-    this mesh, then map them to this model's (e.g. a larger vocabulary, or added heads)."""
-    adapter = self.init_adapter
-    _, abstract, logical = abstract_model(adapter.parent_factory or self.model_factory,
-                                          adapter.parent_model_cfg)
-    shardings = mesh_shardings(logical, self.mesh, self.rules)
-
-    params, meta, _ = ckpt_lib.load_params(
-        path, with_shardings(abstract, shardings),
-        validate=lambda meta: self._check_model_config(meta, path, adapter.parent_model_cfg))
-    # The adapter works on host arrays: simple, and fine for the models this runs on CPU;
-    # a pod-scale adapter would map sharded arrays under jit instead.
-    params = jax.device_put(adapter.adapt(jax.device_get(params)), self.param_shardings)
-    return params, meta
-
-  def _abstract_train_state(self) -> dict[str, Any]:
-    a = self.abstract_state
-    return {"opt_state": a.opt_state, "step": a.step, "rng": a.rng}
-
-  def _check_resume(self, meta: Mapping[str, Any], where: Any) -> None:
-    """Resume needs the same model and the same optimizer-state layout."""
-    self._check_model_config(meta, where)
-    saved = meta.get("config", {}).get("optim", {}).get("flatten_update", False)
-    if saved != self.config.optim.flatten_update:
-      raise ckpt_lib.CheckpointError(
-          f"Checkpoint {where} was written with optim.flatten_update={saved}, this run has "
-          f"{self.config.optim.flatten_update}: the optimizer state layouts differ; resume "
-          "with the same setting or start a new workdir with init_from")
-
-  def _check_model_config(self, meta: Mapping[str, Any], where: Any,
-                          expected: ModelConfig | None = None) -> None:
-    """The checkpoint's model config must be `expected` (default: this run's model)."""
-    diff = model_config_diff(meta.get("model_config", {}), expected or self.model_cfg)
-    if diff:
-      detail = ", ".join(f"{k}: checkpoint={a!r} config={b!r}" for k, (a, b) in diff.items())
-      raise ckpt_lib.CheckpointError(
-          f"Checkpoint {where} has a different model config ({detail}); point the run at a "
-          "compatible checkpoint or a new workdir")
-
   def save(self, state: TrainState) -> None:
     step = int(jax.device_get(state.step))
     meta = {"stage": self.config.stage, "config": self.config.to_dict(),
@@ -369,6 +274,22 @@ class Trainer:
     if not weight:
       raise ValueError("Evaluation saw no weighted examples (empty validation split?)")
     return {**{k: v / weight for k, v in totals.items()}, "tokens": weight}
+
+  def predict(self, fn: Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array],
+              params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """Per-row outputs of `fn(model, batch) -> [B, ...]` over `batches`, concatenated on the
+    host (jitted once per `fn`, rows sharded like training batches)."""
+    if fn not in self._jit_predict:
+      self._jit_predict[fn] = jax.jit(
+          lambda p, batch: fn(nnx.merge(self.graphdef, p), batch),
+          in_shardings=(self.param_shardings, self.batch_sharding),
+          out_shardings=self.batch_sharding)
+    out = []
+    with self.mesh_context():
+      for batch in batches:
+        out.append(np.asarray(jax.device_get(self._jit_predict[fn](params,
+                                                                   self.to_global(batch)))))
+    return np.concatenate(out)
 
   def setup_throughput(self, tokens_per_step: int, seq_len: int,
                        output_projection: bool = True) -> None:

@@ -1,0 +1,73 @@
+"""What every post-pretraining stage does first: read its `init_from` parent and derive its
+own model config, tokenizer and chat template from it.
+
+SFT, reward modeling, DPO and PPO all start from a checkpoint: the architecture and the
+tokenizer come from there (`config.model` holds only execution overrides, `MODEL_OVERRIDES`),
+the chat markers are appended to a tokenizer that lacks them (new ids at the end, every
+existing id unchanged), and the vocabulary of the model grows to match
+(`model.layout.extend_vocab`, applied by the stage's init adapter).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+# Fields of ModelConfig a child run may change relative to its parent (not the parameters).
+MODEL_OVERRIDES = ("dtype", "param_dtype", "remat_policy", "attention_impl", "max_seq_len")
+
+
+class Parent(NamedTuple):
+  """A stage's parent checkpoint and what the child derives from it."""
+  model_cfg: Any     # the parent's ModelConfig (as saved)
+  tokenizer: Any     # the parent's Tokenizer
+  meta: dict         # the parent's checkpoint metadata
+  child_cfg: Any     # this run's ModelConfig: grown vocabulary + execution overrides
+  child_tokenizer: Any  # the parent's tokenizer with the chat markers
+  template: Any      # the chat template bound to child_tokenizer
+
+  @property
+  def execution_cfg(self) -> Any:
+    """The parent's config with this run's execution fields (how the parent is loaded)."""
+    return self.model_cfg.replace(**{k: getattr(self.child_cfg, k) for k in MODEL_OVERRIDES
+                                     if k != "max_seq_len"})
+
+
+def child_model_config(parent_cfg: Any, overrides: Any, vocab_size: int):
+  """The run's ModelConfig: the parent's, with a vocabulary >= the tokenizer's and overrides."""
+  unknown = sorted(set(overrides.keys()) - set(MODEL_OVERRIDES))
+  if unknown:
+    raise ValueError(f"config.model.{unknown[0]} cannot be changed here (the architecture "
+                     f"comes from the init_from checkpoint); allowed: {list(MODEL_OVERRIDES)}")
+  changes = {k: v for k, v in overrides.items() if v not in ("", 0, None)}
+  return parent_cfg.replace(vocab_size=max(parent_cfg.vocab_size, vocab_size), **changes)
+
+
+def load_parent(init_from: str) -> tuple[Any, Any, dict[str, Any]]:
+  """(parent ModelConfig, parent Tokenizer, parent metadata) of an `init_from` checkpoint."""
+  from data.tokenizer import Tokenizer
+  from model.config import ModelConfig
+  from train import checkpoint as ckpt_lib
+  meta = ckpt_lib.read_metadata(init_from)
+  tokenizer = Tokenizer.from_bytes(ckpt_lib.read_tokenizer(init_from))
+  return ModelConfig.from_dict(meta["model_config"]), tokenizer, meta
+
+
+def setup_child(config: Any, what: str) -> Parent:
+  """Reads `config.init_from` and derives the child's model config, tokenizer and template.
+
+  Raises:
+    ValueError: no init_from (`what` names the stage's expected parent), a model override
+      that is not an execution field, or `config.data.seq_len` beyond the model context.
+    CheckpointError: an unreadable parent.
+  """
+  from data.chat import CHAT_MARKERS, get_template
+  if not config.init_from:
+    raise ValueError(f"This stage starts from a checkpoint: set --config.init_from to {what}")
+  parent_cfg, parent_tok, meta = load_parent(config.init_from)
+  tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
+  template = get_template(config.data.template, tokenizer)
+  child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size)
+  if child.max_seq_len < config.data.seq_len:
+    raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model context "
+                     f"({child.max_seq_len}); lower it or set config.model.max_seq_len")
+  return Parent(parent_cfg, parent_tok, meta, child, tokenizer, template)
