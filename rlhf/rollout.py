@@ -1,0 +1,94 @@
+"""PPO's data side: the prompt set, and the pure functions that score a rollout.
+
+Prompts are the preference data's prompts (`data.preferences`: for HH, everything up to the
+final `Assistant:` turn), split exactly as the reward model's run split them (its
+`val_fraction` and `seed`), so PPO trains on the reward model's training prompts and is
+evaluated on prompts neither model saw. Each prompt is rendered with the chat template
+(ending with `<|assistant|>`); prompts longer than `max_prompt_tokens` are dropped and
+counted (cutting a conversation's start would change what is being answered).
+
+Sequence layout of a rollout (the sampler's): [B, L] with L = P + N, prompts left-padded to
+P = max_prompt_tokens, the response in the last N slots (`response_mask` [B, N] is 1 up to
+and including the end-of-turn token). The logits at slot t predict slot t + 1, so the
+response's log-probs and values are read at slots [P - 1, L - 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from train.losses import token_log_probs
+
+
+class PromptSet(NamedTuple):
+  """Token ids of distinct prompts (train and held-out) and the count of dropped ones."""
+  train: list[np.ndarray]
+  val: list[np.ndarray]
+  too_long: int
+
+
+def build_prompt_set(data_cfg: Any, template: Any, max_prompt_tokens: int) -> PromptSet:
+  """Distinct prompts of the preference sources, split by prompt like the reward model's.
+
+  Raises:
+    ValueError: No training prompt fits `max_prompt_tokens` (the message names the limit).
+  """
+  from data.preferences import read_sources, split_pairs
+  pairs, _ = read_sources(data_cfg.sources, data_cfg.tfds_data_dir)
+  train_pairs, val_pairs, _ = split_pairs(pairs, data_cfg.val_fraction, data_cfg.seed)
+  too_long = 0
+  out = []
+  for split in (train_pairs, val_pairs):
+    ids, seen = [], set()
+    for pair in split:
+      if pair.key in seen:
+        continue
+      seen.add(pair.key)
+      tokens = template.prompt_ids(list(pair.prompt))
+      if len(tokens) > max_prompt_tokens:
+        too_long += 1
+      else:
+        ids.append(tokens)
+    out.append(ids)
+  if not out[0]:
+    raise ValueError(f"Empty prompt set: no training prompt of {data_cfg.sources} fits "
+                     f"ppo.max_prompt_tokens={max_prompt_tokens} ({too_long} too long)")
+  return PromptSet(out[0], out[1], too_long)
+
+
+def response_logps(model: nnx.Module, batch: Mapping[str, jax.Array], temperature: float
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Log-probs [B, N] of the response tokens under softmax(logits / T), and the entropy
+  [B, N] of that distribution at each response slot."""
+  n = batch["response_mask"].shape[1]
+  tokens = batch["tokens"]
+  logits = model(tokens, batch["positions"], batch["segment_ids"])[:, -n - 1:-1] / temperature
+  logp = token_log_probs(logits, tokens[:, -n:])
+  probs = jax.nn.softmax(logits, axis=-1)
+  entropy = jax.nn.logsumexp(logits, axis=-1) - jnp.sum(probs * logits, axis=-1)
+  return logp, entropy
+
+
+def response_values(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Value estimates [B, N] at the slots where each response token is chosen."""
+  n = batch["response_mask"].shape[1]
+  return model.values(batch["tokens"], batch["positions"], batch["segment_ids"])[:, -n - 1:-1]
+
+
+def end_scores(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
+  """Reward-model scores [B] read at each response's last token (its `<|end|>` if it has one)."""
+  n = batch["response_mask"].shape[1]
+  length = jnp.sum(batch["response_mask"].astype(jnp.int32), axis=1)
+  index = batch["tokens"].shape[1] - n + length - 1
+  return model.score(batch["tokens"], batch["positions"], batch["segment_ids"], index)
+
+
+def distinct_n(responses: list[list[int]], n: int = 2) -> float:
+  """Distinct-n: distinct n-grams / total n-grams over all responses (0 if none)."""
+  grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
+  return len(set(grams)) / len(grams) if grams else 0.0
