@@ -23,6 +23,8 @@ setup(
         "absl-py>=2.1,<3",
         "ml-collections>=1.1,<2",
         "tensorboard>=2.21,<2.22",
+        # PNG curves of RLHF runs (score / KL / entropy per iteration).
+        "matplotlib>=3.8,<4",
         "numpy>=1.26",
     ],
     extras_require={

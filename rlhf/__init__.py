@@ -2,4 +2,8 @@
 
 reward: the reward-model loss (Bradley-Terry) and entry point
   (`python -m rlhf.reward --config=configs/reward/hh.py --workdir=runs/rm`).
+dpo_core, dpo: the DPO / IPO losses and entry point (`python -m rlhf.dpo ...`).
+ppo_core: PPO's math (KL estimators, per-token rewards, GAE, clipped losses, KL control).
+rollout: PPO's prompt set, rollout scoring and policy / value losses.
+ppo: the PPO loop around a policy and a value Trainer (`python -m rlhf.ppo ...`).
 """

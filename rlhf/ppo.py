@@ -35,65 +35,34 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from rlhf import ppo_core
-from rlhf.rollout import response_logps, response_values
+from rlhf.rollout import (advantages, plot_history, policy_loss_fn, response_logps,
+                          response_values, value_loss_fn)
 from train.pretrain import write_config
 
 RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens, response_mask) -> [B]
 
 
-def policy_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                   temperature: float, clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """PPO's clipped surrogate on a minibatch of rollout rows."""
-  del rng
-  mask = batch["response_mask"].astype(jnp.float32)
-  logp, entropy = response_logps(model, batch, temperature)
-  loss, aux = ppo_core.policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip)
-  return loss, {**aux, "policy/entropy": ppo_core.masked_mean(entropy, mask)}
-
-
-def value_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,
-                  clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The clipped value loss on a minibatch of rollout rows."""
-  del rng
-  mask = batch["response_mask"].astype(jnp.float32)
-  values = response_values(model, batch)
-  return ppo_core.value_loss(values, batch["old_values"], batch["returns"], mask, clip)
-
-
-@functools.partial(jax.jit, static_argnames=("estimator", "gamma", "lam", "whiten"))
-def advantages(scores, logp, ref_logp, values, mask, kl_coef, *, estimator, gamma, lam,
-               whiten):
-  """Rewards, KL, advantages and returns of one rollout batch (host-side, small arrays)."""
-  rewards, kl = ppo_core.token_rewards(scores, logp, ref_logp, mask, kl_coef, estimator)
-  adv, returns = ppo_core.gae(rewards, values, mask, gamma, lam)
-  if whiten:
-    adv = ppo_core.whiten(adv, mask)
-  return rewards, kl, adv, returns
-
-
 def _check(cfg: Any) -> None:
+  """Validates the PPO fields and derives the Trainers' batch size and step count."""
   p = cfg.ppo
   if p.temperature <= 0:
     raise ValueError(f"ppo.temperature={p.temperature}: PPO samples from the policy; use > 0")
   if p.rollout_batch_size % p.minibatches:
     raise ValueError(f"ppo.rollout_batch_size={p.rollout_batch_size} is not divisible by "
                      f"ppo.minibatches={p.minibatches}")
-  if cfg.train.batch_size != p.rollout_batch_size // p.minibatches:
-    raise ValueError(f"config.train.batch_size must be the minibatch size "
-                     f"rollout_batch_size / minibatches = {p.rollout_batch_size // p.minibatches}"
-                     f", got {cfg.train.batch_size}")
-  if cfg.train.num_steps != p.iterations * p.epochs * p.minibatches:
-    raise ValueError(f"config.train.num_steps must be iterations x epochs x minibatches = "
-                     f"{p.iterations * p.epochs * p.minibatches} (the optimizers' schedule), "
-                     f"got {cfg.train.num_steps}")
+  # One optimizer step per minibatch: the schedules run over every step of the run.
+  with cfg.unlocked():
+    cfg.train.batch_size = p.rollout_batch_size // p.minibatches
+    cfg.train.num_steps = p.iterations * p.epochs * p.minibatches
+    cfg.train.eval_batch_size = p.rollout_batch_size
+    cfg.data.seq_len = p.max_prompt_tokens + p.max_new_tokens
 
 
 class PPO:
@@ -235,12 +204,11 @@ class PPO:
   def iteration(self, i: int, p_state: Any, v_state: Any):
     """One rollout -> scoring -> advantages -> update; returns states, metrics, batch."""
     p = self.config.ppo
+    # Iteration i's prompts are a pure function of (seed, i): a resumed run samples the same.
     prompts = self.prompts.train
-    order = np.random.default_rng([self.config.seed, i // max(1, len(prompts) //
-                                                            p.rollout_batch_size)])
-    start = (i * p.rollout_batch_size) % len(prompts)
-    index = order.permutation(len(prompts))
-    chosen = [prompts[index[(start + j) % len(prompts)]] for j in range(p.rollout_batch_size)]
+    pick = np.random.default_rng([self.config.seed, i]).choice(
+        len(prompts), p.rollout_batch_size, replace=len(prompts) < p.rollout_batch_size)
+    chosen = [prompts[j] for j in pick]
     with self.policy.mesh_context():
       t0 = time.perf_counter()
       batch = self.rollout(p_state.params, chosen, seed=self.config.seed * 100_003 + i)
@@ -384,24 +352,6 @@ class PPO:
                    os.path.join(self.workdir, "ppo_curves.png"))
     self.state = (p_state, v_state)
     return history
-
-
-def plot_history(metrics_path: str, out_path: str) -> None:
-  """Score, KL and entropy per iteration (from metrics.jsonl) as a PNG."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  with open(metrics_path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  keys = ("objective/scores", "objective/kl", "objective/entropy")
-  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-  for ax, key in zip(axes, keys):
-    ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
-    ax.set_title(key)
-    ax.set_xlabel("iteration")
-  fig.tight_layout()
-  fig.savefig(out_path, dpi=100)
-  plt.close(fig)
 
 
 def run(config: Any, workdir: str) -> list[dict[str, float]]:

@@ -1,4 +1,5 @@
-"""PPO's data side: the prompt set, and the pure functions that score a rollout.
+"""PPO's rollout batch: the prompt set, the functions that score a rollout, and the policy
+and value losses on it.
 
 Prompts are the preference data's prompts (`data.preferences`: for HH, everything up to the
 final `Assistant:` turn), split exactly as the reward model's run split them (its
@@ -15,6 +16,8 @@ response's log-probs and values are read at slots [P - 1, L - 1).
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Any, Mapping, NamedTuple
 
 import jax
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlhf import ppo_core
 from train.losses import token_log_probs
 
 
@@ -92,3 +96,51 @@ def distinct_n(responses: list[list[int]], n: int = 2) -> float:
   """Distinct-n: distinct n-grams / total n-grams over all responses (0 if none)."""
   grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
   return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def policy_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                   temperature: float, clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO's clipped surrogate on a minibatch of rollout rows."""
+  del rng
+  mask = batch["response_mask"].astype(jnp.float32)
+  logp, entropy = response_logps(model, batch, temperature)
+  loss, aux = ppo_core.policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip)
+  return loss, {**aux, "policy/entropy": ppo_core.masked_mean(entropy, mask)}
+
+
+def value_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,
+                  clip: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The clipped value loss on a minibatch of rollout rows."""
+  del rng
+  mask = batch["response_mask"].astype(jnp.float32)
+  values = response_values(model, batch)
+  return ppo_core.value_loss(values, batch["old_values"], batch["returns"], mask, clip)
+
+
+@functools.partial(jax.jit, static_argnames=("estimator", "gamma", "lam", "whiten"))
+def advantages(scores, logp, ref_logp, values, mask, kl_coef, *, estimator, gamma, lam,
+               whiten):
+  """Rewards, KL, advantages and returns of one rollout batch (host-side, small arrays)."""
+  rewards, kl = ppo_core.token_rewards(scores, logp, ref_logp, mask, kl_coef, estimator)
+  adv, returns = ppo_core.gae(rewards, values, mask, gamma, lam)
+  if whiten:
+    adv = ppo_core.whiten(adv, mask)
+  return rewards, kl, adv, returns
+
+
+def plot_history(metrics_path: str, out_path: str) -> None:
+  """Score, KL and entropy per iteration (from metrics.jsonl) as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  with open(metrics_path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  keys = ("objective/scores", "objective/kl", "objective/entropy")
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+  for ax, key in zip(axes, keys):
+    ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
+    ax.set_title(key)
+    ax.set_xlabel("iteration")
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=100)
+  plt.close(fig)

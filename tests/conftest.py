@@ -227,3 +227,38 @@ def english_sft_run(tmp_path_factory):
   out = run_cmd(sft_cmd(workdir, base, *SFT_FLAGS))
   assert out.returncode == 0, out.stdout[-5000:]
   return workdir, out.stdout
+
+
+def _subset_file(path, n=48):
+  """The first n HH pairs with short transcripts (they fit 128 tokens whole)."""
+  import gzip
+  from data.sources import resolve_data_path
+  with gzip.open(resolve_data_path("preference/hh_rlhf_harmless_base_test_shared.jsonl.gz"),
+                 "rt") as f:
+    records = [json.loads(line) for line in f]
+  short = [r for r in records if max(len(r["chosen"]), len(r["rejected"])) < 300][:n]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in short)
+  return str(path)
+
+
+def reward_cmd(workdir, init_from, *flags):
+  return [sys.executable, "-m", "rlhf.reward", "--config=configs/reward/hh.py:runlocal=true",
+          f"--workdir={workdir}", f"--config.init_from={init_from}", "--local_devices=2",
+          "--config.train.peak_flops=1e9", *flags]
+
+
+@pytest.fixture(scope="session")
+def english_rm_run(english_sft_run, tmp_path_factory):
+  """40 steps on 48 short HH pairs (25% of prompts held out), from the smoke SFT model."""
+  sft, _ = english_sft_run
+  tmp = tmp_path_factory.mktemp("rm")
+  data = _subset_file(tmp / "pairs.jsonl")
+  workdir = str(tmp / "run")
+  out = run_cmd(reward_cmd(workdir, sft, f"--config.data.sources={data}",
+                           "--config.data.val_fraction=0.25", "--config.data.seq_len=128",
+                           "--config.model.max_seq_len=128", "--config.train.num_steps=40",
+                           "--config.train.eval_every=20", "--config.train.log_every=10",
+                           "--config.train.checkpoint_every=40", "--config.optim.lr=3e-3"))
+  assert out.returncode == 0, out.stdout[-5000:]
+  return workdir, data, out.stdout

@@ -3,7 +3,6 @@ an SFT checkpoint (trunk kept, fresh head), and an end-to-end CLI run on the sha
 that fits its training pairs and reports validation accuracy, then eval.reward on it.
 """
 
-import gzip
 import json
 import math
 import os
@@ -14,12 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_cmd
-from data.sources import resolve_data_path
+from conftest import reward_cmd, run_cmd
 from rlhf.reward import bradley_terry, reward_loss
-
-HH = "preference/hh_rlhf_harmless_base_test_shared.jsonl.gz"
-
 
 def _nll(x):
   return math.log1p(math.exp(-x))  # -log sigmoid(x), by hand
@@ -103,40 +98,8 @@ def test_init_from_an_sft_checkpoint_keeps_the_trunk_and_adds_a_fresh_head(engli
   trainer.close()
 
 
-def _subset_file(path, n=48):
-  """The first n HH pairs with short transcripts (they fit 128 tokens whole)."""
-  with gzip.open(resolve_data_path(HH), "rt") as f:
-    records = [json.loads(line) for line in f]
-  short = [r for r in records if max(len(r["chosen"]), len(r["rejected"])) < 300][:n]
-  with open(path, "w") as f:
-    f.writelines(json.dumps(r) + "\n" for r in short)
-  return str(path)
-
-
-def reward_cmd(workdir, init_from, *flags):
-  return [sys.executable, "-m", "rlhf.reward", "--config=configs/reward/hh.py:runlocal=true",
-          f"--workdir={workdir}", f"--config.init_from={init_from}", "--local_devices=2",
-          "--config.train.peak_flops=1e9", *flags]
-
-
-@pytest.fixture(scope="module")
-def rm_run(english_sft_run, tmp_path_factory):
-  """40 steps on 48 short HH pairs (25% of prompts held out), from the smoke SFT model."""
-  sft, _ = english_sft_run
-  tmp = tmp_path_factory.mktemp("rm")
-  data = _subset_file(tmp / "pairs.jsonl")
-  workdir = str(tmp / "run")
-  out = run_cmd(reward_cmd(workdir, sft, f"--config.data.sources={data}",
-                           "--config.data.val_fraction=0.25", "--config.data.seq_len=128",
-                           "--config.model.max_seq_len=128", "--config.train.num_steps=40",
-                           "--config.train.eval_every=20", "--config.train.log_every=10",
-                           "--config.train.checkpoint_every=40", "--config.optim.lr=3e-3"))
-  assert out.returncode == 0, out.stdout[-5000:]
-  return workdir, data, out.stdout
-
-
-def test_reward_model_fits_its_training_pairs_and_reports_validation(rm_run):
-  workdir, data, stdout = rm_run
+def test_reward_model_fits_its_training_pairs_and_reports_validation(english_rm_run):
+  workdir, data, stdout = english_rm_run
   assert "Preference data: 48 records" in stdout
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
@@ -155,9 +118,10 @@ def test_reward_model_fits_its_training_pairs_and_reports_validation(rm_run):
   assert result["num_pairs"] + result["dropped_too_long"] > 30
 
 
-def test_reward_checkpoint_records_parent_and_score_normalisation(rm_run, english_sft_run):
+def test_reward_checkpoint_records_parent_and_score_normalisation(english_rm_run,
+                                                                  english_sft_run):
   from train import checkpoint as ckpt_lib
-  workdir, _, _ = rm_run
+  workdir, _, _ = english_rm_run
   meta = ckpt_lib.read_metadata(workdir)
   assert meta["stage"] == "reward" and meta["model_class"] == "RewardModel"
   assert meta["parent"]["stage"] == "sft"
