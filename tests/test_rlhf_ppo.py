@@ -57,13 +57,16 @@ def test_first_minibatch_ratio_is_exactly_one(toy_runs):
 
 
 def test_toy_reward_rises_and_a_huge_kl_coefficient_pins_the_policy(toy_runs):
-  free = [m["objective/scores"] for m in toy_runs["free"]]
-  pinned = [m["objective/scores"] for m in toy_runs["pinned"]]
-  assert np.mean(free[-4:]) > np.mean(free[:4]) + 0.15, free
-  assert np.isfinite([m["objective/kl"] for m in toy_runs["free"]]).all()
-  assert abs(np.mean(pinned[-4:]) - np.mean(pinned[:4])) < 0.1, pinned
-  assert np.mean([m["objective/kl"] for m in toy_runs["pinned"][-4:]]) < \
-      np.mean([m["objective/kl"] for m in toy_runs["free"][-4:]])
+  # Measured once: free 0.68 -> 0.98 over 16 iterations, KL ~11 nats at the end; pinned
+  # (kl_coef 100) 0.68 -> 0.72, KL ~2 (the first update, at KL 0, follows the score).
+  gain = lambda h: np.mean([m["objective/scores"] for m in h[-4:]]) - np.mean(
+      [m["objective/scores"] for m in h[:4]])
+  late_kl = lambda h: np.mean([m["objective/kl"] for m in h[-4:]])
+  free, pinned = toy_runs["free"], toy_runs["pinned"]
+  assert gain(free) > 0.15, [m["objective/scores"] for m in free]
+  assert np.isfinite([m["objective/kl"] for m in free]).all()
+  assert gain(pinned) < 0.5 * gain(free), [m["objective/scores"] for m in pinned]
+  assert late_kl(pinned) < 0.5 * late_kl(free)
 
 
 def _ppo_cmd(workdir, sft, rm, *flags):
