@@ -92,8 +92,6 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   """
   b, t, n, d = q.shape
   kh = k.shape[1 if heads_first else 2]
-  if heads_first and t == 1:
-    return _decode_attention(q, k, v, mask)
   kv = "bksd" if heads_first else "bskd"
   q = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
   scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
@@ -101,23 +99,6 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
   out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
   return out.reshape(b, t, n, d)
-
-
-def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
-                      ) -> jax.Array:
-  """One query per row over a [B, K, S, D] cache, as multiply-and-sum reductions.
-
-  The same math as the einsum form; for a single query XLA:CPU fuses these into loops
-  that beat its batched dot kernels (tiny [1 x D] x [D x S] products per head).
-  """
-  b, _, n, d = q.shape
-  kh = k.shape[1]
-  q = q.reshape(b, kh, n // kh, 1, d)  # [B, K, G, 1, D]
-  scores = jnp.sum(q * k[:, :, None], axis=-1).astype(jnp.float32) / math.sqrt(d)  # [B,K,G,S]
-  scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)  # mask [B, 1, S]
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.sum(probs[..., None] * v[:, :, None], axis=3)  # [B, K, G, D]
-  return out.reshape(b, 1, n, d)
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
