@@ -103,6 +103,31 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def finetune_config(stage: str, init_from: str) -> ml_collections.ConfigDict:
+  """`base_config()` of a stage that starts from a checkpoint (SFT, reward model, DPO, PPO).
+
+  The architecture and tokenizer come from `init_from`, so `config.model` holds only the
+  execution overrides of the parent's model config (`train.parent.MODEL_OVERRIDES`;
+  "" / 0 = keep the parent's value).
+  """
+  c = base_config()
+  c.stage = stage
+  c.init_from = init_from
+  c.model = ml_collections.ConfigDict(
+      {"dtype": "", "param_dtype": "", "remat_policy": "", "attention_impl": "",
+       "max_seq_len": 0})
+  return c
+
+
+def smoke_train(config: ml_collections.ConfigDict, **overrides: Any) -> None:
+  """The `runlocal` schedule of the fine-tuning configs: 10 steps of batch 8, every step
+  logged, evaluated and checkpointed at the end, one step per call."""
+  config.train.update(dict(batch_size=8, num_steps=10, log_every=5, eval_every=10,
+                           eval_batch_size=16, checkpoint_every=10, steps_per_call=1))
+  config.train.update(overrides)
+  config.optim.warmup_steps = 2
+
+
 def wikitext_smoke(config: ml_collections.ConfigDict) -> None:
   """The `runlocal` data and schedule of the GPU/TPU configs: a few steps on local
   WikiText-2 text with a 2048-piece tokenizer, float32, so they run on a laptop CPU."""

@@ -19,13 +19,7 @@ from data.config import default_preference_data_config
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False)
-  config = common.base_config()
-  config.stage = "dpo"
-  config.init_from = "runs/sft"
-  # Execution overrides of the parent's model config ("" = keep the parent's value).
-  config.model = ml_collections.ConfigDict(
-      {"dtype": "", "param_dtype": "", "remat_policy": "", "attention_impl": "",
-       "max_seq_len": 0})
+  config = common.finetune_config("dpo", "runs/sft")
   config.data = default_preference_data_config()
   config.data.seq_len = 256
   config.dpo = ml_collections.ConfigDict()
@@ -40,7 +34,5 @@ def get_config(arg=None):
   config.mesh = common.mesh_config(data=-1)
   if arg.runlocal:
     config.data.seq_len = 64
-    config.train.update(dict(batch_size=8, num_steps=10, log_every=5, eval_every=10,
-                             eval_batch_size=16, checkpoint_every=10, steps_per_call=1))
-    config.optim.warmup_steps = 2
+    common.smoke_train(config)
   return config

@@ -25,13 +25,8 @@ from data.config import default_preference_data_config
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False, size="cpu")
-  config = common.base_config()
-  config.stage = "ppo"
-  config.init_from = "runs/sft"
+  config = common.finetune_config("ppo", "runs/sft")
   config.reward_from = "runs/rm"
-  config.model = ml_collections.ConfigDict(
-      {"dtype": "", "param_dtype": "", "remat_policy": "", "attention_impl": "",
-       "max_seq_len": 0})
   config.data = default_preference_data_config()
   p = config.ppo = ml_collections.ConfigDict()
   p.iterations = 120

@@ -12,21 +12,13 @@ Smoke run (a few steps, any pretraining checkpoint):
       --config.init_from=/tmp/sc
 """
 
-import ml_collections
-
 from configs import common
 from data.config import default_sft_data_config
 
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False)
-  config = common.base_config()
-  config.stage = "sft"
-  config.init_from = "runs/english_bpe"
-  # Execution overrides of the parent's model config ("" = keep the parent's value).
-  config.model = ml_collections.ConfigDict(
-      {"dtype": "", "param_dtype": "", "remat_policy": "", "attention_impl": "",
-       "max_seq_len": 0})
+  config = common.finetune_config("sft", "runs/english_bpe")
   config.data = default_sft_data_config()
   config.data.sources = ("sft/alpaca_subset.jsonl,sft/dolly_hhrlhf_1k.jsonl,"
                          "sft/gsm8k_train.jsonl.gz")
@@ -52,13 +44,7 @@ def get_config(arg=None):
   if arg.runlocal:
     config.data.seq_len = 64
     config.data.sources = "sft/alpaca_subset.jsonl"
-    config.train.batch_size = 8
-    config.train.num_steps = 10
-    config.train.log_every = 5
-    config.train.eval_every = 10
-    config.train.eval_batch_size = 8
-    config.train.checkpoint_every = 10
-    config.train.steps_per_call = 1
+    common.smoke_train(config, eval_batch_size=8)
     config.sample_every = 10
     config.num_samples = 2
     config.sample_max_new_tokens = 8
