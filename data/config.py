@@ -118,6 +118,9 @@ def default_preference_data_config() -> ml_collections.ConfigDict:
   # the validation pairs were never pretrained on (both default to 0.1 / 0).
   c.val_fraction = 0.1
   c.seed = 0                  # Seeds the split and the row order.
+  # "" = every training pair; "a" / "b" = one of two prompt-disjoint halves of the training
+  # split (two reward models that never share a prompt; validation is unchanged).
+  c.train_part = ""
   c.prefetch = 2              # Fetches prefetched; -1 = tf.data.AUTOTUNE, 0 = off.
   return c
 

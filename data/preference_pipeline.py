@@ -177,7 +177,7 @@ def build_preference_rows(data_cfg: Any, template: ChatTemplate):
 
   Args:
     data_cfg: `default_preference_data_config()`: `sources`, `seq_len`, `val_fraction`,
-      `seed`, `min_prompt_tokens`, `tfds_data_dir`.
+      `seed`, `train_part`, `min_prompt_tokens`, `tfds_data_dir`.
     template: The chat template with the run's tokenizer.
 
   Returns:
@@ -187,6 +187,7 @@ def build_preference_rows(data_cfg: Any, template: ChatTemplate):
   pairs, files = preferences.read_sources(data_cfg.sources, data_cfg.tfds_data_dir)
   train_pairs, val_pairs, branches = preferences.split_pairs(
       pairs, data_cfg.val_fraction, data_cfg.seed)
+  train_pairs = preferences.select_part(train_pairs, data_cfg.train_part, data_cfg.seed)
   stats: dict[str, Any] = {"records": sum(f.records for f in files),
                            "branches_dropped": branches}
   for reason in preferences.SKIP_REASONS:

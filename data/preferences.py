@@ -319,3 +319,20 @@ def split_pairs(pairs: Sequence[PreferencePair], val_fraction: float, seed: int 
     else:
       train.append(pair)
   return train, val, branches
+
+
+TRAIN_PARTS = ("", "a", "b")
+
+
+def select_part(pairs: Sequence[PreferencePair], part: str, seed: int = 0
+                ) -> list[PreferencePair]:
+  """Half "a" or "b" of `pairs` by a seeded hash of the prompt key ("" = all).
+
+  Two reward models trained on parts "a" and "b" of the same training split never share a
+  prompt: one can judge a policy optimised against the other (PPO's second judge).
+  """
+  if part not in TRAIN_PARTS:
+    raise ValueError(f"data.train_part={part!r}: expected one of {TRAIN_PARTS}")
+  if not part:
+    return list(pairs)
+  return [p for p in pairs if (corpus.unit_hash(seed, "part", p.key) < 0.5) == (part == "a")]

@@ -185,6 +185,17 @@ def test_split_keeps_prompts_on_one_side_and_matches_the_corpus_hold_out(hh_file
   assert twin in val2
 
 
+def test_train_parts_are_prompt_disjoint_halves(hh_file):
+  train, _, _ = split_pairs(hh_file.pairs, 0.1, seed=0)
+  a, b = (preferences.select_part(train, part) for part in ("a", "b"))
+  keys_a, keys_b = {p.key for p in a}, {p.key for p in b}
+  assert not keys_a & keys_b and len(a) + len(b) == len(train)
+  assert 0.4 < len(a) / len(train) < 0.6
+  assert preferences.select_part(train, "") == train
+  with pytest.raises(ValueError, match="train_part='c'"):
+    preferences.select_part(train, "c")
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
   from data.chat import CHAT_MARKERS
