@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf.dpo_core import dpo_loss, response_logps
+from train.losses import masked_mean
 from train.pretrain import write_config
 
 
@@ -52,7 +53,7 @@ def dpo_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Arra
                               label_smoothing, loss_type)
   mask = batch["pair_mask"].astype(jnp.float32)
   pairs = jnp.sum(mask)
-  mean = lambda x: jnp.sum(x * mask) / jnp.maximum(pairs, 1.0)
+  mean = lambda x: masked_mean(x, mask)
   return mean(losses), {**{k: mean(v) for k, v in per_pair.items()}, "weight": pairs}
 
 

@@ -24,13 +24,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from train.losses import masked_mean
+
 KL_ESTIMATORS = ("k1", "k2", "k3")
-
-
-def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
-  """Mean of x over entries where mask is 1 (0 when none)."""
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
 
 
 def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from train.losses import masked_mean
 from train.pretrain import write_config
 
 
@@ -60,7 +61,7 @@ def reward_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Arra
   chosen, rejected = scores[:, 0], scores[:, 1]
   mask = batch["pair_mask"].astype(jnp.float32)
   pairs = jnp.sum(mask)
-  mean = lambda x: jnp.sum(x * mask) / jnp.maximum(pairs, 1.0)
+  mean = lambda x: masked_mean(x, mask)
   loss = mean(bradley_terry(chosen, rejected, margin + batch["margin"]))
   if center_coef:
     loss = loss + center_coef * mean((chosen + rejected) ** 2)

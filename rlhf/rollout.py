@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from rlhf import ppo_core
-from train.losses import token_log_probs
+from train.losses import masked_mean, token_log_probs
 
 
 class PromptSet(NamedTuple):
@@ -105,7 +105,7 @@ def policy_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.A
   mask = batch["response_mask"].astype(jnp.float32)
   logp, entropy = response_logps(model, batch, temperature)
   loss, aux = ppo_core.policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip)
-  return loss, {**aux, "policy/entropy": ppo_core.masked_mean(entropy, mask)}
+  return loss, {**aux, "policy/entropy": masked_mean(entropy, mask)}
 
 
 def value_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,

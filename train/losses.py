@@ -16,6 +16,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
+  """Mean of x over the entries where mask is 1 (0 when there are none)."""
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(x * mask, axis=axis) / jnp.maximum(jnp.sum(mask, axis=axis), 1.0)
+
+
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """log p(target) per position, [B, T], from float32 logits [B, T, V]."""
   logz = jax.nn.logsumexp(logits, axis=-1)
@@ -29,8 +35,6 @@ def lm_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array
   logits = model(batch["tokens"], batch["positions"], batch["segment_ids"])  # [B, T, V]
   mask = batch["loss_mask"].astype(jnp.float32)
   nll = -token_log_probs(logits, batch["targets"])
-  weight = jnp.sum(mask)
-  denom = jnp.maximum(weight, 1.0)
-  loss = jnp.sum(nll * mask) / denom
   correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-  return loss, {"accuracy": jnp.sum(correct * mask) / denom, "weight": weight}
+  return masked_mean(nll, mask), {"accuracy": masked_mean(correct, mask),
+                                  "weight": jnp.sum(mask)}
