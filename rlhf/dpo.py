@@ -29,18 +29,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf.dpo_core import dpo_loss, response_logps
+from rlhf.reward import flatten_pairs
 from train.losses import masked_mean
 from train.pretrain import write_config
 
 
 def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
   """Response log-probabilities [B, 2] (chosen, rejected) of a preference batch."""
-  b, two, t = batch["tokens"].shape
-  flat = lambda x: x.reshape(b * two, *x.shape[2:])
-  tokens = flat(batch["tokens"])
-  logits = model(tokens, flat(batch["positions"]), flat(batch["segment_ids"]))
-  return response_logps(logits, tokens, flat(batch["response_start"]),
-                        flat(batch["score_index"])).reshape(b, two)
+  tokens, positions, segment_ids, start, end = flatten_pairs(
+      batch, ("tokens", "positions", "segment_ids", "response_start", "score_index"))
+  logits = model(tokens, positions, segment_ids)
+  return response_logps(logits, tokens, start, end).reshape(-1, 2)
 
 
 def dpo_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,

@@ -43,13 +43,17 @@ def bradley_terry(chosen: jax.Array, rejected: jax.Array, margin: jax.Array | fl
   return -jax.nn.log_sigmoid(chosen - rejected - margin)
 
 
+def flatten_pairs(batch: Mapping[str, jax.Array], keys: tuple[str, ...]) -> list[jax.Array]:
+  """`batch[k]` [B, 2, ...] -> [2B, ...] for each key: row 2i chosen, 2i + 1 rejected, so a
+  data-parallel shard still holds whole pairs (the reshape moves no data)."""
+  return [batch[k].reshape(-1, *batch[k].shape[2:]) for k in keys]
+
+
 def pair_scores(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
   """Scores [B, 2] (chosen, rejected) of a preference batch ([B, 2, T] arrays)."""
-  b, two, t = batch["tokens"].shape
-  flat = lambda x: x.reshape(b * two, *x.shape[2:])  # [B, 2, ...] -> [2B, ...], pairs adjacent
-  scores = model.score(flat(batch["tokens"]), flat(batch["positions"]),
-                       flat(batch["segment_ids"]), flat(batch["score_index"]))
-  return scores.reshape(b, two)
+  scores = model.score(*flatten_pairs(batch, ("tokens", "positions", "segment_ids",
+                                              "score_index")))
+  return scores.reshape(-1, 2)
 
 
 def reward_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,
