@@ -123,12 +123,10 @@ def run(config: Any, workdir: str) -> dict[str, float]:
 
   def evaluate(trainer: Any, step: int, state: Any) -> None:
     metrics = trainer.evaluate(state.params, val_set(eval_batch))
-    trainer.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
     results.update(metrics)
-    if jax.process_index() == 0:
-      print(f"eval step {step}: loss {metrics['loss']:.4f} | implicit-reward accuracy "
-            f"{metrics['rewards/accuracies']:.4f} | margin {metrics['rewards/margins']:.3f} "
-            f"| {int(metrics['tokens'])} pairs", flush=True)
+    trainer.log_eval(step, metrics, f"loss {metrics['loss']:.4f} | implicit-reward accuracy "
+                     f"{metrics['rewards/accuracies']:.4f} | margin "
+                     f"{metrics['rewards/margins']:.3f} | {int(metrics['tokens'])} pairs")
 
   trainer.add_hook(evaluate, every=config.train.eval_every or config.train.num_steps)
   results.update(trainer.fit(state, iter(train_iter)))

@@ -167,15 +167,13 @@ def run(config: Any, workdir: str) -> dict[str, float]:
 
   def evaluate(trainer: Any, step: int, state: Any) -> None:
     metrics = trainer.evaluate(state.params, val_set(config.train.eval_batch_size))
-    trainer.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
     if step == trainer.num_steps:  # before the final save: normalisation for PPO
       trainer.extra_metadata["reward_norm"] = norm_from_eval(metrics)
     results.update(metrics)
-    if jax.process_index() == 0:
-      print(f"eval step {step}: accuracy {metrics['accuracy']:.4f} | loss "
-            f"{metrics['loss']:.4f} | margin {metrics['margin']:.3f} | chosen "
-            f"{metrics['chosen_mean']:.3f} | rejected {metrics['rejected_mean']:.3f} | "
-            f"{int(metrics['tokens'])} pairs", flush=True)
+    trainer.log_eval(step, metrics, f"accuracy {metrics['accuracy']:.4f} | loss "
+                     f"{metrics['loss']:.4f} | margin {metrics['margin']:.3f} | chosen "
+                     f"{metrics['chosen_mean']:.3f} | rejected {metrics['rejected_mean']:.3f}"
+                     f" | {int(metrics['tokens'])} pairs")
 
   trainer.add_hook(evaluate, every=config.train.eval_every or config.train.num_steps)
   results.update(trainer.fit(state, iter(train_iter)))

@@ -16,7 +16,6 @@ response's log-probs and values are read at slots [P - 1, L - 1).
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any, Mapping, NamedTuple
 
@@ -117,10 +116,13 @@ def value_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Ar
   return ppo_core.value_loss(values, batch["old_values"], batch["returns"], mask, clip)
 
 
-@functools.partial(jax.jit, static_argnames=("estimator", "gamma", "lam", "whiten"))
 def advantages(scores, logp, ref_logp, values, mask, kl_coef, *, estimator, gamma, lam,
                whiten):
-  """Rewards, KL, advantages and returns of one rollout batch (host-side, small arrays)."""
+  """Rewards, KL, advantages and returns of one rollout batch.
+
+  Small [rollout_batch, max_new_tokens] arrays once per iteration (an iteration takes
+  seconds), so this runs eagerly: jit stays in the Trainer.
+  """
   rewards, kl = ppo_core.token_rewards(scores, logp, ref_logp, mask, kl_coef, estimator)
   adv, returns = ppo_core.gae(rewards, values, mask, gamma, lam)
   if whiten:

@@ -72,10 +72,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     metrics = trainer.evaluate(state.params, val_set(config.train.eval_batch_size))
     metrics["bpc"] = metrics["loss"] * metrics["tokens"] / val_chars / math.log(2)
     results.update(metrics)
-    trainer.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-    if jax.process_index() == 0:
-      print(f"eval step {step}: loss {metrics['loss']:.4f} | bpc {metrics['bpc']:.4f} | "
-            f"accuracy {metrics['accuracy']:.4f} | {int(metrics['tokens'])} tokens", flush=True)
+    trainer.log_eval(step, metrics, f"loss {metrics['loss']:.4f} | bpc {metrics['bpc']:.4f} | "
+                     f"accuracy {metrics['accuracy']:.4f} | {int(metrics['tokens'])} tokens")
 
   trainer.add_hook(eval_hook, every=config.train.eval_every or config.train.num_steps)
   results.update(trainer.fit(state, iter(train_iter)))

@@ -71,10 +71,8 @@ def run(config: Any, workdir: str) -> dict[str, float]:
 
   def evaluate(step: int, params: Any) -> dict[str, float]:
     metrics = trainer.evaluate(params, val_set(config.train.eval_batch_size))
-    trainer.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
-    if jax.process_index() == 0:
-      print(f"eval step {step}: response loss {metrics['loss']:.4f} | accuracy "
-            f"{metrics['accuracy']:.4f} | {int(metrics['tokens'])} tokens", flush=True)
+    trainer.log_eval(step, metrics, f"response loss {metrics['loss']:.4f} | accuracy "
+                     f"{metrics['accuracy']:.4f} | {int(metrics['tokens'])} tokens")
     return metrics
 
   if not resumed and int(jax.device_get(state.step)) == 0:

@@ -275,6 +275,13 @@ class Trainer(Restorer):
       raise ValueError("Evaluation saw no weighted examples (empty validation split?)")
     return {**{k: v / weight for k, v in totals.items()}, "tokens": weight}
 
+  def log_eval(self, step: int, metrics: Mapping[str, float], summary: str) -> None:
+    """Writes `metrics` as eval/<name> (TensorBoard, metrics.jsonl) and prints
+    "eval step <step>: <summary>" on process 0: every stage's eval hook ends with this."""
+    self.writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if jax.process_index() == 0:
+      print(f"eval step {step}: {summary}", flush=True)
+
   def predict(self, fn: Callable[[nnx.Module, Mapping[str, jax.Array]], jax.Array],
               params: Any, batches: Iterable[Mapping[str, np.ndarray]]) -> np.ndarray:
     """Per-row outputs of `fn(model, batch) -> [B, ...]` over `batches`, concatenated on the
