@@ -216,7 +216,7 @@ class PPO:
       batch.update(self.score(p_state.params, v_state.params, batch))
       t2 = time.perf_counter()
       mask = batch["response_mask"]
-      rewards, kl, adv, returns = (np.asarray(x) for x in advantages(
+      _, kl, adv, returns = (np.asarray(x) for x in advantages(
           batch["scores"], batch["old_logp"], batch["ref_logp"], batch["old_values"], mask,
           self.kl.value, estimator=p.kl_estimator, gamma=p.gamma, lam=p.lam,
           whiten=p.whiten_advantages))
@@ -350,7 +350,6 @@ class PPO:
     if jax.process_index() == 0 and history:
       plot_history(os.path.join(self.workdir, "metrics.jsonl"),
                    os.path.join(self.workdir, "ppo_curves.png"))
-    self.state = (p_state, v_state)
     return history
 
 
