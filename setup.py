@@ -1,6 +1,8 @@
 """Packaging for the JAX LLM lifecycle codebase (pretrain -> SFT -> RM -> PPO/DPO -> eval)."""
 from setuptools import find_packages, setup
 
+HF = ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"]
+
 setup(
     name="lmlife",
     version="0.1.0",
@@ -28,9 +30,11 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "test": ["pytest>=8,<10"],
-        # Hugging Face comparisons (benchmarks; interop parity tests). Exactly this torch:
-        # the CPU wheel available here; any other version pulls gigabytes of CUDA packages.
-        "hf": ["torch==2.13.0", "transformers>=4.50,<6", "safetensors>=0.4"],
+        # Hugging Face interop (model/hf.py) and its parity tests against transformers.
+        # Exactly this torch: the CPU wheel available here; any other version pulls
+        # gigabytes of CUDA packages.
+        "hf": HF,
+        # The tests include the transformers parity checks, so they need the hf extra.
+        "test": ["pytest>=8,<10", *HF],
     },
 )

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -45,57 +44,20 @@ STAGES = {
 }
 
 
-def finished(workdir: str) -> bool:
-  """True when the run's last configured step is checkpointed."""
-  from train import checkpoint as ckpt_lib
-  try:
-    meta = ckpt_lib.read_metadata(workdir)
-  except Exception:  # noqa: BLE001 - no (readable) checkpoint yet
-    return False
-  return meta["step"] >= meta["config"]["train"]["num_steps"]
-
-
-def run_stage(name: str, root: str, minutes: dict) -> None:
-  module, config, parent = STAGES[name]
-  workdir = os.path.join(root, name)
-  cmd = [sys.executable, "-m", module, f"--config={config}", f"--workdir={workdir}"]
-  if parent:
-    cmd.append(f"--config.init_from={os.path.join(root, parent)}")
-  if name == "rm":
-    cmd += FLAGS.rm_flag
-  print("$ " + " ".join(cmd), flush=True)
-  start = time.perf_counter()
-  with open(os.path.join(root, f"{name}.log"), "a") as log:
-    rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
-  minutes[name] = minutes.get(name, 0.0) + (time.perf_counter() - start) / 60
-  with open(os.path.join(root, "minutes.json"), "w") as f:
-    json.dump(minutes, f, indent=1)
-  if rc != 0:
-    sys.exit(f"{name} failed (rc={rc}); see {os.path.join(root, name + '.log')}")
-  print(f"{name}: done, {minutes[name]:.1f} min in all", flush=True)
-
-
 def main(argv):
   del argv
-  root = os.path.abspath(FLAGS.root)
-  os.makedirs(root, exist_ok=True)
-  path = os.path.join(root, "minutes.json")
-  minutes = json.load(open(path)) if os.path.exists(path) else {}
-  for name in STAGES:
-    if finished(os.path.join(root, name)):
-      print(f"{name}: finished ({minutes.get(name, float('nan')):.1f} min recorded)")
-    elif name in FLAGS.stages:
-      run_stage(name, root, minutes)
-    else:
-      sys.exit(f"{name} is not finished in {root} and --stages={FLAGS.stages} excludes it")
+  from benchmarks.stages import Chain, run_json
+  chain = Chain(FLAGS.root)
+  for name, (module, config, parent) in STAGES.items():
+    cmd = ["-m", module, f"--config={config}", f"--workdir={chain.workdir(name)}"]
+    if parent:
+      cmd.append(f"--config.init_from={chain.workdir(parent)}")
+    chain.ensure(name, cmd + (FLAGS.rm_flag if name == "rm" else []),
+                 allowed=name in FLAGS.stages)
   start = time.perf_counter()
-  out = subprocess.run([sys.executable, "-m", "eval.reward",
-                        f"--checkpoint={os.path.join(root, 'rm')}", "--split=val"],
-                       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  print(out.stdout.strip())
-  if out.returncode != 0:
-    sys.exit("eval.reward failed")
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+  result = run_json(["-m", "eval.reward", f"--checkpoint={chain.workdir('rm')}",
+                     "--split=val"])
+  minutes = chain.minutes
   train_minutes = [minutes.get(name) for name in STAGES]
   summary = {
       "val_accuracy": round(result["accuracy"], 4),

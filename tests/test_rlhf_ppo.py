@@ -104,10 +104,26 @@ def test_ppo_cli_from_sft_and_reward_checkpoints_and_resume(english_sft_run, eng
   assert "iter 3/3" in out.stdout and "iter 1/3" not in out.stdout
 
 
-def test_ppo_refuses_bad_inputs(english_sft_run, english_rm_run, tmp_path):
+def _with_other_tokenizer(rm, tokenizer_from, path):
+  """A copy of the reward-model run `rm` whose checkpoint holds `tokenizer_from`'s tokenizer."""
+  import glob
+  import shutil
+  from train import checkpoint as ckpt_lib
+  shutil.copytree(rm, path)
+  blobs = glob.glob(os.path.join(path, "checkpoints", "*", "tokenizer", "blob.bin"))
+  assert blobs
+  for blob in blobs:
+    with open(blob, "wb") as f:
+      f.write(ckpt_lib.read_tokenizer(tokenizer_from))
+  return str(path)
+
+
+def test_ppo_refuses_bad_inputs(english_sft_run, english_rm_run, reference_run, tmp_path):
   from rlhf.ppo import PPO
   sft, rm = english_sft_run[0], english_rm_run[0]
+  other_tokenizer = _with_other_tokenizer(rm, reference_run, tmp_path / "rm_char")
   cases = [
+      (dict(reward_from=other_tokenizer), {}, "tokenizer .* differs from the policy's"),
       (dict(reward_from=sft), {}, "without a scalar head"),
       (dict(reward_from=rm), dict(max_prompt_tokens=4), "Empty prompt set"),
       (dict(reward_from=rm), dict(max_new_tokens=60), "exceeds the model context"),
