@@ -36,5 +36,7 @@ setup(
         "hf": HF,
         # The tests include the transformers parity checks, so they need the hf extra.
         "test": ["pytest>=8,<10", *HF],
+        # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.
+        "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0"],
     },
 )

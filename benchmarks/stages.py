@@ -35,6 +35,8 @@ class Chain:
   """The stages' minutes (`<root>/minutes.json`) and the runner."""
 
   def __init__(self, root: str):
+    from absl import logging
+    logging.set_verbosity(logging.ERROR)  # Orbax logs every file operation it reads
     self.root = os.path.abspath(root)
     os.makedirs(self.root, exist_ok=True)
     self.path = os.path.join(self.root, "minutes.json")

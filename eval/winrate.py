@@ -116,8 +116,10 @@ def response_kl(policy: LoadedCheckpoint, reference: LoadedCheckpoint,
 def compare(policies: Mapping[str, str], judges: Mapping[str, str], *, baseline: str,
             reference: str | None, prompts: Sequence[np.ndarray], samples_per_prompt: int,
             max_new_tokens: int, temperature: float, seed: int = 0, batch_size: int = 32,
-            num_resamples: int = 10_000, output: str | None = None) -> dict[str, Any]:
-  """Generates, scores and compares (module doc); returns {"policies": {name: figures}}."""
+            num_resamples: int = 10_000, output: str | None = None,
+            with_scores: bool = False) -> dict[str, Any]:
+  """Generates, scores and compares (module doc); returns {"policies": {name: figures}}
+  (with `with_scores`, also each response's score as figures["scores/<judge>"])."""
   if baseline not in policies:
     raise ValueError(f"--baseline={baseline!r} is not one of the policies {list(policies)}")
   if not prompts:
@@ -166,6 +168,8 @@ def compare(policies: Mapping[str, str], judges: Mapping[str, str], *, baseline:
         "response_length": float(lengths.mean()),
         **({"kl": float(rows["kl"].mean())} if ref is not None else {}),
         **{f"score/{j}": float(s.mean()) for j, s in rows["scores"].items()},
+        **({f"scores/{j}": s.tolist() for j, s in rows["scores"].items()}
+           if with_scores else {}),
     }
     del policy
   base = rows_of[baseline]

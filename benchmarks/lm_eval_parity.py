@@ -1,0 +1,176 @@
+"""Benchmark: our harness against EleutherAI's lm-evaluation-harness, item by item.
+
+  pip install -e ".[parity]"     # lm-eval and accelerate (beside the test extra)
+  python benchmarks/lm_eval_parity.py --checkpoint=runs/chain/base --hellaswag_items=500
+
+1. exports the checkpoint to a Hugging Face LlamaForCausalLM directory (model/hf.py);
+2. writes the shared HellaSwag file's first `--hellaswag_items` items and the ARC-Easy file
+   as local jsonl, and lm-eval task YAMLs (`dataset_path: json` + `data_files`) with the
+   prompt formats of eval/tasks.py;
+3. runs `lm_eval --model hf` on CPU in float32, offline (HF_DATASETS_OFFLINE=1,
+   HF_HUB_OFFLINE=1, --include_path), with --log_samples;
+4. scores the same items with eval.run (our checkpoint, our JAX model and tokenizer);
+5. compares every (item, choice) log-likelihood and the acc / acc_norm aggregates.
+Last line: one JSON object with `items`, `max_abs_loglik_diff`, `acc_ours`, `acc_lm_eval`,
+`acc_norm_ours`, `acc_norm_lm_eval` (over both tasks; per task beside them).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", "runs/chain/base", "Language-model checkpoint.")
+flags.DEFINE_string("out", "runs/lm_eval_parity", "Work directory.")
+flags.DEFINE_integer("hellaswag_items", 500, "HellaSwag items (the shared file's first).")
+flags.DEFINE_integer("batch_size", 16, "Batch size of both harnesses.")
+
+TASK_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{text}"
+doc_to_target: {target}
+doc_to_choice: {choices}
+target_delimiter: " "
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+"""
+
+TASKS = {  # our task -> (lm-eval task name, doc_to_text, target field, choices field)
+    "hellaswag": ("lmlife_hellaswag", "{{activity_label}}: {{ctx}}", "label", "endings"),
+    "arc_easy": ("lmlife_arc_easy", "{{query}}\\nAnswer:", "gold", "choices"),
+}
+
+
+def write_tasks(out: str) -> dict[str, str]:
+  """Local jsonl copies and the YAMLs; returns {our task: its jsonl path}."""
+  from eval import tasks as tasks_lib
+  paths = {}
+  for task in TASKS:
+    src = tasks_lib.task_path(task)
+    opener = gzip.open if src.endswith(".gz") else open
+    with opener(src, "rt", encoding="utf-8") as f:
+      lines = [line for line in f if line.strip()]
+    if task == "hellaswag":
+      lines = lines[:FLAGS.hellaswag_items]
+    paths[task] = os.path.join(out, f"{task}.jsonl")
+    with open(paths[task], "w", encoding="utf-8") as f:
+      f.writelines(lines)
+    name, text, target, choices = TASKS[task]
+    with open(os.path.join(out, "tasks", f"{name}.yaml"), "w") as f:
+      f.write(TASK_YAML.format(name=name, path=paths[task], text=text, target=target,
+                               choices=choices))
+  return paths
+
+
+def run_lm_eval(hf_dir: str, out: str) -> dict[str, list[dict]]:
+  """lm-eval's per-sample records of each task (its --log_samples files)."""
+  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false")
+  names = ",".join(t[0] for t in TASKS.values())
+  cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={hf_dir},dtype=float32", "--tasks", names, "--include_path",
+         os.path.join(out, "tasks"), "--batch_size", str(FLAGS.batch_size), "--device", "cpu",
+         "--log_samples", "--output_path", os.path.join(out, "lm_eval")]
+  print("$ " + " ".join(cmd), flush=True)
+  run = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True)
+  with open(os.path.join(out, "lm_eval.log"), "w") as f:
+    f.write(run.stdout)
+  if run.returncode != 0:
+    sys.exit(f"lm_eval failed (rc={run.returncode}); see {out}/lm_eval.log:\n"
+             + run.stdout[-3000:])
+  samples = {}
+  for task, (name, *_) in TASKS.items():
+    files = sorted(glob.glob(os.path.join(out, "lm_eval", "**", f"samples_{name}_*.jsonl"),
+                             recursive=True))
+    if not files:
+      sys.exit(f"lm_eval wrote no samples file for {name} under {out}/lm_eval")
+    with open(files[-1]) as f:
+      samples[task] = sorted((json.loads(line) for line in f), key=lambda r: r["doc_id"])
+  return samples
+
+
+def main(argv):
+  del argv
+  import numpy as np
+  from absl import logging
+  logging.set_verbosity(logging.ERROR)
+  from eval import tasks as tasks_lib
+  from eval.loading import load_checkpoint
+  from eval.loglik import LoglikScorer
+  from eval.run import score_multiple_choice
+  from model import hf
+  out = os.path.abspath(FLAGS.out)
+  os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
+  hf_dir = os.path.join(out, "hf_model")
+  hf.export_checkpoint(FLAGS.checkpoint, hf_dir)
+  paths = write_tasks(out)
+  start = time.perf_counter()
+  theirs = run_lm_eval(hf_dir, out)
+  lm_eval_s = time.perf_counter() - start
+  loaded = load_checkpoint(FLAGS.checkpoint)
+  scorer = LoglikScorer(loaded, FLAGS.batch_size)
+  summary, diffs, totals = {}, [], {"acc": [[], []], "acc_norm": [[], []]}
+  start = time.perf_counter()
+  for task in TASKS:
+    items = tasks_lib.MC_READERS[task](paths[task])
+    ours_summary, ours = score_multiple_choice(scorer, task, items)
+    if len(ours) != len(theirs[task]):
+      sys.exit(f"{task}: {len(ours)} items here, {len(theirs[task])} in lm-eval")
+    task_diffs = []
+    for mine, other in zip(ours, theirs[task]):
+      lls = [float(r[0]) for r in other["filtered_resps"]]
+      task_diffs.append(np.max(np.abs(np.asarray(mine["loglik"]) - lls)))
+      for metric in ("acc", "acc_norm"):
+        totals[metric][0].append(mine[metric])
+        totals[metric][1].append(float(other[metric]))
+    diffs.extend(task_diffs)
+    ours_acc = [r["acc"] for r in ours]
+    summary[task] = {
+        "items": len(ours), "max_abs_loglik_diff": float(np.max(task_diffs)),
+        "acc_ours": float(np.mean(ours_acc)),
+        "acc_lm_eval": float(np.mean([float(o["acc"]) for o in theirs[task]])),
+        "acc_norm_ours": float(np.mean([r["acc_norm"] for r in ours])),
+        "acc_norm_lm_eval": float(np.mean([float(o["acc_norm"]) for o in theirs[task]])),
+        "items_with_different_acc": int(sum(
+            r["acc"] != float(o["acc"]) for r, o in zip(ours, theirs[task]))),
+        "items_with_different_acc_norm": int(sum(
+            r["acc_norm"] != float(o["acc_norm"]) for r, o in zip(ours, theirs[task]))),
+    }
+    print(f"{task}: {summary[task]}", flush=True)
+  result = {
+      "items": len(diffs), "max_abs_loglik_diff": float(np.max(diffs)),
+      "acc_ours": float(np.mean(totals["acc"][0])),
+      "acc_lm_eval": float(np.mean(totals["acc"][1])),
+      "acc_norm_ours": float(np.mean(totals["acc_norm"][0])),
+      "acc_norm_lm_eval": float(np.mean(totals["acc_norm"][1])),
+      **{f"{task}_{k}": v for task, s in summary.items() for k, v in s.items()},
+      "lm_eval_seconds": round(lm_eval_s, 1),
+      "ours_seconds": round(time.perf_counter() - start, 1),
+  }
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,157 @@
+"""Log-likelihood requests scored the way EleutherAI's lm-evaluation-harness scores them.
+
+  scorer = LoglikScorer(load_checkpoint("runs/base"), batch_size=32)
+  scorer.loglikelihood([("Question: 2+2?\\nAnswer:", " 4"), ...])  # -> [(logp, is_greedy)]
+  scorer.rolling_loglikelihood(["a whole document", ...])          # -> [(logp, tokens)]
+
+The encoding follows lm-eval's `_encode_pair` for causal models, so per-item numbers can be
+compared with it one for one (benchmarks/lm_eval_parity.py):
+- trailing whitespace of the context moves to the start of the continuation;
+- the continuation's tokens are those of encode(context + continuation) after the first
+  len(encode(context)) tokens (the pair is encoded whole, so a word split across the
+  boundary tokenises as it would in running text);
+- an empty context is replaced by the end-of-document token `</s>` (lm-eval's
+  `prefix_token_id`: the token our pretraining puts between documents);
+- no BOS (our models never saw one); sequences longer than the model context keep their
+  last max_seq_len + 1 tokens (lm-eval's left truncation).
+`is_greedy` is whether every continuation token is the argmax of its logits.
+
+Rolling log-likelihood (perplexity) scores a whole text: the first window predicts tokens
+1.. from `</s>`, then disjoint windows of max_seq_len tokens, each conditioned on as much
+preceding text as fits (lm-eval's `get_rolling_token_windows` with context_len 1).
+
+Requests are sorted by length and batched into a few padded shapes (powers of two up to the
+model context), so a long task compiles a handful of programs; batches are sharded over the
+checkpoint's mesh like every other jitted call here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from eval.loading import LoadedCheckpoint
+from model import sharding as msharding
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
+  """(context ids, continuation ids) as lm-eval encodes a causal-LM request."""
+  if not context:
+    cont = tokenizer.encode(continuation)
+    if cont and cont[0] == tokenizer.eos_id:
+      return cont[:1], cont[1:]
+    return [tokenizer.eos_id], cont
+  n_spaces = len(context) - len(context.rstrip())
+  if n_spaces:
+    context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+  whole = tokenizer.encode(context + continuation)
+  ctx = tokenizer.encode(context)
+  return ctx, whole[len(ctx):]
+
+
+def rolling_windows(tokens: Sequence[int], prefix: int, max_len: int
+                    ) -> list[tuple[list[int], list[int]]]:
+  """(context, targets) windows covering every token of `tokens` once (lm-eval's rolling
+  windows with context_len 1): each window holds at most max_len input tokens."""
+  if not tokens:
+    return []
+  out = []
+  first = min(max_len, len(tokens))
+  out.append(([prefix], list(tokens[:first])))  # input: prefix + targets[:-1]
+  done = first
+  while done < len(tokens):
+    n = min(max_len, len(tokens) - done)
+    # Inputs are the max_len tokens before the last target; the targets are the new n.
+    window = list(tokens[max(0, done + n - max_len - 1):done + n])
+    out.append((window[:-n], window[-n:]))
+    done += n
+  return out
+
+
+def _bucket(length: int, max_len: int) -> int:
+  return min(max_len, max(16, 1 << math.ceil(math.log2(max(length, 1)))))
+
+
+class LoglikScorer:
+  """Batched continuation log-likelihoods of one language-model checkpoint."""
+
+  def __init__(self, loaded: LoadedCheckpoint, batch_size: int = 32,
+               progress: Callable[[int, int], None] | None = None):
+    self.loaded, self.tokenizer = loaded, loaded.tokenizer
+    self.max_len = loaded.model_cfg.max_seq_len
+    dp = msharding.batch_parallel_size(loaded.mesh, loaded.rules)
+    self.batch_size = -(-batch_size // dp) * dp
+    self.sharding = NamedSharding(loaded.mesh, P(dict(loaded.rules).get("batch")))
+    self.progress = progress
+    graphdef = loaded.graphdef
+
+    @jax.jit
+    def score(params, tokens, targets, mask):
+      logits = nnx.merge(graphdef, params)(tokens).astype(jnp.float32)
+      logp = jax.nn.log_softmax(logits, axis=-1)
+      picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+      greedy = jnp.argmax(logits, axis=-1) == targets
+      total = jnp.sum(picked * mask, axis=1)
+      all_greedy = jnp.all(greedy | (mask == 0), axis=1)
+      return total, all_greedy
+
+    self._score = score
+
+  def score_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
+                   ) -> list[tuple[float, bool]]:
+    """(sum of log p(continuation | context), greedy?) for token-id pairs."""
+    rows = []
+    for ctx, cont in pairs:
+      if not cont:
+        raise ValueError("A request with an empty continuation (nothing to score)")
+      seq = (list(ctx) + list(cont))[-(self.max_len + 1):]
+      rows.append((seq, min(len(cont), len(seq) - 1)))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    done = 0
+    with jax.set_mesh(self.loaded.mesh), nnx.logical_axis_rules(self.loaded.rules):
+      for start in range(0, len(order), self.batch_size):
+        chunk = order[start:start + self.batch_size]
+        width = _bucket(len(rows[chunk[0]][0]) - 1, self.max_len)
+        tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+        targets = np.zeros_like(tokens)
+        mask = np.zeros(tokens.shape, np.float32)
+        for r, i in enumerate(chunk):
+          seq, n = rows[i]
+          length = len(seq) - 1
+          tokens[r, :length] = seq[:-1]  # right padding: causal, so padding never leaks back
+          targets[r, :length] = seq[1:]
+          mask[r, length - n:length] = 1.0  # the continuation's targets
+        total, greedy = jax.device_get(self._score(
+            self.loaded.params, *(jax.device_put(x, self.sharding)
+                                  for x in (tokens, targets, mask))))
+        for r, i in enumerate(chunk):
+          out[i] = (float(total[r]), bool(greedy[r]))
+        done += len(chunk)
+        if self.progress:
+          self.progress(done, len(rows))
+    return out
+
+  def loglikelihood(self, requests: Iterable[tuple[str, str]]) -> list[tuple[float, bool]]:
+    """lm-eval's `loglikelihood` for (context, continuation) strings."""
+    return self.score_tokens([encode_pair(self.tokenizer, c, x) for c, x in requests])
+
+  def rolling_loglikelihood(self, texts: Sequence[str]) -> list[tuple[float, int]]:
+    """(total log-likelihood, number of tokens) of each whole text."""
+    windows, owner, counts = [], [], []
+    for t, text in enumerate(texts):
+      tokens = self.tokenizer.encode(text)
+      counts.append(len(tokens))
+      for window in rolling_windows(tokens, self.tokenizer.eos_id, self.max_len):
+        windows.append(window)
+        owner.append(t)
+    totals = np.zeros(len(texts))
+    for t, (logp, _) in zip(owner, self.score_tokens(windows)):
+      totals[t] += logp
+    return [(float(totals[t]), counts[t]) for t in range(len(texts))]

@@ -1,0 +1,200 @@
+"""Tests for the evaluation harness (eval/loglik.py, eval/tasks.py, eval/run.py).
+
+Log-likelihoods are checked against transformers' LlamaForCausalLM on the same random
+weights and our exported tokenizer, with the pairs encoded the way lm-eval does; task readers
+name the file, line and field of a malformed row; the CLI writes its JSON, markdown and
+per-item files and refuses unknown tasks and wrong checkpoint kinds."""
+
+import gzip
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from conftest import run_cmd
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+  """A random Llama in transformers and the same model imported as our checkpoint."""
+  from data import sources
+  from data.tokenizer import Tokenizer, train_tokenizer
+  from eval.loading import load_checkpoint
+  from model import hf
+  tmp = tmp_path_factory.mktemp("hf")
+  path = train_tokenizer([sources.resolve_data_path("pretrain/tinyshakespeare.txt")],
+                         str(tmp / "t.model"), vocab_size=500)
+  tokenizer = Tokenizer.from_file(path)
+  config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                    intermediate_size=96, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=48, tie_word_embeddings=False,
+                                    initializer_range=0.2)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  model.save_pretrained(tmp / "llama")
+  tokenizer.save(str(tmp / "llama" / "tokenizer.model"))
+  hf.hf_tokenizer(tokenizer).save_pretrained(tmp / "llama")
+  ours = load_checkpoint(hf.import_hf(str(tmp / "llama"), str(tmp / "ours")))
+  return model, transformers.AutoTokenizer.from_pretrained(tmp / "llama"), ours
+
+
+def _hf_loglik(model, tok, context, continuation, max_len):
+  """lm-eval's HFLM computation, written out: encode whole / context, left-truncate."""
+  n = len(context) - len(context.rstrip())
+  if n:
+    context, continuation = context[:-n], context[-n:] + continuation
+  whole = tok.encode(context + continuation, add_special_tokens=False)
+  ctx = tok.encode(context, add_special_tokens=False)
+  cont = whole[len(ctx):]
+  seq = (ctx + cont)[-(max_len + 1):]
+  with torch.no_grad():
+    logits = model(torch.tensor([seq[:-1]])).logits[0].double()
+  logp = torch.log_softmax(logits, -1)[-len(cont):]
+  target = torch.tensor(seq[-len(cont):])
+  picked = logp.gather(1, target[:, None])[:, 0]
+  return float(picked.sum()), bool((logp.argmax(-1) == target).all())
+
+
+def test_logliks_match_transformers_on_lm_eval_encoding(hf_pair):
+  from eval.loglik import LoglikScorer
+  from eval.tasks import arc, task_path
+  model, tok, ours = hf_pair
+  requests = [r for item in arc(task_path("arc_easy"))[:6] for r in item.requests()]
+  requests += [("The king ", "is dead"), ("To be, or not to be", ": that is"),
+               ("x" * 300, " long context, truncated from the left")]
+  scorer = LoglikScorer(ours, batch_size=4)
+  got = scorer.loglikelihood(requests)
+  for (context, continuation), (logp, greedy) in zip(requests, got):
+    want, want_greedy = _hf_loglik(model, tok, context, continuation, 48)
+    assert logp == pytest.approx(want, abs=1e-3), (context, continuation)
+    assert greedy == want_greedy
+
+
+def test_rolling_windows_cover_every_token_once_within_the_context():
+  from eval.loglik import rolling_windows
+  tokens = list(range(10, 10 + 23))
+  windows = rolling_windows(tokens, prefix=3, max_len=8)
+  targets = [t for _, w in windows for t in w]
+  assert targets == tokens
+  seen = [3]
+  for context, window in windows:
+    inputs = (context + window)[:-1]
+    assert len(inputs) <= 8
+    # The context is exactly the tokens before the window (or the prefix at the start).
+    assert context == seen[-len(context):] if len(seen) > 1 else context == [3]
+    seen = [3] + tokens[:tokens.index(window[-1]) + 1]
+
+
+def test_rolling_loglik_of_a_short_text_is_one_pass_from_the_prefix(hf_pair):
+  from eval.loglik import LoglikScorer
+  model, tok, ours = hf_pair
+  text = "ROMEO: But soft, what light"
+  ids = ours.tokenizer.encode(text)
+  assert len(ids) < 48
+  (logp, count), = LoglikScorer(ours).rolling_loglikelihood([text])
+  seq = [ours.tokenizer.eos_id] + ids
+  with torch.no_grad():
+    logits = model(torch.tensor([seq[:-1]])).logits[0].double()
+  want = torch.log_softmax(logits, -1).gather(1, torch.tensor(seq[1:])[:, None]).sum()
+  assert count == len(ids) and logp == pytest.approx(float(want), abs=1e-3)
+
+
+def _write_jsonl(path, rows):
+  with open(path, "w") as f:
+    for row in rows:
+      f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+  return str(path)
+
+
+def test_malformed_rows_name_the_file_line_and_field(tmp_path):
+  from eval import tasks
+  good = {"query": "Question: ?", "choices": ["a", "b"], "gold": 1}
+  cases = [
+      (tasks.arc, [good, {"query": "Question: ?", "choices": ["a", "b"]}], ":2: missing field 'gold'"),
+      (tasks.arc, [good, {**good, "gold": 2}], ":2: field 'gold' is 2, expected an index"),
+      (tasks.arc, [good, "{not json"], ":2: not valid JSON"),
+      (tasks.arc, [{**good, "choices": []}], ":1: field 'choices' is [], expected a non-empty"),
+      (tasks.hellaswag, [{"activity_label": "x", "ctx": "y", "label": 0, "endings": ["a", 3]}],
+       ":1: field 'endings' must be a list of strings"),
+      (tasks.winogrande, [{"context_options": ["a", "b"], "continuation": "c", "gold": "x"}],
+       ":1: field 'gold' is 'x'"),
+  ]
+  for i, (reader, rows, message) in enumerate(cases):
+    path = _write_jsonl(tmp_path / f"{i}.jsonl", rows)
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+      reader(path)
+  mmlu = tmp_path / "mmlu"
+  (mmlu / "test").mkdir(parents=True)
+  (mmlu / "dev").mkdir()
+  header = "question,choice0,choice1,choice2,choice3,answer\n"
+  (mmlu / "dev" / "x_dev.csv").write_text(header + "q,a,b,c,d,0\n")
+  (mmlu / "test" / "x_test.csv").write_text(header + "q,a,b,c,d,1\nq2,a,b,c,d,7\n")
+  with pytest.raises(ValueError, match=r"x_test.csv:3: field 'answer' is '7'"):
+    tasks.mmlu(str(mmlu))
+  with pytest.raises(ValueError, match=r"has no '#### <number>'"):
+    tasks.gsm8k(_write_jsonl(tmp_path / "g.jsonl", [{"question": "q", "answer": "42"}]))
+
+
+def test_readers_build_lm_eval_prompts_from_the_shared_files():
+  from eval import tasks
+  items = tasks.hellaswag(tasks.task_path("hellaswag"))
+  assert len(items) == 9046
+  first = items[0]
+  assert first.contexts == ["Roof shingle removal: A man is sitting on a roof. he"]
+  assert first.continuations[3] == " starts pulling up roofing on a roof." and first.gold == 3
+  arc = tasks.arc(tasks.task_path("arc_easy"))
+  assert len(arc) == 1878 and arc[0].contexts[0].startswith("Question: ")
+  assert arc[0].contexts[0].endswith("\nAnswer:")
+  mmlu = tasks.mmlu(tasks.task_path("mmlu"), shots=5)
+  assert len(mmlu) == 12928 and mmlu[0].continuations == [" A", " B", " C", " D"]
+  assert mmlu[0].contexts[0].count("\nAnswer:") == 6  # 5 shots + the question
+  wino = tasks.winogrande(tasks.task_path("winogrande"))
+  assert len(wino[0].requests()) == 2 and len(set(c for c, _ in wino[0].requests())) == 2
+  assert len(tasks.piqa(tasks.task_path("piqa"))) == 1449
+  assert len(tasks.gsm8k(tasks.task_path("gsm8k"))) == 1019
+  assert tasks.last_number("so 1,234.0 apples #### 1,234") == "1234"
+  assert tasks.last_number("It is $18.") == "18"
+
+
+def test_cli_writes_results_and_refuses_bad_input(english_sft_run, english_rm_run, tmp_path):
+  sft, rm = english_sft_run[0], english_rm_run[0]
+  out_dir = str(tmp_path / "eval")
+  tasks = "arc_easy,hellaswag,winogrande,mmlu,lambada,wikitext2,gsm8k"
+  out = run_cmd([sys.executable, "-m", "eval.run", f"--checkpoint={sft}", f"--tasks={tasks}",
+                 "--limit=6", "--mmlu_shots=1", "--max_new_tokens=16", "--batch_size=8",
+                 f"--output_dir={out_dir}"], timeout=900)
+  assert out.returncode == 0, out.stdout[-5000:]
+  report = json.loads(out.stdout.strip().splitlines()[-1])
+  results = report["results"]
+  for task in tasks.split(","):
+    assert os.path.exists(os.path.join(out_dir, f"{task}.jsonl")), task
+  for task in ("arc_easy", "hellaswag", "winogrande", "mmlu", "lambada"):
+    assert results[task]["items"] == 6 and 0.0 <= results[task]["acc"] <= 1.0
+    with open(os.path.join(out_dir, f"{task}.jsonl")) as f:
+      records = [json.loads(line) for line in f]
+    # The aggregate is the mean of the per-item outcomes written beside it.
+    assert results[task]["acc"] == pytest.approx(np.mean([r["acc"] for r in records]))
+  assert "acc_norm" in results["arc_easy"] and "acc_norm" not in results["mmlu"]
+  assert results["wikitext2"]["token_perplexity"] > 1.0
+  assert results["wikitext2"]["bits_per_byte"] == pytest.approx(
+      math.log(results["wikitext2"]["byte_perplexity"]) / math.log(2))
+  assert results["gsm8k"]["items"] == 6
+  with open(os.path.join(out_dir, "results.md")) as f:
+    assert "| arc_easy | acc |" in f.read()
+  assert os.path.exists(os.path.join(out_dir, "metrics.jsonl"))
+  bad = [
+      ((f"--checkpoint={sft}", "--tasks=arc_easy,nosuchtask"), "Unknown task 'nosuchtask'"),
+      ((f"--checkpoint={rm}", "--tasks=arc_easy"), "need a language model"),
+      ((f"--checkpoint={sft}", "--tasks=rm_accuracy"), "rm_accuracy needs a reward-model"),
+      ((f"--checkpoint={tmp_path / 'none'}", "--tasks=arc_easy"), "does not exist"),
+  ]
+  for flags, message in bad:
+    out = run_cmd([sys.executable, "-m", "eval.run", *flags,
+                   f"--output_dir={tmp_path / 'bad'}"])
+    assert out.returncode != 0 and message in out.stdout, (flags, out.stdout[-2000:])
