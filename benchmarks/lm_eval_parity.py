@@ -88,7 +88,7 @@ def run_lm_eval(hf_dir: str, out: str) -> dict[str, list[dict]]:
   env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
              TOKENIZERS_PARALLELISM="false")
   names = ",".join(t[0] for t in TASKS.values())
-  cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+  cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
          f"pretrained={hf_dir},dtype=float32", "--tasks", names, "--include_path",
          os.path.join(out, "tasks"), "--batch_size", str(FLAGS.batch_size), "--device", "cpu",
          "--log_samples", "--output_path", os.path.join(out, "lm_eval")]

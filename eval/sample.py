@@ -195,22 +195,11 @@ def truncate_history(template: Any, system: Sequence[Mapping[str, str]],
 # ------------------------------------------------------------------------------ command line
 def read_prompts(path: str) -> list[str]:
   """`.jsonl`: the "prompt" field of each record; any other file: one prompt per line."""
+  if path.endswith(".jsonl"):
+    from eval.tasks import field, read_jsonl
+    return [field(r, "prompt", str, f"{path}:{n}") for n, r in read_jsonl(path)]
   with open(path) as f:
-    lines = [line.rstrip("\n") for line in f]
-  if not path.endswith(".jsonl"):
-    return [line for line in lines if line.strip()]
-  prompts = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}:{number}: not JSON ({e})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-      raise ValueError(f"{path}:{number}: expected a record with a string 'prompt' field")
-    prompts.append(record["prompt"])
-  return prompts
+    return [line.rstrip("\n") for line in f if line.strip()]
 
 
 def _fit_max_new_tokens(requested: int, longest_prompt: int, context: int,
