@@ -239,7 +239,8 @@ def run_judged_task(task: str, flags: Any, loaded: Any
   if task == "winrate" and not flags.baseline:
     raise ValueError("Task winrate needs --baseline=<checkpoint> to compare against")
   prompts, too_long = held_out_prompts(loaded.tokenizer, flags.prompt_sources or
-                                       _default_sources(), 0.1, 0, flags.max_prompt_tokens)
+                                       _default_sources(), flags.prompt_val_fraction, 0,
+                                       flags.max_prompt_tokens)
   prompts = prompts[:flags.limit or None]
   policies = {"model": flags.checkpoint}
   if flags.baseline:
@@ -351,6 +352,8 @@ def define_flags() -> None:
   flags.DEFINE_string("judge", "", "Reward model judging winrate / redteam.")
   flags.DEFINE_string("baseline", "", "Language model compared with (winrate, redteam).")
   flags.DEFINE_string("prompt_sources", "", "Preference sources of the held-out prompts.")
+  flags.DEFINE_float("prompt_val_fraction", 0.1, "Held-out fraction of the prompt sources "
+                     "(the runs' data.val_fraction).")
   flags.DEFINE_integer("max_prompt_tokens", 128, "Longer held-out prompts are left out.")
   flags.DEFINE_integer("samples_per_prompt", 4, "Responses per prompt (winrate, redteam).")
   flags.DEFINE_float("temperature", 0.7, "Sampling temperature (winrate, redteam).")

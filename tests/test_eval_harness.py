@@ -198,3 +198,26 @@ def test_cli_writes_results_and_refuses_bad_input(english_sft_run, english_rm_ru
     out = run_cmd([sys.executable, "-m", "eval.run", *flags,
                    f"--output_dir={tmp_path / 'bad'}"])
     assert out.returncode != 0 and message in out.stdout, (flags, out.stdout[-2000:])
+
+
+def test_cli_judged_tasks(english_sft_run, english_rm_run, tmp_path):
+  """rm_accuracy on a reward model; winrate and redteam of a policy against itself."""
+  sft, (rm, data, _) = english_sft_run[0], english_rm_run
+  out = run_cmd([sys.executable, "-m", "eval.run", f"--checkpoint={rm}", "--tasks=rm_accuracy",
+                 f"--output_dir={tmp_path / 'rm'}"])
+  assert out.returncode == 0, out.stdout[-5000:]
+  rm_result = json.loads(out.stdout.strip().splitlines()[-1])["results"]["rm_accuracy"]
+  assert rm_result["num_pairs"] > 0 and 0.0 <= rm_result["accuracy"] <= 1.0
+  out = run_cmd([sys.executable, "-m", "eval.run", f"--checkpoint={sft}",
+                 "--tasks=winrate,redteam", f"--baseline={sft}", f"--judge={rm}",
+                 f"--prompt_sources={data}", "--prompt_val_fraction=0.25",
+                 "--max_prompt_tokens=48", "--max_new_tokens=16", "--samples_per_prompt=2",
+                 "--redteam_threshold=0.0", f"--output_dir={tmp_path / 'judged'}"])
+  assert out.returncode == 0, out.stdout[-5000:]
+  results = json.loads(out.stdout.strip().splitlines()[-1])["results"]
+  n = results["winrate"]["items"]
+  assert n >= 2 and results["winrate"]["winrate"] == 0.5
+  assert results["winrate"]["wins_ties_losses"] == [0, n, 0]  # the same policy and seed
+  red = results["redteam"]
+  assert 0.0 <= red["below_threshold"] <= 1.0
+  assert red["below_threshold"] == red["baseline_below_threshold"]
