@@ -3,7 +3,7 @@
   pip install -e ".[parity]"     # lm-eval and accelerate (beside the test extra)
   python benchmarks/lm_eval_parity.py --checkpoint=runs/chain/base --hellaswag_items=500
 
-1. exports the checkpoint to a Hugging Face LlamaForCausalLM directory (model/hf.py);
+1. exports the checkpoint to a Hugging Face LlamaForCausalLM directory (train/hf_convert.py);
 2. writes the shared HellaSwag file's first `--hellaswag_items` items and the ARC-Easy file
    as local jsonl, and lm-eval task YAMLs (`dataset_path: json` + `data_files`) with the
    prompt formats of eval/tasks.py;
@@ -120,11 +120,11 @@ def main(argv):
   from eval.loading import load_checkpoint
   from eval.loglik import LoglikScorer
   from eval.run import score_multiple_choice
-  from model import hf
+  from train.hf_convert import export_checkpoint
   out = os.path.abspath(FLAGS.out)
   os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
   hf_dir = os.path.join(out, "hf_model")
-  hf.export_checkpoint(FLAGS.checkpoint, hf_dir)
+  export_checkpoint(FLAGS.checkpoint, hf_dir)
   paths = write_tasks(out)
   start = time.perf_counter()
   theirs = run_lm_eval(hf_dir, out)

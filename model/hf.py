@@ -1,7 +1,4 @@
-"""Hugging Face interop: checkpoints of the shared format <-> `LlamaForCausalLM` directories.
-
-  python -m model.hf export --checkpoint=runs/sft --out=hf/sft
-  python -m model.hf import --hf_dir=path/to/llama --workdir=runs/imported
+"""Hugging Face Llama layout <-> our parameters: pure conversions, no files.
 
 Our `Transformer` is a Llama block for block (pre-RMSNorm, rotary embeddings in the
 "rotate half" layout, grouped-query attention with query head n on kv head n // G, SwiGLU,
@@ -19,37 +16,19 @@ optional tied embeddings), so the conversion is a relayout of each matrix, no ar
   final_norm.scale                  model.norm.weight
   lm_head [E, V] (untied only)      lm_head.weight [V, E]
 
-Checkpoints with fused projections or scanned layers are converted to the plain layout
-first (`model.layout`). Only language models (`Transformer`) export; a reward model's
-scalar head has no Llama counterpart.
-
-Export writes `config.json`, `model.safetensors` (float32, or the checkpoint's param dtype),
-`generation_config.json` and the tokenizer: our SentencePiece model as `tokenizer.model`
-plus an equivalent `tokenizer.json` (a `tokenizers` BPE with the same pieces, merges derived
-from the piece scores, identity normalisation, no dummy prefix, the user-defined pieces such
-as "\\n" and the chat markers as added tokens), so `AutoTokenizer.from_pretrained` encodes
-exactly as we do (tested on real text) without any conversion step on the reader's side.
-
-Import reads a Llama-family directory (`config.json` with `model_type` llama, safetensors
-weights, a SentencePiece `tokenizer.model`) and writes a step-0 checkpoint of the shared
-format (stage "hf_import") that any stage can `init_from`. Llama-3-style tokenizers (a
-tiktoken BPE in tokenizer.json only) cannot be represented by our SentencePiece tokenizer
-and are refused with that reason.
+Params with fused projections or scanned layers are converted to the plain layout first
+(`model.layout`), and back. Reading and writing Hugging Face directories (safetensors,
+config.json, tokenizer files) and our checkpoints is `train/hf_convert.py`; the tokenizer
+conversion is `data/hf_tokenizer.py`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 from typing import Any, Mapping
 
 import numpy as np
 
 from model.config import ModelConfig
-
-SPACE = "\u2581"
-
 
 # ------------------------------------------------------------------------------- weights
 def _per_layer(params: Mapping[str, Any], cfg: ModelConfig) -> list[dict]:
@@ -193,170 +172,3 @@ def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") 
       norm_eps=float(config.get("rms_norm_eps", 1e-6)),
       tie_embeddings=bool(config.get("tie_word_embeddings", False)),
       init_std=float(config.get("initializer_range", 0.02)))
-
-
-# ------------------------------------------------------------------------------ tokenizer
-def hf_tokenizer(tokenizer: Any):
-  """A transformers PreTrainedTokenizerFast that encodes exactly as our SentencePiece model.
-
-  Supports the models `data.tokenizer` trains (BPE, identity normalisation, no dummy
-  prefix, optional byte fallback); other model types are refused.
-  """
-  from sentencepiece import sentencepiece_model_pb2
-  from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
-  from transformers import PreTrainedTokenizerFast
-  proto = sentencepiece_model_pb2.ModelProto()
-  proto.ParseFromString(tokenizer.to_bytes())
-  spec, norm = proto.trainer_spec, proto.normalizer_spec
-  if spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
-    raise ValueError("Only SentencePiece BPE tokenizers export to tokenizer.json (this one is "
-                     f"{sentencepiece_model_pb2.TrainerSpec.ModelType.Name(spec.model_type)})")
-  if norm.add_dummy_prefix or norm.name not in ("identity", ""):
-    raise ValueError(f"Tokenizer normalisation {norm.name!r} / add_dummy_prefix="
-                     f"{norm.add_dummy_prefix}: only the identity, no-prefix models of "
-                     "data.tokenizer export")
-  kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
-  vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-  # BPE merges from the pieces: a NORMAL piece is the merge of two pieces; SentencePiece
-  # applies the merge whose result scores highest first, so merges are ranked by score.
-  normal = [(p.score, i, p.piece) for i, p in enumerate(proto.pieces) if p.type == kinds.NORMAL]
-  merges = []
-  for score, i, piece in sorted(normal, key=lambda x: (-x[0], x[1])):
-    for cut in range(1, len(piece)):
-      left, right = piece[:cut], piece[cut:]
-      if left in vocab and right in vocab:
-        merges.append((vocab[left], vocab[right], score, i, left, right))
-  merges.sort(key=lambda m: (-m[2], m[3], m[0], m[1]))
-  model = models.BPE(vocab=vocab, merges=[(m[4], m[5]) for m in merges],
-                     unk_token=proto.pieces[tokenizer.unk_id].piece, fuse_unk=True,
-                     byte_fallback=spec.byte_fallback)
-  hf = HFTokenizer(model)
-  hf.normalizer = normalizers.Replace(" ", SPACE)
-  hf.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
-                                  decoders.Fuse()])
-  added = []
-  for i, p in enumerate(proto.pieces):
-    if p.type in (kinds.CONTROL, kinds.UNKNOWN, kinds.USER_DEFINED):
-      added.append(AddedToken(p.piece.replace(SPACE, " "), special=p.type != kinds.USER_DEFINED,
-                              normalized=False))
-  hf.add_tokens([a for a in added if not a.special])
-  hf.add_special_tokens([a for a in added if a.special])
-  for a in added:  # added tokens must keep their SentencePiece ids
-    got = hf.token_to_id(a.content)
-    if got != vocab.get(a.content.replace(" ", SPACE), got):
-      raise ValueError(f"Added token {a.content!r} got id {got}, SentencePiece has "
-                       f"{vocab.get(a.content)}")
-  piece = lambda i: proto.pieces[i].piece if i >= 0 else None
-  return PreTrainedTokenizerFast(
-      tokenizer_object=hf, bos_token=piece(tokenizer.bos_id), eos_token=piece(tokenizer.eos_id),
-      unk_token=piece(tokenizer.unk_id), pad_token=piece(tokenizer.pad_id),
-      clean_up_tokenization_spaces=False, model_max_length=1_000_000)
-
-
-# --------------------------------------------------------------------------- directories
-def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
-  """Writes `checkpoint` (a language model) as a LlamaForCausalLM directory; returns config."""
-  from safetensors.numpy import save_file
-  from eval.loading import load_checkpoint
-  from model.transformer import Transformer
-  loaded = load_checkpoint(checkpoint, expect=Transformer)
-  cfg = loaded.model_cfg
-  import jax
-  params = jax.device_get(loaded.params)
-  state = to_hf_state_dict(params, cfg)
-  os.makedirs(out_dir, exist_ok=True)
-  config = hf_config(cfg, loaded.tokenizer)
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=2)
-  with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
-    json.dump({"bos_token_id": loaded.tokenizer.bos_id, "eos_token_id": loaded.tokenizer.eos_id,
-               "pad_token_id": loaded.tokenizer.pad_id}, f, indent=2)
-  save_file(state, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-  loaded.tokenizer.save(os.path.join(out_dir, "tokenizer.model"))
-  hf_tokenizer(loaded.tokenizer).save_pretrained(out_dir)
-  with open(os.path.join(out_dir, "lmlife_source.json"), "w") as f:
-    json.dump({"checkpoint": loaded.meta["checkpoint_path"], "stage": loaded.meta.get("stage"),
-               "step": loaded.meta.get("step")}, f, indent=2)
-  return config
-
-
-def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
-  """All tensors of the directory's safetensors files (sharded or not), as numpy float32."""
-  from safetensors import safe_open
-  files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
-  if not files:
-    raise ValueError(f"{hf_dir} holds no *.safetensors weights (PyTorch .bin files are not "
-                     "read: convert them with transformers' save_pretrained first)")
-  state = {}
-  for name in files:
-    with safe_open(os.path.join(hf_dir, name), framework="numpy") as f:
-      for key in f.keys():
-        state[key] = f.get_tensor(key)
-  return state
-
-
-def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32") -> str:
-  """Writes a step-0 checkpoint of the shared format from a Llama HF directory; returns it."""
-  import jax
-  from data.tokenizer import Tokenizer
-  from train import checkpoint as ckpt_lib
-  config_path = os.path.join(hf_dir, "config.json")
-  if not os.path.isfile(config_path):
-    raise ValueError(f"{config_path} does not exist")
-  with open(config_path) as f:
-    cfg = model_config_from_hf(json.load(f), config_path).replace(param_dtype=param_dtype)
-  sp_path = os.path.join(hf_dir, "tokenizer.model")
-  if not os.path.isfile(sp_path):
-    raise ValueError(f"{sp_path} does not exist: this codebase's tokenizer is SentencePiece, "
-                     "so only Llama-family models with a SentencePiece tokenizer.model import "
-                     "(Llama-3's tiktoken BPE does not)")
-  tokenizer = Tokenizer.from_file(sp_path)
-  if min(tokenizer.pad_id, tokenizer.eos_id) < 0:
-    raise ValueError(f"{sp_path} has no pad or no eos piece (pad_id={tokenizer.pad_id}, "
-                     f"eos_id={tokenizer.eos_id}); the pipelines and the sampler need both")
-  if tokenizer.vocab_size > cfg.vocab_size:
-    raise ValueError(f"{sp_path} has {tokenizer.vocab_size} pieces, more than config.json's "
-                     f"vocab_size={cfg.vocab_size}")
-  state = read_hf_weights(hf_dir)
-  params = from_hf_state_dict(state, cfg)
-  params = jax.tree.map(lambda a: np.asarray(a, np.dtype(param_dtype)), params)
-  metadata = {"stage": "hf_import", "step": 0, "config": {"hf_dir": os.path.abspath(hf_dir)},
-              "model_config": cfg.to_dict(), "model_class": "Transformer",
-              "tokenizer_fingerprint": tokenizer.fingerprint, "parent": None}
-  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-  checkpointer.save(0, params, {"step": np.zeros((), np.int32)}, metadata=metadata, tokenizer=tokenizer.to_bytes())
-  checkpointer.close()
-  return os.path.join(workdir, "checkpoints", "0")
-
-
-def main(argv: list[str]) -> None:
-  from absl import flags as absl_flags
-  from train import checkpoint as ckpt_lib
-  flags = absl_flags.FLAGS
-  if len(argv) != 2 or argv[1] not in ("export", "import"):
-    sys.exit("usage: python -m model.hf export --checkpoint=DIR --out=DIR | "
-             "import --hf_dir=DIR --workdir=DIR")
-  try:
-    if argv[1] == "export":
-      if not flags.checkpoint or not flags.out:
-        raise ValueError("export needs --checkpoint and --out")
-      config = export_checkpoint(flags.checkpoint, flags.out)
-      print(f"Wrote {flags.out}: LlamaForCausalLM {config['num_hidden_layers']} layers x "
-            f"{config['hidden_size']}, vocab {config['vocab_size']}")
-    else:
-      if not flags.hf_dir or not flags.workdir:
-        raise ValueError("import needs --hf_dir and --workdir")
-      path = import_hf(flags.hf_dir, flags.workdir, flags.param_dtype)
-      print(f"Wrote {path}: use it as --config.init_from")
-  except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
-    sys.exit("error: " + " ".join(str(e).split()))
-
-
-if __name__ == "__main__":
-  from absl import app, flags
-  flags.DEFINE_string("checkpoint", "", "export: checkpoint (workdir, checkpoints or step dir).")
-  flags.DEFINE_string("out", "", "export: output directory.")
-  flags.DEFINE_string("hf_dir", "", "import: Hugging Face model directory.")
-  flags.DEFINE_string("workdir", "", "import: workdir to write checkpoints/0 into.")
-  flags.DEFINE_string("param_dtype", "float32", "import: stored parameter dtype.")
-  app.run(main)

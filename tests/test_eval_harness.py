@@ -25,7 +25,8 @@ def hf_pair(tmp_path_factory):
   from data import sources
   from data.tokenizer import Tokenizer, train_tokenizer
   from eval.loading import load_checkpoint
-  from model import hf
+  from data.hf_tokenizer import hf_tokenizer
+  from train.hf_convert import import_hf
   tmp = tmp_path_factory.mktemp("hf")
   path = train_tokenizer([sources.resolve_data_path("pretrain/tinyshakespeare.txt")],
                          str(tmp / "t.model"), vocab_size=500)
@@ -39,8 +40,8 @@ def hf_pair(tmp_path_factory):
   model = transformers.LlamaForCausalLM(config).eval()
   model.save_pretrained(tmp / "llama")
   tokenizer.save(str(tmp / "llama" / "tokenizer.model"))
-  hf.hf_tokenizer(tokenizer).save_pretrained(tmp / "llama")
-  ours = load_checkpoint(hf.import_hf(str(tmp / "llama"), str(tmp / "ours")))
+  hf_tokenizer(tokenizer).save_pretrained(tmp / "llama")
+  ours = load_checkpoint(import_hf(str(tmp / "llama"), str(tmp / "ours")))
   return model, transformers.AutoTokenizer.from_pretrained(tmp / "llama"), ours
 
 
@@ -188,7 +189,14 @@ def test_cli_writes_results_and_refuses_bad_input(english_sft_run, english_rm_ru
   with open(os.path.join(out_dir, "results.md")) as f:
     assert "| arc_easy | acc |" in f.read()
   assert os.path.exists(os.path.join(out_dir, "metrics.jsonl"))
+  import glob
+  import shutil
+  no_tokenizer = str(tmp_path / "no_tokenizer")
+  shutil.copytree(sft, no_tokenizer)
+  for item in glob.glob(os.path.join(no_tokenizer, "checkpoints", "*", "tokenizer")):
+    shutil.rmtree(item)
   bad = [
+      ((f"--checkpoint={no_tokenizer}", "--tasks=arc_easy"), "holds no tokenizer"),
       ((f"--checkpoint={sft}", "--tasks=arc_easy,nosuchtask"), "Unknown task 'nosuchtask'"),
       ((f"--checkpoint={rm}", "--tasks=arc_easy"), "need a language model"),
       ((f"--checkpoint={sft}", "--tasks=rm_accuracy"), "rm_accuracy needs a reward-model"),

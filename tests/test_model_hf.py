@@ -1,4 +1,4 @@
-"""Tests for model/hf.py: logits parity with transformers' LlamaForCausalLM both ways (float32,
+"""Tests for model/hf.py, data/hf_tokenizer.py and train/hf_convert.py: logits parity with transformers' LlamaForCausalLM both ways (float32,
 max abs diff <= 1e-4) for GQA / MHA, tied / untied embeddings, fused and scanned layouts; the
 exported tokenizer encodes real text exactly as ours; a checkpoint exports and re-imports.
 
@@ -126,7 +126,8 @@ def test_exported_tokenizer_encodes_like_ours(tmp_path):
   text = sources.resolve_data_path("pretrain/tinyshakespeare.txt")
   path = train_tokenizer([text], str(tmp_path / "t.model"), vocab_size=600)
   ours = Tokenizer.from_file(path).with_pieces(CHAT_MARKERS)
-  theirs = hf.hf_tokenizer(ours)
+  from data.hf_tokenizer import hf_tokenizer
+  theirs = hf_tokenizer(ours)
   theirs.save_pretrained(tmp_path / "hf")
   theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
   with open(text) as f:
@@ -145,7 +146,8 @@ def test_checkpoint_exports_and_imports(english_sft_run, tmp_path):
   from eval.loading import load_checkpoint
   sft = english_sft_run[0]
   out = str(tmp_path / "hf")
-  hf.export_checkpoint(sft, out)
+  from train.hf_convert import export_checkpoint, import_hf
+  export_checkpoint(sft, out)
   for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer.model"):
     assert os.path.exists(os.path.join(out, name)), name
   loaded = load_checkpoint(sft)
@@ -160,7 +162,7 @@ def test_checkpoint_exports_and_imports(english_sft_run, tmp_path):
   np.testing.assert_allclose(_logits(loaded.graphdef, loaded.params, tokens), theirs,
                              atol=1e-4, rtol=0)
   # Import writes a checkpoint of the shared format with the same function and tokenizer.
-  step_dir = hf.import_hf(out, str(tmp_path / "imported"))
+  step_dir = import_hf(out, str(tmp_path / "imported"))
   back = load_checkpoint(step_dir)
   assert back.tokenizer.fingerprint == loaded.tokenizer.fingerprint
   assert back.meta["stage"] == "hf_import"
@@ -168,3 +170,20 @@ def test_checkpoint_exports_and_imports(english_sft_run, tmp_path):
                              rtol=0)
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["num_hidden_layers"] == loaded.model_cfg.num_layers
+
+
+def test_cli_refuses_what_cannot_convert(english_rm_run, tmp_path):
+  import sys
+  from conftest import run_cmd
+  rm = english_rm_run[0]
+  out = run_cmd([sys.executable, "-m", "train.hf_convert", "export", f"--checkpoint={rm}",
+                 f"--out={tmp_path / 'x'}"])
+  assert out.returncode != 0 and "only language models" in out.stdout, out.stdout[-2000:]
+  cfg = _cfg(num_heads=4, num_kv_heads=2)
+  (tmp_path / "llama3").mkdir()
+  with open(tmp_path / "llama3" / "config.json", "w") as f:
+    json.dump(hf.hf_config(cfg), f)
+  out = run_cmd([sys.executable, "-m", "train.hf_convert", "import",
+                 f"--hf_dir={tmp_path / 'llama3'}", f"--workdir={tmp_path / 'y'}"])
+  assert out.returncode != 0 and "tokenizer.model does not exist" in out.stdout, \
+      out.stdout[-2000:]
