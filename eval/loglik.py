@@ -92,8 +92,14 @@ class LoglikScorer:
     graphdef = loaded.graphdef
 
     @jax.jit
-    def score(params, tokens, targets, mask):
-      logits = nnx.merge(graphdef, params)(tokens).astype(jnp.float32)
+    def score(params, tokens, starts, targets, mask):
+      # Only the last K slots of each row hold continuation targets: project just those
+      # to the vocabulary (the [B, T, V] log-softmax would cost as much as the model).
+      model = nnx.merge(graphdef, params)
+      h = model.hidden(tokens)  # [B, T, E]
+      index = starts[:, None] + jnp.arange(targets.shape[1])[None]  # [B, K]
+      h = jnp.take_along_axis(h, index[..., None], axis=1)
+      logits = model.logits(h).astype(jnp.float32)  # [B, K, V]
       logp = jax.nn.log_softmax(logits, axis=-1)
       picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
       greedy = jnp.argmax(logits, axis=-1) == targets
@@ -119,18 +125,24 @@ class LoglikScorer:
       for start in range(0, len(order), self.batch_size):
         chunk = order[start:start + self.batch_size]
         width = _bucket(len(rows[chunk[0]][0]) - 1, self.max_len)
+        window = min(width, 1 << math.ceil(math.log2(max(rows[i][1] for i in chunk))))
         tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
-        targets = np.zeros_like(tokens)
-        mask = np.zeros(tokens.shape, np.float32)
+        starts = np.zeros(self.batch_size, np.int32)
+        targets = np.zeros((self.batch_size, window), np.int32)
+        mask = np.zeros((self.batch_size, window), np.float32)
         for r, i in enumerate(chunk):
           seq, n = rows[i]
           length = len(seq) - 1
           tokens[r, :length] = seq[:-1]  # right padding: causal, so padding never leaks back
-          targets[r, :length] = seq[1:]
-          mask[r, length - n:length] = 1.0  # the continuation's targets
+          # Slots [start, start + window) hold the n continuation targets at their end.
+          first = max(0, length - window)
+          starts[r] = first
+          got = seq[1 + first:1 + first + window]
+          targets[r, :len(got)] = got
+          mask[r, length - n - first:length - first] = 1.0
         total, greedy = jax.device_get(self._score(
             self.loaded.params, *(jax.device_put(x, self.sharding)
-                                  for x in (tokens, targets, mask))))
+                                  for x in (tokens, starts, targets, mask))))
         for r, i in enumerate(chunk):
           out[i] = (float(total[r]), bool(greedy[r]))
         done += len(chunk)

@@ -291,6 +291,8 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   flags = absl_flags.FLAGS
   logging.set_verbosity(logging.ERROR)
+  from train import distributed
+  distributed.initialize("", 0, -1, flags.local_devices)  # CPU: one device per core
   try:
     names = parse_tasks(flags.tasks)
     loaded = load_checkpoint(flags.checkpoint, parse_mesh(flags.mesh))
@@ -343,7 +345,9 @@ def define_flags() -> None:
   flags.DEFINE_string("output_dir", "", "Where results go (default <workdir>/eval).")
   flags.DEFINE_integer("limit", 0, "Items per task (0 = all): for quick runs.")
   flags.DEFINE_integer("batch_size", 32, "Sequences per forward pass.")
-  flags.DEFINE_string("mesh", "", "Mesh, e.g. 'data=2' (default: one device).")
+  flags.DEFINE_string("mesh", "data=-1", "Mesh, e.g. 'data=2' or 'fsdp=4' (default: every "
+                      "local device, data parallel).")
+  flags.DEFINE_integer("local_devices", 0, "CPU devices (0 = one per core).")
   flags.DEFINE_string("data_dir", "", "Evaluation data root (default $LM_DATA_DIR or "
                       "../shared/data).")
   flags.DEFINE_integer("mmlu_shots", 5, "Dev examples before each MMLU question.")
