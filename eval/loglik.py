@@ -107,7 +107,14 @@ class LoglikScorer:
       all_greedy = jnp.all(greedy | (mask == 0), axis=1)
       return total, all_greedy
 
-    self._score = score
+    @jax.jit
+    def last_logp(params, tokens, lengths):
+      """log p(. | inputs) at each row's last input slot: [B, V]."""
+      model = nnx.merge(graphdef, params)
+      h = jnp.take_along_axis(model.hidden(tokens), (lengths - 1)[:, None, None], axis=1)
+      return jax.nn.log_softmax(model.logits(h)[:, 0].astype(jnp.float32), axis=-1)
+
+    self._score, self._last_logp = score, last_logp
 
   def score_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
                    ) -> list[tuple[float, bool]]:
@@ -118,37 +125,73 @@ class LoglikScorer:
         raise ValueError("A request with an empty continuation (nothing to score)")
       seq = (list(ctx) + list(cont))[-(self.max_len + 1):]
       rows.append((seq, min(len(cont), len(seq) - 1)))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    # One-token continuations of the same inputs (MMLU's " A" .. " D" after one prompt)
+    # share a forward pass: the next-token distribution is read once for all of them.
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (seq, n) in enumerate(rows):
+      if n == 1:
+        groups.setdefault(tuple(seq[:-1]), []).append(i)
+    shared = [g for g in groups.values() if len(g) > 1]
+    in_shared = {i for g in shared for i in g}
+    single = [i for i in range(len(rows)) if i not in in_shared]
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    done = 0
+    self._done, self._total = 0, len(rows)
     with jax.set_mesh(self.loaded.mesh), nnx.logical_axis_rules(self.loaded.rules):
-      for start in range(0, len(order), self.batch_size):
-        chunk = order[start:start + self.batch_size]
-        width = _bucket(len(rows[chunk[0]][0]) - 1, self.max_len)
-        window = min(width, 1 << math.ceil(math.log2(max(rows[i][1] for i in chunk))))
-        tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
-        starts = np.zeros(self.batch_size, np.int32)
-        targets = np.zeros((self.batch_size, window), np.int32)
-        mask = np.zeros((self.batch_size, window), np.float32)
-        for r, i in enumerate(chunk):
-          seq, n = rows[i]
-          length = len(seq) - 1
-          tokens[r, :length] = seq[:-1]  # right padding: causal, so padding never leaks back
-          # Slots [start, start + window) hold the n continuation targets at their end.
-          first = max(0, length - window)
-          starts[r] = first
-          got = seq[1 + first:1 + first + window]
-          targets[r, :len(got)] = got
-          mask[r, length - n - first:length - first] = 1.0
-        total, greedy = jax.device_get(self._score(
-            self.loaded.params, *(jax.device_put(x, self.sharding)
-                                  for x in (tokens, starts, targets, mask))))
-        for r, i in enumerate(chunk):
-          out[i] = (float(total[r]), bool(greedy[r]))
-        done += len(chunk)
-        if self.progress:
-          self.progress(done, len(rows))
+      self._score_shared(rows, shared, out)
+      self._score_each(rows, single, out)
     return out
+
+  def _tick(self, n: int) -> None:
+    self._done += n
+    if self.progress:
+      self.progress(self._done, self._total)
+
+  def _score_shared(self, rows, groups: list[list[int]], out) -> None:
+    groups = sorted(groups, key=lambda g: -len(rows[g[0]][0]))
+    for first in range(0, len(groups), self.batch_size):
+      chunk = groups[first:first + self.batch_size]
+      width = _bucket(len(rows[chunk[0][0]][0]) - 1, self.max_len)
+      tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+      lengths = np.ones(self.batch_size, np.int32)
+      for r, group in enumerate(chunk):
+        inputs = rows[group[0]][0][:-1]
+        tokens[r, :len(inputs)] = inputs
+        lengths[r] = len(inputs)
+      logp = np.asarray(jax.device_get(self._last_logp(
+          self.loaded.params, *(jax.device_put(x, self.sharding) for x in (tokens, lengths)))))
+      for r, group in enumerate(chunk):
+        best = int(np.argmax(logp[r]))
+        for i in group:
+          target = rows[i][0][-1]
+          out[i] = (float(logp[r, target]), best == target)
+      self._tick(sum(len(g) for g in chunk))
+
+  def _score_each(self, rows, indices: list[int], out) -> None:
+    order = sorted(indices, key=lambda i: -len(rows[i][0]))
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      width = _bucket(len(rows[chunk[0]][0]) - 1, self.max_len)
+      window = min(width, 1 << math.ceil(math.log2(max(rows[i][1] for i in chunk))))
+      tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+      starts = np.zeros(self.batch_size, np.int32)
+      targets = np.zeros((self.batch_size, window), np.int32)
+      mask = np.zeros((self.batch_size, window), np.float32)
+      for r, i in enumerate(chunk):
+        seq, n = rows[i]
+        length = len(seq) - 1
+        tokens[r, :length] = seq[:-1]  # right padding: causal, so padding never leaks back
+        # Slots [first, first + window) hold the n continuation targets at their end.
+        first = max(0, length - window)
+        starts[r] = first
+        got = seq[1 + first:1 + first + window]
+        targets[r, :len(got)] = got
+        mask[r, length - n - first:length - first] = 1.0
+      total, greedy = jax.device_get(self._score(
+          self.loaded.params, *(jax.device_put(x, self.sharding)
+                                for x in (tokens, starts, targets, mask))))
+      for r, i in enumerate(chunk):
+        out[i] = (float(total[r]), bool(greedy[r]))
+      self._tick(len(chunk))
 
   def loglikelihood(self, requests: Iterable[tuple[str, str]]) -> list[tuple[float, bool]]:
     """lm-eval's `loglikelihood` for (context, continuation) strings."""

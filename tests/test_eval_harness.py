@@ -64,9 +64,18 @@ def _hf_loglik(model, tok, context, continuation, max_len):
 
 def test_logliks_match_transformers_on_lm_eval_encoding(hf_pair):
   from eval.loglik import LoglikScorer
-  from eval.tasks import arc, task_path
+  from eval.loglik import encode_pair
+  from eval.tasks import arc, mmlu, task_path
   model, tok, ours = hf_pair
   requests = [r for item in arc(task_path("arc_easy"))[:6] for r in item.requests()]
+  # One-token continuations of one prompt (MMLU's " A".." D"; the shared-forward path).
+  words = [p.replace("\u2581", " ") for p in (ours.tokenizer.id_to_piece(i) for i in range(
+      ours.tokenizer.vocab_size)) if p.startswith("\u2581") and len(p) > 2][:4]
+  context = mmlu(task_path("mmlu"), shots=0)[0].contexts[0]
+  shared = [(context, w) for w in words]
+  assert len(shared) == 4
+  assert all(len(encode_pair(ours.tokenizer, c, x)[1]) == 1 for c, x in shared)
+  requests += shared
   requests += [("The king ", "is dead"), ("To be, or not to be", ": that is"),
                ("x" * 300, " long context, truncated from the left")]
   scorer = LoglikScorer(ours, batch_size=4)
