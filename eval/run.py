@@ -20,8 +20,9 @@ Tasks (names for --tasks; `all_lm` = every language-model task):
                  normalised units); with --baseline, also the baseline's fraction (e.g.
                  before and after RLHF)
 
-Writes to --output_dir (default <checkpoint workdir>/eval): `results.json` (every figure,
-counts and the settings), `results.md` (a table), `<task>.jsonl` (one line per item with
+Writes to --output_dir (default <checkpoint workdir>/eval), after every task:
+`results.json` (every figure, counts and the settings; tasks of earlier invocations on the
+same checkpoint and --limit are kept), `results.md` (a table), `<task>.jsonl` (one line per item with
 its scores / prediction / response, so two runs can be diffed) and TensorBoard scalars
 `eval/<task>/<metric>`. Progress (items done, items/s, ETA) is printed per task.
 """
@@ -193,7 +194,7 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
   for task, r in results.items():
     n = r.get("items", r.get("documents", r.get("num_pairs", "")))
     for key, value in r.items():
-      if isinstance(value, float) and not key.endswith("stderr"):
+      if isinstance(value, float) and not key.endswith("stderr") and key != "seconds":
         err = r.get(f"{key}_stderr")
         shown = f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")
         lines.append(f"| {task} | {key} | {shown} | {n} |")
@@ -306,7 +307,7 @@ def main(argv: Sequence[str]) -> None:
       os.path.dirname(os.path.dirname(loaded.meta["checkpoint_path"])), "eval")
   os.makedirs(out_dir, exist_ok=True)
   scorer = LoglikScorer(loaded, flags.batch_size) if loaded.model_class is Transformer else None
-  results: dict[str, dict[str, Any]] = {}
+  results = previous_results(out_dir, loaded.meta["checkpoint_path"], flags.limit)
   from train.metrics import MetricsWriter
   writer = MetricsWriter(out_dir)
   for task in names:
@@ -326,16 +327,39 @@ def main(argv: Sequence[str]) -> None:
                  {f"eval/{name}/{k}": v for k, v in summary.items() if isinstance(v, float)})
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}
     print(f"{task}: {shown}", flush=True)
+    report = write_report(out_dir, loaded.meta, flags.limit, results)  # after every task
   writer.close()
-  report = {"checkpoint": loaded.meta["checkpoint_path"], "stage": loaded.meta.get("stage"),
-            "step": loaded.meta.get("step"), "limit": flags.limit, "results": results}
-  with open(os.path.join(out_dir, "results.json"), "w") as f:
-    json.dump(report, f, indent=1)
-  with open(os.path.join(out_dir, "results.md"), "w") as f:
-    f.write(f"Evaluation of `{report['checkpoint']}` (stage {report['stage']}, step "
-            f"{report['step']})\n\n" + markdown_table(results))
   print(markdown_table(results))
   print(json.dumps(report))
+
+
+def previous_results(out_dir: str, checkpoint_path: str, limit: int) -> dict[str, Any]:
+  """Results already in `out_dir/results.json` for this checkpoint and limit: a later
+  invocation adds tasks to them (and replaces the tasks it runs again)."""
+  path = os.path.join(out_dir, "results.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    report = json.load(f)
+  if report.get("checkpoint") != checkpoint_path or report.get("limit") != limit:
+    return {}
+  return dict(report.get("results", {}))
+
+
+def write_report(out_dir: str, meta: dict[str, Any], limit: int,
+                 results: dict[str, Any]) -> dict[str, Any]:
+  """results.json and results.md, each replaced atomically (a crash leaves the last one)."""
+  report = {"checkpoint": meta["checkpoint_path"], "stage": meta.get("stage"),
+            "step": meta.get("step"), "limit": limit, "results": results}
+  for name, text in (("results.json", json.dumps(report, indent=1)),
+                     ("results.md", f"Evaluation of `{report['checkpoint']}` (stage "
+                                    f"{report['stage']}, step {report['step']})\n\n"
+                                    + markdown_table(results))):
+    tmp = os.path.join(out_dir, f".{name}.tmp")
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, os.path.join(out_dir, name))
+  return report
 
 
 def define_flags() -> None:

@@ -198,6 +198,14 @@ def test_cli_writes_results_and_refuses_bad_input(english_sft_run, english_rm_ru
   with open(os.path.join(out_dir, "results.md")) as f:
     assert "| arc_easy | acc |" in f.read()
   assert os.path.exists(os.path.join(out_dir, "metrics.jsonl"))
+  # A second invocation adds its task to the same results.json.
+  out = run_cmd([sys.executable, "-m", "eval.run", f"--checkpoint={sft}", "--tasks=piqa",
+                 "--limit=6", "--batch_size=8", f"--output_dir={out_dir}"])
+  assert out.returncode == 0, out.stdout[-5000:]
+  with open(os.path.join(out_dir, "results.json")) as f:
+    merged = json.load(f)["results"]
+  assert set(merged) == set(tasks.split(",")) | {"piqa"}
+  assert merged["arc_easy"] == results["arc_easy"]
   import glob
   import shutil
   no_tokenizer = str(tmp_path / "no_tokenizer")

@@ -170,6 +170,14 @@ def test_checkpoint_exports_and_imports(english_sft_run, tmp_path):
                              rtol=0)
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["num_hidden_layers"] == loaded.model_cfg.num_layers
+  # The imported checkpoint starts a stage like any other (init_from).
+  from conftest import run_cmd, sft_cmd
+  run = run_cmd(sft_cmd(str(tmp_path / "sft_from_hf"), step_dir, "--config.train.num_steps=2",
+                        "--config.train.eval_every=2", "--config.sample_every=0"))
+  assert run.returncode == 0, run.stdout[-3000:]
+  from train import checkpoint as ckpt_lib
+  meta = ckpt_lib.read_metadata(str(tmp_path / "sft_from_hf"))
+  assert meta["step"] == 2 and meta["parent"]["stage"] == "hf_import"
 
 
 def test_cli_refuses_what_cannot_convert(english_rm_run, tmp_path):
