@@ -1,0 +1,276 @@
+"""Document filters of the curation pipeline: each a pure function of text and config.
+
+  normalize(text, cfg)            NFC, control characters and markup stripped, whitespace
+  exact_key(text)                 hash of the normalised, case-folded text (exact duplicates)
+  MinHasher / NearDuplicates      MinHash over word n-grams + LSH banding (near duplicates)
+  quality_failure(text, cfg)      the first Gopher/C4-style rule a document breaks, or None
+  Blocklist / safety_failure      word/phrase blocklist plus any pluggable `Scorer`
+  scrub_pii(text)                 e-mail, phone and IP addresses -> typed placeholders
+  Decontaminator                  long n-gram overlap with evaluation sets
+
+Every threshold comes from the caller's config (configs/data/*.py); defaults below are the
+published ones where they exist (Gopher: Rae et al. 2021, Appendix A; C4: Raffel et al.
+2020), so a config that sets nothing gets the literature's filters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from typing import Iterable, Protocol, Sequence
+
+import numpy as np
+
+# ------------------------------------------------------------------------- normalisation
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
+_TAG = re.compile(r"<(/?[A-Za-z][A-Za-z0-9]*)(\s[^<>]*)?/?>")
+_SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.S | re.I)
+_SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
+_BLANKS = re.compile(r"\n{3,}")
+
+
+def normalize(text: str, strip_markup: bool = True) -> str:
+  """NFC; control characters removed (newline and tab kept); HTML tags and script/style
+  blocks removed; runs of spaces/tabs -> one space; lines stripped; >2 newlines -> 2."""
+  text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+  text = _CONTROL.sub("", text)
+  if strip_markup:
+    text = _TAG.sub("", _SCRIPT.sub("", text))
+  lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+  return _BLANKS.sub("\n\n", "\n".join(lines)).strip()
+
+
+def exact_key(text: str) -> str:
+  """sha1 of the case-folded text with all whitespace runs collapsed."""
+  return hashlib.sha1(" ".join(text.casefold().split()).encode("utf-8")).hexdigest()
+
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+  """Lower-cased word tokens (letters/digits), the unit of n-gram filters."""
+  return _WORD.findall(text.lower())
+
+
+# ---------------------------------------------------------------------------- MinHash + LSH
+_PRIME = np.uint64((1 << 61) - 1)
+_MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def _hash64(items: Iterable[str]) -> np.ndarray:
+  return np.fromiter((int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8)
+                                     .digest(), "little") for s in items), np.uint64)
+
+
+class MinHasher:
+  """MinHash signatures of word n-gram sets: `num_perm` universal hashes (a*x + b mod p,
+  seeded), so P(sig_i(A) == sig_i(B)) = Jaccard(A, B)."""
+
+  def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    self.a = rng.integers(1, (1 << 61) - 1, num_perm, dtype=np.uint64)
+    self.b = rng.integers(0, (1 << 61) - 1, num_perm, dtype=np.uint64)
+    self.num_perm, self.ngram = num_perm, ngram
+
+  def shingles(self, text: str) -> set[str]:
+    w = words(text)
+    n = min(self.ngram, max(len(w), 1))
+    return {" ".join(w[i:i + n]) for i in range(max(len(w) - n + 1, 1))} if w else set()
+
+  def signature(self, text: str) -> np.ndarray:
+    shingles = self.shingles(text)
+    if not shingles:
+      return np.full(self.num_perm, np.iinfo(np.uint32).max, np.uint64)
+    hv = (_hash64(sorted(shingles)) & _MASK32)[:, None]  # [S, 1]
+    with np.errstate(over="ignore"):  # the hash family wraps in uint64 by design
+      values = ((hv * self.a[None] + self.b[None]) % _PRIME) & _MASK32
+    return values.min(axis=0)
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+  """(bands, rows) with bands * rows <= num_perm whose S-curve threshold (1/b)^(1/r) is
+  closest to `threshold` (ties: more bands, i.e. higher recall)."""
+  best = None
+  for rows in range(1, num_perm + 1):
+    bands = num_perm // rows
+    err = abs((1.0 / bands) ** (1.0 / rows) - threshold)
+    if best is None or err < best[0] - 1e-12:
+      best = (err, bands, rows)
+  return best[1], best[2]
+
+
+class NearDuplicates:
+  """Streaming near-duplicate detection: `add(doc_id, text)` returns the id of an earlier
+  document with estimated Jaccard >= threshold, or None (the document is kept and indexed).
+
+  Candidates come from LSH banding; each candidate is confirmed by the fraction of equal
+  signature entries (the MinHash Jaccard estimate), so banding only has to find them.
+  """
+
+  def __init__(self, threshold: float = 0.8, num_perm: int = 128, ngram: int = 5,
+               seed: int = 0):
+    self.hasher = MinHasher(num_perm, ngram, seed)
+    self.threshold = threshold
+    self.bands, self.rows = lsh_bands(threshold, num_perm)
+    self.buckets: list[dict[bytes, list[str]]] = [{} for _ in range(self.bands)]
+    self.signatures: dict[str, np.ndarray] = {}
+
+  def add(self, doc_id: str, text: str) -> str | None:
+    sig = self.hasher.signature(text)
+    keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
+    seen = set()
+    for band, key in enumerate(keys):
+      for other in self.buckets[band].get(key, ()):
+        if other in seen:
+          continue
+        seen.add(other)
+        if float(np.mean(self.signatures[other] == sig)) >= self.threshold:
+          return other
+    self.signatures[doc_id] = sig
+    for band, key in enumerate(keys):
+      self.buckets[band].setdefault(key, []).append(doc_id)
+    return None
+
+
+def jaccard(a: str, b: str, ngram: int = 5) -> float:
+  """Exact Jaccard similarity of two texts' word n-gram sets (tests, reports)."""
+  hasher = MinHasher(1, ngram)
+  sa, sb = hasher.shingles(a), hasher.shingles(b)
+  return len(sa & sb) / max(len(sa | sb), 1)
+
+
+# ------------------------------------------------------------------------------ quality
+QUALITY_DEFAULTS = {
+    # Gopher (Rae et al. 2021, A.1.1)
+    "min_words": 50, "max_words": 100_000,
+    "min_mean_word_length": 3.0, "max_mean_word_length": 10.0,
+    "max_symbol_to_word_ratio": 0.1,          # '#' and '...' per word
+    "max_bullet_line_fraction": 0.9,
+    "max_ellipsis_line_fraction": 0.3,
+    "min_alpha_word_fraction": 0.8,           # words with at least one letter
+    "max_duplicate_line_fraction": 0.3,
+    "max_top_2gram_fraction": 0.2,            # characters in the most frequent word 2-gram
+    # C4 (Raffel et al. 2020): lines ending in terminal punctuation
+    "min_punctuated_line_fraction": 0.0,      # C4 drops lines; 0 = off at document level
+}
+_BULLETS = ("*", "-", "•", "‣", "◦", "⁃")
+_TERMINAL = (".", "!", "?", '"', "'", "”", "’", ":", ";", ")")
+
+
+def quality_failure(text: str, cfg: dict | None = None) -> str | None:
+  """The name of the first rule `text` breaks, or None if it passes every rule."""
+  c = {**QUALITY_DEFAULTS, **(cfg or {})}
+  tokens = text.split()
+  n = len(tokens)
+  if n < c["min_words"]:
+    return "min_words"
+  if n > c["max_words"]:
+    return "max_words"
+  mean_len = sum(len(t) for t in tokens) / n
+  if not c["min_mean_word_length"] <= mean_len <= c["max_mean_word_length"]:
+    return "mean_word_length"
+  symbols = text.count("#") + text.count("...") + text.count("…")
+  if symbols / n > c["max_symbol_to_word_ratio"]:
+    return "symbol_to_word_ratio"
+  lines = [line for line in text.split("\n") if line.strip()]
+  if lines:
+    if sum(line.lstrip().startswith(_BULLETS) for line in lines) / len(lines) > \
+        c["max_bullet_line_fraction"]:
+      return "bullet_lines"
+    if sum(line.rstrip().endswith(("...", "…")) for line in lines) / len(lines) > \
+        c["max_ellipsis_line_fraction"]:
+      return "ellipsis_lines"
+    if len(lines) - len(set(lines)) > c["max_duplicate_line_fraction"] * len(lines):
+      return "duplicate_lines"
+    if sum(line.rstrip().endswith(_TERMINAL) for line in lines) / len(lines) < \
+        c["min_punctuated_line_fraction"]:
+      return "punctuated_lines"
+  if sum(any(ch.isalpha() for ch in t) for t in tokens) / n < c["min_alpha_word_fraction"]:
+    return "alpha_words"
+  w = words(text)
+  if len(w) > 2:
+    counts: dict[tuple[str, str], int] = {}
+    for pair in zip(w, w[1:]):
+      counts[pair] = counts.get(pair, 0) + 1
+    pair, count = max(counts.items(), key=lambda kv: kv[1])
+    if count > 1 and count * (len(pair[0]) + len(pair[1])) / max(
+        sum(len(x) for x in w), 1) > c["max_top_2gram_fraction"]:
+      return "top_2gram"
+  return None
+
+
+# ------------------------------------------------------------------------------- safety
+class Scorer(Protocol):
+  """A pluggable safety scorer: higher = more unsafe, in [0, 1]."""
+
+  def __call__(self, text: str) -> float: ...
+
+
+class Blocklist:
+  """Case-insensitive whole-word/phrase matching of a list of terms."""
+
+  def __init__(self, terms: Sequence[str]):
+    terms = sorted({t.strip().lower() for t in terms if t.strip()}, key=len, reverse=True)
+    self.terms = terms
+    self._re = re.compile(r"\b(" + "|".join(re.escape(t) for t in terms) + r")\b", re.I) \
+        if terms else None
+
+  def matches(self, text: str) -> list[str]:
+    return sorted({m.group(1).lower() for m in self._re.finditer(text)}) if self._re else []
+
+
+def safety_failure(text: str, blocklist: Blocklist | None, scorer: Scorer | None = None,
+                   max_score: float = 0.5) -> str | None:
+  """"blocklist" / "scorer" if the document is unsafe by either, else None."""
+  if blocklist is not None and blocklist.matches(text):
+    return "blocklist"
+  if scorer is not None and scorer(text) > max_score:
+    return "scorer"
+  return None
+
+
+# ---------------------------------------------------------------------------------- PII
+PII_PATTERNS = (
+    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}\b")),
+    ("IP_ADDRESS", re.compile(
+        r"\b(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)\b")),
+    ("PHONE", re.compile(
+        r"(?<![\w.])(?:\+\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?|\d{2,4}[\s.-])"
+        r"\d{3,4}[\s.-]\d{3,4}(?![\w.])")),
+)
+
+
+def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
+  """Replaces e-mail addresses, IPv4 addresses and phone numbers by <EMAIL>, <IP_ADDRESS>,
+  <PHONE>; returns the text and the count per kind (IP before phone: dotted quads are not
+  phone numbers)."""
+  counts = {}
+  for kind, pattern in PII_PATTERNS:
+    text, n = pattern.subn(f"<{kind}>", text)
+    counts[kind] = n
+  return text, counts
+
+
+# ------------------------------------------------------------------------ decontamination
+class Decontaminator:
+  """Flags documents sharing any `ngram`-word sequence with the evaluation texts (GPT-3's
+  13-gram rule; n-grams of lower-cased word tokens)."""
+
+  def __init__(self, eval_texts: Iterable[str], ngram: int = 13):
+    self.ngram = ngram
+    self.hashes: set[bytes] = set()
+    for text in eval_texts:
+      self.hashes.update(self._grams(text))
+
+  def _grams(self, text: str) -> set[bytes]:
+    w = words(text)
+    return {hashlib.blake2b(" ".join(w[i:i + self.ngram]).encode(), digest_size=8).digest()
+            for i in range(len(w) - self.ngram + 1)}
+
+  def contaminated(self, text: str) -> bool:
+    w = words(text)
+    return any(hashlib.blake2b(" ".join(w[i:i + self.ngram]).encode(),
+                               digest_size=8).digest() in self.hashes
+               for i in range(len(w) - self.ngram + 1))
