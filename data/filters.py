@@ -24,7 +24,12 @@ import numpy as np
 
 # ------------------------------------------------------------------------- normalisation
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u200e\u200f\ufeff]")
-_TAG = re.compile(r"<(/?[A-Za-z][A-Za-z0-9]*)(\s[^<>]*)?/?>")
+# HTML elements only: "<unk>" in WikiText or "<|user|>" in chat data are not markup.
+_HTML = ("a|abbr|article|aside|b|blockquote|body|br|button|center|code|dd|div|dl|dt|em|"
+         "font|footer|form|h[1-6]|head|header|hr|html|i|iframe|img|input|label|li|link|meta|"
+         "nav|ol|option|p|pre|s|section|select|small|span|strong|sub|sup|table|tbody|td|"
+         "textarea|th|thead|title|tr|tt|u|ul")
+_TAG = re.compile(rf"</?(?:{_HTML})\b[^<>]*/?>", re.I)
 _SCRIPT = re.compile(r"<(script|style)\b.*?</\1\s*>", re.S | re.I)
 _SPACES = re.compile(r"[ \t\u00a0\u2000-\u200a\u3000]+")
 _BLANKS = re.compile(r"\n{3,}")
@@ -118,7 +123,10 @@ class NearDuplicates:
     self.signatures: dict[str, np.ndarray] = {}
 
   def add(self, doc_id: str, text: str) -> str | None:
-    sig = self.hasher.signature(text)
+    return self.add_signature(doc_id, self.hasher.signature(text))
+
+  def add_signature(self, doc_id: str, sig: np.ndarray) -> str | None:
+    """`add` with a signature computed elsewhere (by the same MinHasher settings)."""
     keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
     seen = set()
     for band, key in enumerate(keys):

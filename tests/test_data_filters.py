@@ -21,6 +21,8 @@ def test_normalize_strips_controls_markup_and_whitespace():
   text = "Cafe\u0301\x07 <b>bold</b>  and\t\ttabs<script>x=1</script>\r\n\n\n\nend  "
   assert filters.normalize(text) == "Caf\u00e9 bold and tabs\n\nend"
   assert filters.normalize("a < b and c > d") == "a < b and c > d"  # not markup
+  assert filters.normalize("a <unk> word <|user|>") == "a <unk> word <|user|>"
+  assert filters.normalize('<p class="x">para</p><br/>') == "para"
 
 
 def test_exact_key_ignores_case_and_whitespace_only():
