@@ -17,10 +17,13 @@ from model.config import ModelConfig
 from model.transformer import Transformer, count_params
 from train.trainer import rules_from_config
 
-CONFIG_FILES = sorted(
+ALL_CONFIG_FILES = sorted(
     os.path.relpath(p, REPO_ROOT)
     for p in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.py"), recursive=True)
     if "def get_config" in open(p).read())
+# Data-curation configs (data/curate.py) describe no model or training run.
+DATA_CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p.startswith(os.path.join("configs", "data"))]
+CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p not in DATA_CONFIG_FILES]
 SMALL = 200e6  # parameters; bigger models are only counted, never traced
 TEST_VOCAB = 256  # stands in for "take it from the tokenizer" (vocab_size 0)
 
@@ -84,7 +87,20 @@ def test_config_loads_and_its_model_builds(relpath):
         assert os.path.isfile(resolve_data_path(config.data.path)), where
 
 
-@pytest.mark.parametrize("relpath", CONFIG_FILES)
+@pytest.mark.parametrize("relpath", DATA_CONFIG_FILES)
+def test_data_config_loads_with_its_stages(relpath):
+  module, variants = _variants(relpath)
+  assert f"--config={relpath}" in module.__doc__, "the docstring holds the launch command"
+  for arg, config in variants:
+    assert config.sources and config.num_shards > 0, f"{relpath}:{arg}"
+    for stage in ("normalize", "quality", "safety", "pii", "decontaminate", "exact_dedup",
+                  "near_dedup"):
+      assert isinstance(config[stage].enabled, bool), f"{relpath}:{arg} {stage}"
+    for source in config.sources:
+      assert os.path.exists(resolve_data_path(source["path"])), source
+
+
+@pytest.mark.parametrize("relpath", ALL_CONFIG_FILES)
 def test_unknown_config_argument_is_an_error(relpath):
   with pytest.raises(ValueError, match="runlocl"):
     _load(relpath).get_config("runlocl=true")

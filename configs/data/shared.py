@@ -1,6 +1,7 @@
 """Curation of the shared pretraining sources (data/curate.py).
 
   python -m data.curate --config=configs/data/shared.py --workdir=runs/curated --workers=2
+Smoke run: --config=configs/data/shared.py:runlocal=true
 
 Sources: WikiText-2 (valid; the test file is an evaluation set), tiny Shakespeare and the
 instruction responses; every stage on with the published thresholds (data/filters.py:
@@ -9,6 +10,8 @@ decontamination against the shared evaluation sets).
 """
 
 import ml_collections
+
+from configs import common
 
 
 def stage(enabled=True, **fields):
@@ -19,7 +22,7 @@ def stage(enabled=True, **fields):
 
 
 def get_config(arg=None):
-  del arg
+  arg = common.parse_arg(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_shards = 8
@@ -40,4 +43,8 @@ def get_config(arg=None):
                           ngram=13)
   c.exact_dedup = stage()
   c.near_dedup = stage(threshold=0.8, num_perm=128, ngram=5)
+  if arg.runlocal:  # one small source, two shards, no evaluation sets to index
+    c.sources = c.sources[1:]
+    c.num_shards = 2
+    c.decontaminate.enabled = False
   return c
