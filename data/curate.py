@@ -53,7 +53,7 @@ def _open_bytes(path: str):
 def read_source(source: Mapping[str, Any], bad: dict[str, dict[str, int]]
                 ) -> Iterator[Document]:
   """Documents of one source: {"name", "path", "kind": "jsonl" | "text", "text_field",
-  "split": "paragraphs" | "file" | "lines"}; problems are counted in bad[path]."""
+  "split": "paragraphs" | "articles" | "file" | "lines"}; problems are counted in bad[path]."""
   from data.sources import resolve_data_path
   name, path = source["name"], resolve_data_path(source["path"])
   counts = bad.setdefault(path, {"undecodable": 0, "not_an_object": 0, "missing_field": 0,
@@ -97,8 +97,14 @@ def read_source(source: Mapping[str, Any], bad: dict[str, dict[str, int]]
     pieces = [text]
   elif split == "lines":
     pieces = text.split("\n")
+  elif split == "articles":  # WikiText: one document per " = Title = " article
+    from data.corpus import split_wikitext_articles
+    pieces = split_wikitext_articles(text)
+  elif split == "paragraphs":
+    pieces = text.split("\n\n")
   else:
-    pieces = [p for p in text.split("\n\n")]
+    raise ValueError(f"source {name!r}: split={split!r}, expected file, lines, articles or "
+                     "paragraphs")
   for n, piece in enumerate(pieces):
     if piece.strip():
       yield Document(f"{name}/{index}", name, piece, f"{path}#{n}")

@@ -29,7 +29,7 @@ def get_config(arg=None):
   c.examples_per_filter = 3
   c.sources = [
       {"name": "wikitext2", "path": "pretrain/wikitext2_tokens_valid.txt", "kind": "text",
-       "split": "paragraphs"},
+       "split": "articles"},
       {"name": "shakespeare", "path": "pretrain/tinyshakespeare.txt", "kind": "text",
        "split": "paragraphs"},
   ]
