@@ -29,6 +29,7 @@ builders, the throughput benchmark.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import json
@@ -157,23 +158,13 @@ class Curator:
     if len(set(names)) != len(names):
       raise ValueError(f"config.sources: names must be distinct, got {names}")
     self.blocklist = filters.Blocklist(list(cfg.safety.blocklist))
-    self._decontaminator = None
 
   # ------------------------------------------------------------------ phase 1
   def decontaminator(self) -> filters.Decontaminator | None:
     if not self.cfg.decontaminate.enabled:
       return None
-    if self._decontaminator is None:
-      from eval import tasks as tasks_lib
-      texts = []
-      for task in self.cfg.decontaminate.eval_tasks:
-        path = tasks_lib.task_path(task)
-        reader = tasks_lib.MC_READERS[task]
-        for item in (reader(path, 0) if task == "mmlu" else reader(path)):
-          for context, continuation in item.requests():
-            texts.append(context + continuation)
-      self._decontaminator = filters.Decontaminator(texts, self.cfg.decontaminate.ngram)
-    return self._decontaminator
+    return _decontaminator(tuple(self.cfg.decontaminate.eval_tasks),
+                           self.cfg.decontaminate.ngram)
 
   def _shard_path(self, phase: str, shard: int, ext: str) -> str:
     return os.path.join(self.workdir, phase, f"shard-{shard:05d}.{ext}")
@@ -334,6 +325,20 @@ class Curator:
               for s, r in table.items()]
     _atomic_write(os.path.join(self.workdir, "report.md"), "\n".join(lines) + "\n")
     return report
+
+
+@functools.lru_cache(maxsize=None)
+def _decontaminator(eval_tasks: tuple[str, ...], ngram: int) -> filters.Decontaminator:
+  """The n-gram index of the evaluation sets, built once per process (a pool worker
+  processes several shards)."""
+  from eval import tasks as tasks_lib
+  texts = []
+  for task in eval_tasks:
+    path = tasks_lib.task_path(task)
+    reader = tasks_lib.MC_READERS[task]
+    for item in (reader(path, 0) if task == "mmlu" else reader(path)):
+      texts.extend(context + continuation for context, continuation in item.requests())
+  return filters.Decontaminator(texts, ngram)
 
 
 def _process_shard(cfg_dict: dict, workdir: str, shard: int) -> None:

@@ -219,6 +219,9 @@ def run_task(task: str, flags: Any, loaded: Any, scorer: Any
   return run_judged_task(task, flags, loaded)
 
 
+_COMPARISONS: dict[tuple, tuple[int, dict[str, Any]]] = {}
+
+
 def run_judged_task(task: str, flags: Any, loaded: Any
                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """rm_accuracy, winrate and redteam (tasks that need a reward model)."""
@@ -239,18 +242,23 @@ def run_judged_task(task: str, flags: Any, loaded: Any
     raise ValueError(f"Task {task} needs --judge=<reward-model checkpoint>")
   if task == "winrate" and not flags.baseline:
     raise ValueError("Task winrate needs --baseline=<checkpoint> to compare against")
-  prompts, too_long = held_out_prompts(loaded.tokenizer, flags.prompt_sources or
-                                       _default_sources(), flags.prompt_val_fraction, 0,
-                                       flags.max_prompt_tokens)
-  prompts = prompts[:flags.limit or None]
-  policies = {"model": flags.checkpoint}
-  if flags.baseline:
-    policies["baseline"] = flags.baseline
-  result = compare(policies, {"judge": flags.judge},
-                   baseline="baseline" if flags.baseline else "model", reference=None,
-                   prompts=prompts, samples_per_prompt=flags.samples_per_prompt,
-                   max_new_tokens=flags.max_new_tokens, temperature=flags.temperature,
-                   batch_size=flags.batch_size, with_scores=True)
+  # winrate and redteam judge the same responses: they are generated and scored once.
+  key = (flags.checkpoint, flags.baseline, flags.judge, flags.prompt_sources,
+         flags.prompt_val_fraction, flags.max_prompt_tokens, flags.limit,
+         flags.samples_per_prompt, flags.max_new_tokens, flags.temperature)
+  if key not in _COMPARISONS:
+    prompts, too_long = held_out_prompts(loaded.tokenizer, flags.prompt_sources or
+                                         _default_sources(), flags.prompt_val_fraction, 0,
+                                         flags.max_prompt_tokens)
+    policies = {"model": flags.checkpoint}
+    if flags.baseline:
+      policies["baseline"] = flags.baseline
+    _COMPARISONS[key] = too_long, compare(
+        policies, {"judge": flags.judge}, baseline="baseline" if flags.baseline else "model",
+        reference=None, prompts=prompts[:flags.limit or None],
+        samples_per_prompt=flags.samples_per_prompt, max_new_tokens=flags.max_new_tokens,
+        temperature=flags.temperature, batch_size=flags.batch_size, with_scores=True)
+  too_long, result = _COMPARISONS[key]
   model = result["policies"]["model"]
   if task == "winrate":
     out = {"items": result["num_prompts"] * result["samples_per_prompt"],

@@ -31,6 +31,7 @@ one JSON line per (policy, prompt, sample) with the text and scores.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Any, Callable, Mapping, Sequence
@@ -45,7 +46,7 @@ from eval.reward import bootstrap_ci, pairwise_wins
 from model.heads import RewardModel
 from model.sampling import Sampler, SamplingConfig
 from model.transformer import Transformer
-from rlhf.rollout import distinct_n, end_scores, response_logps
+from rlhf.rollout import distinct_n, end_scores, response_ids, response_logps
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "response_mask")
 
@@ -63,14 +64,19 @@ def parse_named(values: Sequence[str], flag: str) -> dict[str, str]:
   return out
 
 
-def apply_rows(loaded: LoadedCheckpoint, fn: Callable[[nnx.Module, Mapping[str, jax.Array]],
-                                                       jax.Array],
-               rows: Mapping[str, np.ndarray], batch_size: int) -> np.ndarray:
-  """fn(model, batch) over `rows` in batches of `batch_size` (the last one padded)."""
-  @jax.jit
-  def run(params, batch):
-    return fn(nnx.merge(loaded.graphdef, params), batch)
+@functools.lru_cache(maxsize=None)
+def _jitted(graphdef: Any, fn: Callable[..., jax.Array], static: tuple[tuple[str, Any], ...]):
+  """One compiled program per (model structure, function, static arguments): every policy,
+  judge and reference of a comparison reuses it."""
+  kwargs = dict(static)
+  return jax.jit(lambda params, batch: fn(nnx.merge(graphdef, params), batch, **kwargs))
 
+
+def apply_rows(loaded: LoadedCheckpoint, fn: Callable[..., jax.Array],
+               rows: Mapping[str, np.ndarray], batch_size: int, **static: Any) -> np.ndarray:
+  """fn(model, batch, **static) over `rows` in batches of `batch_size` (the last one
+  padded)."""
+  run = _jitted(loaded.graphdef, fn, tuple(sorted(static.items())))
   total = len(rows["tokens"])
   out = []
   with jax.set_mesh(loaded.mesh), nnx.logical_axis_rules(loaded.rules):
@@ -107,10 +113,14 @@ def response_kl(policy: LoadedCheckpoint, reference: LoadedCheckpoint,
                 rows: Mapping[str, np.ndarray], temperature: float, batch_size: int
                 ) -> np.ndarray:
   """sum_t log pi(y_t) - log pi_ref(y_t) per response [R] (k1 KL estimate, nats)."""
-  def logp(model, batch):
-    return jnp.sum(response_logps(model, batch, temperature)[0] * batch["response_mask"], 1)
-  return (apply_rows(policy, logp, rows, batch_size)
-          - apply_rows(reference, logp, rows, batch_size))
+  return (apply_rows(policy, _response_logp, rows, batch_size, temperature=temperature)
+          - apply_rows(reference, _response_logp, rows, batch_size, temperature=temperature))
+
+
+def _response_logp(model: nnx.Module, batch: Mapping[str, jax.Array], temperature: float
+                   ) -> jax.Array:
+  """log pi(response) [B] at `temperature`."""
+  return jnp.sum(response_logps(model, batch, temperature)[0] * batch["response_mask"], 1)
 
 
 def compare(policies: Mapping[str, str], judges: Mapping[str, str], *, baseline: str,
@@ -156,16 +166,14 @@ def compare(policies: Mapping[str, str], judges: Mapping[str, str], *, baseline:
                       for j, judge in loaded_judges.items()}
     if ref is not None:
       rows["kl"] = response_kl(policy, ref, rows, temperature, batch_size)
-    lengths = rows["response_mask"].sum(1).astype(int)
     rows["texts"] = [template.decode_response(r.tolist()) for r in rows["response"]]
-    rows["bigram_ids"] = [r[:n - int(f)].tolist() for r, n, f in
-                          zip(rows["response"], lengths, rows["finished"])]
     rows_of[name] = rows
     results[name] = {
         "checkpoint": policy.meta["checkpoint_path"],
-        "distinct2": distinct_n(rows["bigram_ids"], 2),
+        "distinct2": distinct_n(response_ids(rows["response"], rows["response_mask"],
+                                             rows["finished"]), 2),
         "eos_fraction": float(rows["finished"].mean()),
-        "response_length": float(lengths.mean()),
+        "response_length": float(rows["response_mask"].sum(1).mean()),
         **({"kl": float(rows["kl"].mean())} if ref is not None else {}),
         **{f"score/{j}": float(s.mean()) for j, s in rows["scores"].items()},
         **({f"scores/{j}": s.tolist() for j, s in rows["scores"].items()}

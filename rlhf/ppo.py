@@ -43,7 +43,7 @@ import numpy as np
 
 from rlhf import ppo_core
 from rlhf.rollout import (advantages, distinct_n, plot_history, policy_loss_fn,
-                          response_logps, response_values, value_loss_fn)
+                          response_ids, response_logps, response_values, value_loss_fn)
 from train.pretrain import write_config
 
 RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens, response_mask) -> [B]
@@ -224,9 +224,6 @@ class PPO:
       p_state, v_state, update_metrics = self.update(p_state, v_state, batch, seed=i)
       t3 = time.perf_counter()
     kl_sum = (kl * mask).sum(1)
-    n = mask.shape[1]
-    texts = [row[-n:][:int(length) - int(end)].tolist() for row, length, end in
-             zip(batch["tokens"], mask.sum(1), batch["ended"])]  # without the end token
     non_score = -self.kl.value * kl_sum
     metrics = {
         "objective/scores": float(batch["raw_scores"].mean()),
@@ -238,7 +235,8 @@ class PPO:
         "objective/rlhf_reward": float((batch["scores"] + non_score).mean()),
         "eos_fraction": float(batch["ended"].mean()),
         "response_length": float(mask.sum(1).mean()),
-        "objective/distinct2": distinct_n(texts, 2),  # collapse shows here first
+        "objective/distinct2": distinct_n(  # collapse shows here first
+            response_ids(batch["tokens"][:, -mask.shape[1]:], mask, batch["ended"]), 2),
         "returns/mean": float((returns * mask).sum() / mask.sum()),
         "policy/sampler_logp_max_dev": float(np.abs(
             (batch["sampler_logp"] - batch["old_logp"]) * mask).max()),

@@ -91,6 +91,13 @@ def end_scores(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
   return model.score(batch["tokens"], batch["positions"], batch["segment_ids"], index)
 
 
+def response_ids(response: np.ndarray, response_mask: np.ndarray, ended: np.ndarray
+                 ) -> list[list[int]]:
+  """Each response's generated tokens [B, N] as a list, without its end-of-turn token."""
+  lengths = np.asarray(response_mask).sum(1).astype(int) - np.asarray(ended).astype(int)
+  return [row[:n].tolist() for row, n in zip(np.asarray(response), lengths)]
+
+
 def distinct_n(responses: list[list[int]], n: int = 2) -> float:
   """Distinct-n: distinct n-grams / total n-grams over all responses (0 if none)."""
   grams = [tuple(r[i:i + n]) for r in responses for i in range(len(r) - n + 1)]
