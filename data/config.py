@@ -30,7 +30,8 @@ from data.tokenizer import Tokenizer, train_tokenizer
 def default_data_config() -> ml_collections.ConfigDict:
   """Returns the data config for nanoGPT-style char-level tinyshakespeare."""
   c = ml_collections.ConfigDict()
-  # Where documents come from: "text" | "jsonl" | "tfds" | "corpus" (data/corpus.py).
+  # Where documents come from: "text" | "jsonl" | "tfds" | "corpus" (data/corpus.py) |
+  # "curated" (tokenized shards of data/curate.py; see curated_dir).
   c.source = "text"
   # text/jsonl file; relative paths resolve under $LM_DATA_DIR, else ../shared/data.
   c.path = "pretrain/tinyshakespeare.txt"
@@ -55,6 +56,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # HH preference pairs the reward model holds out (split_preference_prefixes) are left out.
   c.corpus_pref_val_fraction = 0.1
   c.corpus_pref_seed = 0
+  # source="curated": a data/curate.py workdir; its tokenized shards are the corpus (train
+  # and validation split, mixture and eos included) and its tokenizer.model the tokenizer.
+  c.curated_dir = ""
   c.seq_len = 64              # Tokens per row (nanoGPT's block_size).
   c.seed = 0                  # Seeds window offsets, packing and row order.
   c.add_eos = True            # Append </s> to every document.

@@ -23,8 +23,9 @@ Rows are built as described in `data/packing.py`: every slot of a row holds an
 Decisions:
 - Tokenization happens once, up front, in Python (`Tokenizer.encode_batch`) into
   one int32 numpy array that tf.data indexes; for a 1 MB corpus this takes well
-  under a second. Corpora that do not fit in memory need tokenized shards
-  (issue #7).
+  under a second. A curated corpus (`data.source = "curated"`) arrives already
+  tokenized from `data/curate.py`'s shards (`corpora=`), loaded into the same arrays;
+  corpora larger than host memory would need a streaming reader (not built).
 - Randomness is stateless: epoch e's offsets, chunk order and row order are pure
   functions of (seed, e), so the tf.data iterator state is a few counters plus the
   prefetch buffer, and `get_state`/`set_state` resume exactly.
@@ -341,6 +342,7 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
                        global_batch_size: int, process_index: int = 0,
                        process_count: int = 1,
                        documents: tuple[list[str], list[str]] | None = None,
+                       corpora: tuple[TokenizedCorpus, TokenizedCorpus] | None = None,
                        ) -> tuple[LMPipeline, ValidationSet]:
   """Builds this host's training pipeline and validation set.
 
@@ -354,21 +356,26 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
     process_count: Number of hosts (`jax.process_count()`).
     documents: (train_docs, val_docs) if already loaded (e.g. to train the
       tokenizer); None loads them with `sources.load_split_documents`.
+    corpora: (train, val) already tokenized (the shards of `data.curate`, whose
+      documents end in eos already); overrides `documents`.
 
   Returns:
     (train pipeline, validation set); `validation_set(eval_batch_size)` is an
     iterator over one pass.
   """
-  train_docs, val_docs = (documents if documents is not None
-                          else sources.load_split_documents(data_cfg))
-  add_eos = bool(data_cfg.add_eos)
+  if corpora is None:
+    train_docs, val_docs = (documents if documents is not None
+                            else sources.load_split_documents(data_cfg))
+    add_eos = bool(data_cfg.add_eos)
+    corpora = (tokenize_documents(train_docs, tokenizer, add_eos),
+               tokenize_documents(val_docs, tokenizer, add_eos))
   train = LMPipeline(
-      tokenize_documents(train_docs, tokenizer, add_eos),
+      corpora[0],
       seq_len=data_cfg.seq_len, global_batch_size=global_batch_size,
       seed=data_cfg.seed, random_offset=data_cfg.random_offset,
       prefetch=data_cfg.prefetch, process_index=process_index,
       process_count=process_count, fingerprint=tokenizer.fingerprint)
-  val = ValidationSet(tokenize_documents(val_docs, tokenizer, add_eos),
+  val = ValidationSet(corpora[1],
                       seq_len=data_cfg.seq_len, process_index=process_index,
                       process_count=process_count)
   return train, val

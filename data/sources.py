@@ -273,9 +273,12 @@ def load_split_documents(data_cfg: Any) -> tuple[list[str], list[str]]:
     # Imported here: data.corpus imports this module (and the SFT readers).
     from data import corpus  # pylint: disable=g-import-not-at-top
     train, val = corpus.load_corpus_split(data_cfg)
+  elif source == "curated":
+    raise ValueError("data.source='curated' is already tokenized: train.pretrain reads it "
+                     "with data.curate.load_tokenized(data.curated_dir)")
   else:
     raise ValueError(
-        f"Unknown data.source {source!r}; expected text, jsonl, tfds or corpus")
+        f"Unknown data.source {source!r}; expected text, jsonl, tfds, corpus or curated")
   if not train:
     raise ValueError(f"The training split is empty (source={source!r}, "
                                       f"val_fraction={val_fraction})")

@@ -40,20 +40,35 @@ def run(config: Any, workdir: str) -> dict[str, float]:
   from data.config import get_or_train_tokenizer
   from data.lm_pipeline import build_lm_pipelines
   from data.sources import load_split_documents
+  from data.tokenizer import Tokenizer
   from model.config import ModelConfig
   from train.losses import lm_loss
   from train.trainer import Trainer
 
   if jax.process_index() == 0:
     write_config(config, workdir)
-  train_docs, val_docs = load_split_documents(config.data)
-  tokenizer = get_or_train_tokenizer(config.data, train_docs,
-                                     os.path.join(workdir, "tokenizer.model"))
+  if config.data.get("source") == "curated":
+    # The tokenized shards of a curation run (data/curate.py) and its tokenizer.
+    from data.curate import load_tokenized
+    tokenizer, train_corpus, val_corpus, info = load_tokenized(config.data.curated_dir)
+    if config.data.tokenizer.path and Tokenizer.from_file(
+        os.path.expanduser(config.data.tokenizer.path)).fingerprint != tokenizer.fingerprint:
+      raise ValueError(f"data.tokenizer.path={config.data.tokenizer.path} is not the "
+                       f"tokenizer of the curated shards in {config.data.curated_dir}; "
+                       "leave it empty")
+    val_chars = info["val_chars"]
+    pipeline_input = {"corpora": (train_corpus, val_corpus)}
+  else:
+    train_docs, val_docs = load_split_documents(config.data)
+    tokenizer = get_or_train_tokenizer(config.data, train_docs,
+                                       os.path.join(workdir, "tokenizer.model"))
+    val_chars = sum(len(d) for d in val_docs)
+    pipeline_input = {"documents": (train_docs, val_docs)}
   model_cfg = ModelConfig.from_dict(resolve_vocab(config.model.to_dict(), tokenizer.vocab_size))
   train_iter, val_set = build_lm_pipelines(
       config.data, tokenizer, global_batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      documents=(train_docs, val_docs))
+      **pipeline_input)
   trainer = Trainer(config, workdir, model_cfg, lm_loss, tokenizer_bytes=tokenizer.to_bytes(),
                     tokenizer_fingerprint=tokenizer.fingerprint)
   print(f"Model: {model_cfg.num_params():,} parameters "
@@ -65,7 +80,6 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     train_iter.set_state(data_state)
   trainer.data_state_fn = train_iter.get_state
   trainer.setup_throughput(config.train.batch_size * config.data.seq_len, config.data.seq_len)
-  val_chars = sum(len(d) for d in val_docs)
   results: dict[str, float] = {}
 
   def eval_hook(trainer: Trainer, step: int, state: Any) -> None:

@@ -26,6 +26,15 @@ Launch:
 Smoke run (a tiny model, a few steps; used by tests):
   python -m train.pretrain --config=configs/pretrain/english_bpe.py:runlocal=true --workdir=/tmp/eb
 Then SFT from it with `--config.init_from=runs/english_bpe`.
+
+From a curated corpus (issue 7: data/curate.py with configs/data/shared.py, the same files
+plus Shakespeare, filtered, deduplicated, mixed at temperature 2 and tokenized with its own
+4096-piece BPE + chat markers):
+  python -m data.curate --config=configs/data/shared.py --workdir=runs/curated --workers=2
+  python -m train.pretrain --config=configs/pretrain/english_bpe.py:curated=runs/curated \
+      --workdir=runs/english_bpe_curated
+`curated=DIR` sets data.source = "curated" and data.curated_dir = DIR; everything else
+(model, optimiser, steps) is unchanged.
 """
 
 from configs import common
@@ -43,7 +52,7 @@ NUM_STEPS = 1700
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, runlocal=False)
+  arg = common.parse_arg(arg, runlocal=False, curated="")
   config = common.base_config()
   # CPU speed switches as in shakespeare_char (README "Performance").
   config.model = common.model_config("shakespeare_char", embed_dim=256, num_layers=4,
@@ -62,6 +71,9 @@ def get_config(arg=None):
   config.data.tokenizer.model_type = "bpe"
   config.data.tokenizer.vocab_size = 4096
   config.data.tokenizer.user_defined_symbols = ",".join(CHAT_MARKERS)
+  if arg.curated:
+    config.data.source = "curated"
+    config.data.curated_dir = arg.curated
   if arg.runlocal:
     config.model = common.model_config("tiny", vocab_size=0, max_seq_len=64,
                                        fuse_projections=True)
