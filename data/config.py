@@ -86,6 +86,9 @@ def default_sft_data_config() -> ml_collections.ConfigDict:
   # ../shared/data; "path:format" names the format (alpaca | prompt_response |
   # gsm8k | transcript), otherwise it is detected from the first record.
   c.sources = "sft/alpaca_subset.jsonl,sft/dolly_hhrlhf_1k.jsonl"
+  # For "tfds:name[/config][:split]" entries (e.g. tfds:lm_instructions/alpaca, see
+  # data/tfds_builders.py); "" = the TFDS default directory.
+  c.tfds_data_dir = ""
   c.template = "chat"         # data.chat.get_template name.
   c.seq_len = 512             # Tokens per row; an example keeps <= seq_len + 1 tokens.
   c.packing = "pack"          # "pack": first-fit several examples per row | "pad": one.

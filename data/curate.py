@@ -183,8 +183,8 @@ Problems are counted in bad[path] (`BAD_KEYS`).
     import tensorflow_datasets as tfds
     ds_name, _, split = spec[len("tfds:"):].partition(":")
     field = source.get("text_field", "text")
-    ds = tfds.load(ds_name, split=split or "train", data_dir=tfds_data_dir or None,
-                   shuffle_files=False)
+    from data.sources import load_tfds
+    ds = load_tfds(ds_name, split or "train", tfds_data_dir)
     if field not in ds.element_spec:
       raise ValueError(f"source {name!r}: TFDS {ds_name} has no feature {field!r} "
                        f"(has: {sorted(ds.element_spec)})")

@@ -251,26 +251,7 @@ def read_records(where: str, records: Iterable[tuple[int, Any]],
 
 
 def _tfds_records(name: str, split: str, data_dir: str | None) -> Iterator[tuple[int, Any]]:
-  """TFDS examples as (index, record) with bytes decoded and nested features as lists."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  def decode(value: Any) -> Any:
-    if isinstance(value, bytes):
-      return value.decode("utf-8")
-    if isinstance(value, Mapping):
-      return {k: decode(v) for k, v in value.items()}
-    if hasattr(value, "tolist"):
-      value = value.tolist()
-    return [decode(v) for v in value] if isinstance(value, list) else value
-
-  ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
-  for index, example in enumerate(tfds.as_numpy(ds), start=1):
-    record = decode(example)
-    # A TFDS Sequence of dicts arrives as a dict of lists: back to a list of dicts.
-    for k, v in list(record.items()):
-      if isinstance(v, Mapping) and v and all(isinstance(x, list) for x in v.values()):
-        record[k] = [dict(zip(v, items)) for items in zip(*v.values())]
-    yield index, record
+  return sources.tfds_records(name, split, data_dir)
 
 
 def read_source(spec: str, tfds_data_dir: str = "") -> PreferenceFile:

@@ -73,7 +73,8 @@ def build_sft_pipelines(data_cfg: Any, template: ChatTemplate, *, global_batch_s
   """
   skipped = 0
   if conversations is None:
-    examples, files = sft_sources.read_sft_sources(data_cfg.sources)
+    examples, files = sft_sources.read_sft_sources(
+        data_cfg.sources, getattr(data_cfg, "tfds_data_dir", ""))
     skipped = sum(f.skipped for f in files)
     conversations = sft_sources.split_examples(
         examples, data_cfg.val_fraction, data_cfg.seed)

@@ -183,9 +183,15 @@ def read_sft_file(path: str, format: str = "auto") -> SFTFile:  # pylint: disabl
     raise ValueError(f"Unknown SFT format {format!r}; expected 'auto' or one of {FORMATS}")
   # The same checks, line numbers and JSON errors as the pretraining jsonl reader.
   sources._check_file(path)  # pylint: disable=protected-access
+  return read_sft_records(path, sources._jsonl_records(path), format)  # pylint: disable=protected-access
+
+
+def read_sft_records(path: str, records: Any, format: str = "auto") -> SFTFile:  # pylint: disable=redefined-builtin
+  """`read_sft_file` over (line number, record) pairs from anywhere (a file, TFDS);
+  `path` names the origin in messages."""
   fmt = None if format == "auto" else format
   conversations, skipped = [], 0
-  for line_no, record in sources._jsonl_records(path):  # pylint: disable=protected-access
+  for line_no, record in records:
     if fmt is None:
       fmt = detect_format(record)
       if fmt is None:
@@ -231,14 +237,22 @@ def parse_source_specs(spec: str | Sequence[str]) -> list[tuple[str, str]]:
   return out
 
 
-def read_sft_sources(spec: str | Sequence[str]) -> tuple[list[Conversation], list[SFTFile]]:
-  """Reads every source of a `sources` spec (paths resolved under the data dir).
+def read_sft_sources(spec: str | Sequence[str], tfds_data_dir: str = ""
+                     ) -> tuple[list[Conversation], list[SFTFile]]:
+  """Reads every source of a `sources` spec (paths resolved under the data dir; entries
+  "tfds:name[/config][:split]" are TFDS datasets in `tfds_data_dir`).
 
   Returns:
     (all conversations in source order, the per-file `SFTFile`s).
   """
-  files = [read_sft_file(sources.resolve_data_path(path), fmt)
-           for path, fmt in parse_source_specs(spec)]
+  files = []
+  for path, fmt in parse_source_specs(spec):
+    if path.startswith("tfds:"):  # "tfds:name[/config][:split]" (data/tfds_builders.py)
+      name, _, split = path[len("tfds:"):].partition(":")
+      files.append(read_sft_records(f"tfds:{name}[{split or 'train'}]", sources.tfds_records(
+          name, split or "train", tfds_data_dir), fmt))
+    else:
+      files.append(read_sft_file(sources.resolve_data_path(path), fmt))
   return [c for f in files for c in f.conversations], files
 
 

@@ -144,6 +144,38 @@ def read_jsonl(path: str, field: str) -> Iterator[str]:
   return generate()
 
 
+def load_tfds(name: str, split: str, data_dir: str | None = None):
+  """`tfds.load` with the project's local builders registered (data/tfds_builders.py:
+  lm_tiny_shakespeare, lm_wikitext2, lm_instructions/*, lm_hh_preferences,
+  lm_eval_sets/*), so their names resolve like any catalogue dataset."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from data import tfds_builders  # pylint: disable=g-import-not-at-top,unused-import
+  return tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+
+
+def tfds_records(name: str, split: str, data_dir: str | None = None
+                 ) -> Iterator[tuple[int, Any]]:
+  """TFDS examples as (index, record) with bytes decoded and nested features as lists."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  def decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+      return value.decode("utf-8")
+    if isinstance(value, dict):
+      return {k: decode(v) for k, v in value.items()}
+    if hasattr(value, "tolist"):
+      value = value.tolist()
+    return [decode(v) for v in value] if isinstance(value, list) else value
+
+  for index, example in enumerate(tfds.as_numpy(load_tfds(name, split, data_dir)), start=1):
+    record = decode(example)
+    # A TFDS Sequence of dicts arrives as a dict of lists: back to a list of dicts.
+    for k, v in list(record.items()):
+      if isinstance(v, dict) and v and all(isinstance(x, list) for x in v.values()):
+        record[k] = [dict(zip(v, items)) for items in zip(*v.values())]
+    yield index, record
+
+
 def read_tfds(name: str, split: str, field: str,
               data_dir: str | None = None) -> Iterator[str]:
   """Reads one text feature of a TFDS split as documents.
@@ -164,7 +196,7 @@ def read_tfds(name: str, split: str, field: str,
   # Imported here: it is slow to import and only this reader needs it.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  ds = tfds.load(name, split=split, data_dir=data_dir or None, shuffle_files=False)
+  ds = load_tfds(name, split, data_dir)
   if field not in ds.element_spec:
     raise ValueError(
         f"TFDS {name}[{split}] has no feature {field!r} "
