@@ -15,6 +15,7 @@ published ones where they exist (Gopher: Rae et al. 2021, Appendix A; C4: Raffel
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import unicodedata
@@ -262,23 +263,45 @@ def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
 
 
 # ------------------------------------------------------------------------ decontamination
+_NGRAM_BASE = np.uint64(0x100000001B3)  # FNV-64 prime: the rolling hash's base
+
+
+@functools.lru_cache(maxsize=1 << 20)
+def _word_hash(word: str) -> int:
+  return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(),
+                        "little")
+
+
+def ngram_hashes(text: str, n: int) -> np.ndarray:
+  """64-bit hashes of every word n-gram of `text` (lower-cased word tokens): a polynomial
+  rolling hash over per-word blake2b hashes, vectorised over positions (equal n-grams hash
+  equal; two different n-grams collide with probability ~2^-64 each)."""
+  w = words(text)
+  if len(w) < n:
+    return np.zeros([0], np.uint64)
+  wh = np.fromiter((_word_hash(x) for x in w), np.uint64, len(w))
+  m = len(w) - n + 1
+  out = np.zeros(m, np.uint64)
+  with np.errstate(over="ignore"):  # arithmetic modulo 2^64 by design
+    for j in range(n):
+      out = out * _NGRAM_BASE + wh[j:j + m]
+  return out
+
+
 class Decontaminator:
   """Flags documents sharing any `ngram`-word sequence with the evaluation texts (GPT-3's
-  13-gram rule; n-grams of lower-cased word tokens)."""
+  13-gram rule; n-grams of lower-cased word tokens). The index is a sorted array of the
+  evaluation n-gram hashes (`ngram_hashes`); a document is looked up with one binary
+  search per n-gram."""
 
   def __init__(self, eval_texts: Iterable[str], ngram: int = 13):
     self.ngram = ngram
-    self.hashes: set[bytes] = set()
-    for text in eval_texts:
-      self.hashes.update(self._grams(text))
-
-  def _grams(self, text: str) -> set[bytes]:
-    w = words(text)
-    return {hashlib.blake2b(" ".join(w[i:i + self.ngram]).encode(), digest_size=8).digest()
-            for i in range(len(w) - self.ngram + 1)}
+    parts = [ngram_hashes(text, ngram) for text in eval_texts]
+    self.index = np.unique(np.concatenate(parts)) if parts else np.zeros([0], np.uint64)
 
   def contaminated(self, text: str) -> bool:
-    w = words(text)
-    return any(hashlib.blake2b(" ".join(w[i:i + self.ngram]).encode(),
-                               digest_size=8).digest() in self.hashes
-               for i in range(len(w) - self.ngram + 1))
+    h = ngram_hashes(text, self.ngram)
+    if not len(h) or not len(self.index):
+      return False
+    at = np.minimum(np.searchsorted(self.index, h), len(self.index) - 1)
+    return bool(np.any(self.index[at] == h))

@@ -117,3 +117,22 @@ def test_decontamination_finds_a_hellaswag_item_verbatim():
   train_doc = "Some preamble text. " + texts[57] + " And an unrelated ending."
   assert deco.contaminated(train_doc)
   assert not any(deco.contaminated(d) for d in _wikitext_paragraphs(50))
+
+
+def test_eval_index_texts_have_exactly_the_requests_ngrams():
+  # data.curate indexes each context once plus each continuation after the context's last
+  # n-1 words; the n-gram set must equal that of every full request text.
+  import numpy as np
+  from data.curate import eval_texts
+  from eval import tasks
+  items = tasks.hellaswag(tasks.task_path("hellaswag"))[:300]
+  full = np.unique(np.concatenate([filters.ngram_hashes(c + x, 13)
+                                   for item in items for c, x in item.requests()]))
+  from data import curate
+  short = []
+  for item in items:
+    for c, x in item.requests():
+      short += [c, curate._tail(c, 12) + x]
+  assert np.array_equal(np.unique(np.concatenate([filters.ngram_hashes(t, 13)
+                                                  for t in short])), full)
+  assert len(eval_texts(["arc_challenge"], 13)) > 922
