@@ -520,7 +520,6 @@ class Curator:
     import shutil
     t = self.cfg.tokenize
     if t.get("tokenizer_path"):
-      from data.sources import resolve_data_path
       shutil.copyfile(os.path.expanduser(t.tokenizer_path), out + ".tmp")
       os.replace(out + ".tmp", out)
       return
@@ -540,7 +539,6 @@ class Curator:
 
   def tokenize_shard(self, shard: int) -> None:
     import numpy as np
-    from data.tokenizer import Tokenizer
     path = self._shard("tokens", shard, "npz")
     if os.path.exists(path):
       return
