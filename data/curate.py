@@ -428,12 +428,12 @@ class Curator:
         counts.add(doc.source, "input", "kept", doc.text)
         text = filters.normalize(doc.text, c.normalize.strip_markup) \
             if c.normalize.enabled else doc.text
-        removed = None
+        removed = rule = None
         if not text:
           removed = "normalize"
-        elif c.quality.enabled and filters.quality_failure(text, rules):
+        elif c.quality.enabled and (rule := filters.quality_failure(text, rules)):
           removed = "quality"
-        elif c.safety.enabled and filters.safety_failure(text, self.blocklist):
+        elif c.safety.enabled and (rule := filters.safety_failure(text, self.blocklist)):
           removed = "safety"
         if removed is None and c.pii.enabled:
           text, found = filters.scrub_pii(text)
@@ -445,8 +445,8 @@ class Curator:
           counts.add(doc.source, removed, "removed", doc.text)
           ex = examples.setdefault(removed, {}).setdefault(doc.source, [])
           if len(ex) < c.examples_per_filter:
-            why = filters.quality_failure(text, rules) if removed == "quality" else \
-                ",".join(self.blocklist.matches(text)) if removed == "safety" else removed
+            why = ",".join(self.blocklist.matches(text)) if rule == "blocklist" else \
+                rule or removed
             ex.append({"doc_id": doc.doc_id, "provenance": doc.provenance, "rule": why,
                        "text": doc.text[:300]})
           continue

@@ -31,9 +31,6 @@ SFT and preference `data.sources` entries "tfds:name[/config][:split]"; curation
 
 from __future__ import annotations
 
-import gzip
-import json
-import os
 from typing import Any, Iterator
 
 import numpy as np
@@ -45,14 +42,11 @@ _HOMEPAGE = "https://github.com/ (see shared/data/README.md for each file's orig
 
 
 def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-  opener = gzip.open if path.endswith(".gz") else open
-  with opener(path, "rt", encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
-      if line.strip():
-        record = json.loads(line)
-        if not isinstance(record, dict):
-          raise ValueError(f"{path}:{number}: expected a JSON object")
-        yield number, record
+  """`sources._jsonl_records` (gzip, line numbers, malformed-JSON errors), objects only."""
+  for number, record in sources._jsonl_records(path):  # pylint: disable=protected-access
+    if not isinstance(record, dict):
+      raise ValueError(f"{path}:{number}: expected a JSON object")
+    yield number, record
 
 
 class LmTinyShakespeare(tfds.core.GeneratorBasedBuilder):
