@@ -46,7 +46,7 @@ STAGES = {
 
 def main(argv):
   del argv
-  from benchmarks.stages import Chain, run_json
+  from launch.stages import Chain, run_json
   chain = Chain(FLAGS.root)
   for name, (module, config, parent) in STAGES.items():
     cmd = ["-m", module, f"--config={config}", f"--workdir={chain.workdir(name)}"]

@@ -50,7 +50,7 @@ flags.DEFINE_multi_string("dpo_flag", [], "Extra flags for the DPO run.")
 
 def main(argv):
   del argv
-  from benchmarks.stages import Chain, run_json
+  from launch.stages import Chain, run_json
   chain = Chain(FLAGS.root)
   sft = os.path.abspath(FLAGS.sft)
   for part in ("a", "b"):

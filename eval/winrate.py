@@ -245,6 +245,8 @@ def main(argv: Sequence[str]) -> None:
     prompts, too_long = held_out_prompts(
         tokenizer, flags.sources or default_preference_data_config().sources,
         flags.val_fraction, flags.split_seed, flags.max_prompt_tokens)
+    if flags.max_prompts:
+      prompts = prompts[:flags.max_prompts]
     result = compare(policies, judges, baseline=baseline,
                      reference=flags.reference or None, prompts=prompts,
                      samples_per_prompt=flags.samples_per_prompt,
@@ -280,6 +282,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("split_seed", 0, "Seed of the prompt split (the runs' data.seed).")
   flags.DEFINE_integer("max_prompt_tokens", 128, "Longer prompts are left out.")
   flags.DEFINE_integer("max_new_tokens", 64, "Response length limit.")
+  flags.DEFINE_integer("max_prompts", 0, "Only the first N held-out prompts (0 = all): for "
+                       "quick runs.")
   flags.DEFINE_float("temperature", 0.7, "Sampling temperature (also of the KL).")
   flags.DEFINE_integer("samples_per_prompt", 4, "Responses per prompt and policy.")
   flags.DEFINE_integer("seed", 0, "Sampling seed (the same for every policy).")

@@ -1,9 +1,11 @@
-"""Chains of training runs for the end-to-end benchmarks (reward_hh.py, rlhf_hh.py).
+"""Chains of runs that resume: the pipeline (launch/pipeline.py), sweeps (launch/sweep.py) and
+the end-to-end benchmarks (benchmarks/reward_hh.py, rlhf_hh.py).
 
-A stage is one training command writing one workdir. It runs only if the workdir has not
-finished (its checkpoint has not reached the configured last step), so an interrupted chain
-resumes where it stopped; each stage's wall minutes are summed over attempts into
-`<root>/minutes.json` and its output goes to `<root>/<name>.log`.
+A stage is one command writing one workdir. It runs only if it has not finished (a training
+run: its checkpoint reached the configured last step; anything else: its own `done` check),
+so an interrupted chain resumes where it stopped. Each stage's wall minutes are summed over
+attempts into `<root>/minutes.json`, its output goes to `<root>/<name>.log`, and the exact
+command is printed before it runs.
 """
 
 from __future__ import annotations
@@ -13,8 +15,15 @@ import os
 import subprocess
 import sys
 import time
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def checkpoint_dir(workdir: str) -> str:
+  """Where a run's checkpoint is: `<workdir>/policy` for PPO (policy + value), else workdir."""
+  policy = os.path.join(workdir, "policy")
+  return policy if os.path.isdir(policy) else workdir
 
 
 def finished(workdir: str) -> bool:
@@ -31,12 +40,17 @@ def finished(workdir: str) -> bool:
   return meta["step"] >= meta["config"]["train"]["num_steps"]
 
 
+class StageFailed(RuntimeError):
+  """A stage's command exited non-zero (the message names the stage and its log)."""
+
+
 class Chain:
   """The stages' minutes (`<root>/minutes.json`) and the runner."""
 
-  def __init__(self, root: str):
-    from absl import logging
-    logging.set_verbosity(logging.ERROR)  # Orbax logs every file operation it reads
+  def __init__(self, root: str, quiet_orbax: bool = True):
+    if quiet_orbax:
+      from absl import logging
+      logging.set_verbosity(logging.ERROR)  # Orbax logs every file operation it reads
     self.root = os.path.abspath(root)
     os.makedirs(self.root, exist_ok=True)
     self.path = os.path.join(self.root, "minutes.json")
@@ -45,25 +59,38 @@ class Chain:
   def workdir(self, name: str) -> str:
     return os.path.join(self.root, name)
 
-  def ensure(self, name: str, cmd: list[str], allowed: bool = True) -> None:
-    """Runs `cmd` (python -m ... args) unless stage `name` has finished."""
-    if finished(self.workdir(name)):
+  def log_path(self, name: str) -> str:
+    return os.path.join(self.root, f"{name}.log")
+
+  def ensure(self, name: str, cmd: list[str], allowed: bool = True,
+             done: Callable[[], bool] | None = None, exit_on_failure: bool = True) -> bool:
+    """Runs `python <cmd...>` unless stage `name` is done (default: `finished(workdir)`).
+
+    Returns True when it ran. A failure exits with a message (or raises StageFailed when
+    `exit_on_failure` is False); a stage that is not done and not `allowed` exits too.
+    """
+    done = done or (lambda: finished(self.workdir(name)))
+    if done():
       print(f"{name}: finished ({self.minutes.get(name, float('nan')):.1f} min recorded)",
             flush=True)
-      return
+      return False
     if not allowed:
       sys.exit(f"{name} is not finished in {self.root} and may not run (--stages)")
     cmd = [sys.executable, *cmd]
     print("$ " + " ".join(cmd), flush=True)
     start = time.perf_counter()
-    with open(os.path.join(self.root, f"{name}.log"), "a") as log:
+    with open(self.log_path(name), "a") as log:
       rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
     self.minutes[name] = self.minutes.get(name, 0.0) + (time.perf_counter() - start) / 60
     with open(self.path, "w") as f:
       json.dump(self.minutes, f, indent=1)
     if rc != 0:
-      sys.exit(f"{name} failed (rc={rc}); see {os.path.join(self.root, name + '.log')}")
+      message = f"{name} failed (rc={rc}); see {self.log_path(name)}"
+      if exit_on_failure:
+        sys.exit(message)
+      raise StageFailed(message)
     print(f"{name}: done, {self.minutes[name]:.1f} min in all", flush=True)
+    return True
 
 
 def run_json(cmd: list[str]) -> dict:
