@@ -1,0 +1,30 @@
+"""Depth versus width at a fixed parameter count (~0.79M without the embeddings).
+
+  python -m launch.sweep --config=configs/ablations/depth_width.py --workdir=runs/ablations/depth_width
+
+The baby GPT of configs/pretrain/shakespeare_char.py (4 layers x 128) against 2 x 176,
+8 x 88 and 16 x 64, each with 4 heads and the SwiGLU width ~2.69 x the model width (a
+block holds ~12.1 d^2 parameters), 1000 steps x seeds 0 and 1: 8 runs. The table's
+`params` column is each model's exact count (embeddings included). Results in README
+"Ablations".
+"""
+
+import ml_collections
+
+# (layers, width, SwiGLU width): 12.1 * layers * width^2 ~ 0.79M.
+SHAPES = ((2, 176, 472), (4, 128, 344), (8, 88, 240), (16, 64, 176))
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.entry = "train.pretrain"
+  c.base = "configs/pretrain/shakespeare_char.py"
+  c.fixed = {"train": {"num_steps": 1000, "eval_every": 250, "log_every": 50,
+                       "checkpoint_every": 1000, "keep_checkpoints": 1}}
+  c.points = [{"name": f"{layers}x{width}", "model.num_layers": layers,
+               "model.embed_dim": width, "model.mlp_dim": mlp}
+              for layers, width, mlp in SHAPES]
+  c.product = [("seed", (0, 1))]
+  c.metric = "eval/loss"
+  return c
