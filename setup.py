@@ -34,6 +34,8 @@ setup(
         # Exactly this torch: the CPU wheel available here; any other version pulls
         # gigabytes of CUDA packages.
         "hf": HF,
+        # Cloud TPU VMs (launch/tpu_vm.py setup): JAX with its TPU runtime (libtpu).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # The tests include the transformers parity checks, so they need the hf extra.
         "test": ["pytest>=8,<10", *HF],
         # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.

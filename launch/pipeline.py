@@ -39,12 +39,16 @@ from launch.stages import Chain, StageFailed, finished
 ENTRIES = ("train.pretrain", "train.sft", "rlhf.reward", "rlhf.ppo", "rlhf.dpo")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Pipeline config file (configs/pipeline/...py[:arg]).")
-flags.DEFINE_string("workdir", None, "Directory of every stage's workdir and the report.")
-flags.DEFINE_list("stages", [], "Stages that may run, and `eval` (default: all); the run "
-                  "stops before the first unfinished stage not listed.")
-flags.DEFINE_multi_string("override", [], "stage:field=value, e.g. sft:train.num_steps=100.")
-flags.DEFINE_bool("dry_run", False, "Check everything and print the commands; run nothing.")
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when this module is the program)."""
+  flags.DEFINE_string("config", None, "Pipeline config file (configs/pipeline/...py[:arg]).")
+  flags.DEFINE_string("workdir", None, "Directory of every stage's workdir and the report.")
+  flags.DEFINE_list("stages", [], "Stages that may run, and `eval` (default: all); the run "
+                    "stops before the first unfinished stage not listed.")
+  flags.DEFINE_multi_string("override", [], "stage:field=value, e.g. sft:train.num_steps=100.")
+  flags.DEFINE_bool("dry_run", False, "Check everything and print the commands; run nothing.")
 
 
 class PipelineError(ValueError):
@@ -277,4 +281,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

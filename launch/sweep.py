@@ -45,16 +45,21 @@ from launch import overrides as ov
 from launch.stages import Chain, StageFailed, finished
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("config", None, "Ablation config file (configs/ablations/...py[:arg]).")
-flags.DEFINE_string("workdir", None, "Directory of every point's workdir and the results.")
-flags.DEFINE_multi_string("set", [], "field=value applied to every point (after `fixed`).")
-flags.DEFINE_bool("dry_run", False, "Check every point and print the commands; run nothing.")
-flags.DEFINE_string("tpu_name", "", "Print the launch.tpu_vm commands of every point for this "
-                    "TPU VM instead of running locally.")
-flags.DEFINE_string("zone", "", "TPU zone (with --tpu_name).")
-flags.DEFINE_string("project", "", "GCP project (with --tpu_name; default: gcloud's).")
-flags.DEFINE_string("bucket", "", "gs:// prefix of the points' workdirs on the TPU (with "
-                    "--tpu_name).")
+
+
+def define_flags() -> None:
+  """The command-line flags (defined only when this module is the program)."""
+  flags.DEFINE_string("config", None, "Ablation config file (configs/ablations/...py[:arg]).")
+  flags.DEFINE_string("workdir", None, "Directory of every point's workdir and the results.")
+  flags.DEFINE_multi_string("set", [], "field=value applied to every point (after `fixed`).")
+  flags.DEFINE_bool("dry_run", False, "Check every point and print the commands; run nothing.")
+  flags.DEFINE_string("tpu_name", "", "Print the launch.tpu_vm commands of every point for this "
+                      "TPU VM instead of running locally.")
+  flags.DEFINE_string("zone", "", "TPU zone (with --tpu_name).")
+  flags.DEFINE_string("project", "", "GCP project (with --tpu_name; default: gcloud's).")
+  flags.DEFINE_string("accelerator_type", "", "TPU type for the preflight (with --tpu_name).")
+  flags.DEFINE_string("bucket", "", "gs:// prefix of the points' workdirs on the TPU (with "
+                      "--tpu_name).")
 
 
 class SweepError(ValueError):
@@ -268,10 +273,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError("--config and --workdir are required")
   tpu = None
   if FLAGS.tpu_name:
-    if not FLAGS.zone or not FLAGS.bucket.startswith("gs://"):
-      raise app.UsageError("--tpu_name needs --zone and --bucket=gs://...")
+    if not FLAGS.zone or not FLAGS.accelerator_type or not FLAGS.bucket.startswith("gs://"):
+      raise app.UsageError("--tpu_name needs --zone, --accelerator_type and --bucket=gs://...")
     tpu = {"name": FLAGS.tpu_name, "zone": FLAGS.zone, "project": FLAGS.project,
-           "bucket": FLAGS.bucket}
+           "accelerator_type": FLAGS.accelerator_type, "bucket": FLAGS.bucket}
   try:
     config = ov.load_config(FLAGS.config)
     summary = run(config, FLAGS.workdir, ov.parse_assignments(FLAGS.set, "set"),
@@ -283,4 +288,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

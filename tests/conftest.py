@@ -262,3 +262,15 @@ def english_rm_run(english_sft_run, tmp_path_factory):
                            "--config.train.checkpoint_every=40", "--config.optim.lr=3e-3"))
   assert out.returncode == 0, out.stdout[-5000:]
   return workdir, data, out.stdout
+
+
+# ---------------------------------------------------------------------------------- goldens
+def pytest_addoption(parser):
+  parser.addoption("--regen-golden", action="store_true", default=False,
+                   help="Rewrite the golden files (tests/golden/) instead of comparing.")
+
+
+@pytest.fixture
+def regen_golden(request) -> bool:
+  return bool(request.config.getoption("--regen-golden")) or \
+      os.environ.get("LM_REGEN_GOLDEN") == "1"

@@ -23,7 +23,12 @@ ALL_CONFIG_FILES = sorted(
     if "def get_config" in open(p).read())
 # Data-curation configs (data/curate.py) describe no model or training run.
 DATA_CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p.startswith(os.path.join("configs", "data"))]
-CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p not in DATA_CONFIG_FILES]
+# Launcher configs (launch/pipeline.py, launch/sweep.py) name run configs; they are not runs.
+LAUNCH_CONFIG_FILES = [p for p in ALL_CONFIG_FILES
+                       if p.startswith((os.path.join("configs", "pipeline"),
+                                        os.path.join("configs", "ablations")))]
+CONFIG_FILES = [p for p in ALL_CONFIG_FILES
+                if p not in DATA_CONFIG_FILES and p not in LAUNCH_CONFIG_FILES]
 SMALL = 200e6  # parameters; bigger models are only counted, never traced
 TEST_VOCAB = 256  # stands in for "take it from the tokenizer" (vocab_size 0)
 
@@ -98,6 +103,23 @@ def test_data_config_loads_with_its_stages(relpath):
       assert isinstance(config[stage].enabled, bool), f"{relpath}:{arg} {stage}"
     for source in config.sources:
       assert os.path.exists(resolve_data_path(source["path"])), source
+
+
+@pytest.mark.parametrize("relpath", LAUNCH_CONFIG_FILES)
+def test_launch_config_plans_every_run_it_names(relpath, tmp_path):
+  """Each pipeline / ablation config documents its command and every run it names loads
+  with its overrides (launch.pipeline.plan / launch.sweep.expand check them all)."""
+  from launch import pipeline, sweep
+  module = _load(relpath)
+  assert f"--config={relpath}" in module.__doc__, "the docstring holds the launch command"
+  config = module.get_config()
+  if relpath.startswith(os.path.join("configs", "pipeline")):
+    stages = pipeline.plan(config, str(tmp_path))
+    assert [s["entry"] for s in stages][:2] == ["train.pretrain", "train.sft"]
+    assert pipeline.eval_plan(config, stages, str(tmp_path))
+  else:
+    points = sweep.expand(config)
+    assert len(points) >= 2 and len({p["name"] for p in points}) == len(points)
 
 
 @pytest.mark.parametrize("relpath", ALL_CONFIG_FILES)

@@ -40,7 +40,11 @@ def launch(run: Callable[[Any, str], Any]) -> None:
     FLAGS = flags.FLAGS
     # Orbax and TF log every file operation at INFO; keep the console for progress lines.
     logging.set_verbosity(logging.WARNING)
-    from train import distributed
+    from train import distributed, storage
+    try:  # a workdir that cannot be written (e.g. gs:// without credentials) stops here
+      storage.check_workdir(FLAGS.workdir)
+    except storage.WorkdirError as e:
+      raise SystemExit(f"error: {e}") from None
     distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                            FLAGS.local_devices, FLAGS.distributed_auto)
     run(FLAGS.config, FLAGS.workdir)

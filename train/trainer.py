@@ -52,7 +52,8 @@ class Trainer(Restorer):
   Args:
     config: the resolved run ConfigDict (sections train, optim, mesh; fields seed, stage,
       init_from).
-    workdir: run directory (metrics, TensorBoard, checkpoints).
+    workdir: run directory (metrics, TensorBoard, checkpoints); None builds an abstract
+      trainer (mesh, shardings, jitted steps) that writes nothing, for train/shapes.py.
     model_cfg: the model to train.
     loss_fn: see the module docstring.
     model_factory: builds the module from (ModelConfig, Rngs); default `Transformer`.
@@ -63,7 +64,7 @@ class Trainer(Restorer):
       InitAdapter); without it the parent must have this run's model config.
   """
 
-  def __init__(self, config: Any, workdir: str, model_cfg: ModelConfig, loss_fn: LossFn, *,
+  def __init__(self, config: Any, workdir: str | None, model_cfg: ModelConfig, loss_fn: LossFn, *,
                model_factory: ModelFactory = Transformer, tokenizer_bytes: bytes | None = None,
                tokenizer_fingerprint: str = "", devices: list[jax.Device] | None = None,
                init_adapter: InitAdapter | None = None):
@@ -96,8 +97,10 @@ class Trainer(Restorer):
     self._jit_predict: dict[Callable, Any] = {}
     self._compile()
     self.checkpointer = ckpt_lib.Checkpointer(
-        f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpoint)
-    self.writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+        f"{workdir}/checkpoints", keep=tcfg.keep_checkpoints,
+        async_save=tcfg.async_checkpoint) if workdir else None
+    self.writer = MetricsWriter(workdir or "", enabled=bool(workdir) and
+                                jax.process_index() == 0)
     self.parent: dict[str, Any] | None = None
     # Stage-specific facts added to every checkpoint's metadata from now on (e.g. the
     # reward model's score normalisation, set by a last-step hook before the final save).
@@ -336,7 +339,8 @@ class Trainer(Restorer):
     signal.signal(signal.SIGTERM, handler)
 
   def close(self) -> None:
-    self.checkpointer.close()
+    if self.checkpointer is not None:
+      self.checkpointer.close()
     self.writer.close()
 
 

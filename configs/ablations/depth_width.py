@@ -11,12 +11,14 @@ block holds ~12.1 d^2 parameters), 1000 steps x seeds 0 and 1: 8 runs. The table
 
 import ml_collections
 
+from configs import common
+
 # (layers, width, SwiGLU width): 12.1 * layers * width^2 ~ 0.79M.
 SHAPES = ((2, 176, 472), (4, 128, 344), (8, 88, 240), (16, 64, 176))
 
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)  # no variants: any argument is an error
   c = ml_collections.ConfigDict()
   c.entry = "train.pretrain"
   c.base = "configs/pretrain/shakespeare_char.py"

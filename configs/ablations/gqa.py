@@ -10,9 +10,11 @@ the K/V projections (and a sampler's KV cache) by 4 / num_kv_heads. Results tabl
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)  # no variants: any argument is an error
   c = ml_collections.ConfigDict()
   c.entry = "train.pretrain"
   c.base = "configs/pretrain/shakespeare_char.py"

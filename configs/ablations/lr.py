@@ -9,9 +9,11 @@ warmup steps), 1000 steps each (half of the config's 2000) x seeds 0 and 1: 8 ru
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
-  del arg
+  common.parse_arg(arg)  # no variants: any argument is an error
   c = ml_collections.ConfigDict()
   c.entry = "train.pretrain"
   c.base = "configs/pretrain/shakespeare_char.py"

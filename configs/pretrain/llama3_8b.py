@@ -1,0 +1,40 @@
+"""Llama-3-8B shape (32 x 4096, GQA 32/8, SwiGLU 14336, 128k vocabulary) on C4, for a TPU pod.
+
+Launch on every worker of a v5p-128 slice (64 chips; see launch/tpu_vm.py):
+  python -m launch.tpu_vm run --name=NAME --zone=ZONE --accelerator_type=v5p-128 -- \
+      -m train.pretrain --config=configs/pretrain/llama3_8b.py --workdir=gs://BUCKET/runs/llama3_8b
+Mesh: FSDP over all devices (no tensor parallelism: at 64 chips FSDP's all-gathers hide
+behind the matmuls, as in MaxText's v5p Llama-3-8B configs). Global batch 256 x 8192 = 2M
+tokens per step, bf16 compute with float32 parameters and Adam moments, layers scanned and
+rematerialised (dots without batch dimensions saved). The golden sharding test
+(tests/test_golden_shardings.py) compiles this step abstractly on 8 fake CPU devices:
+`python -m train.shapes --config=configs/pretrain/llama3_8b.py` prints the per-device bytes.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, runlocal=False)
+  config = common.base_config()
+  config.model = common.model_config("llama3_8b", dtype="bfloat16",
+                                     attention_impl="dot_product")
+  config.optim = common.optim_config(lr=3e-4, end_lr=3e-5, warmup_steps=2000, b2=0.95)
+  config.train = common.train_config(batch_size=256, num_steps=100000, log_every=20,
+                                     eval_every=5000, eval_batch_size=256,
+                                     checkpoint_every=1000)
+  config.mesh = common.mesh_config(data=1, fsdp=-1, tensor=1)
+  config.data.source = "tfds"
+  config.data.tfds_name = "c4/en"
+  config.data.seq_len = 8192
+  config.data.tokenizer.model_type = "bpe"
+  config.data.tokenizer.vocab_size = 128256
+  if arg.runlocal:
+    config.model.num_layers = 2
+    config.model.embed_dim = 256
+    config.model.mlp_dim = 512
+    config.model.num_heads = 8
+    config.model.num_kv_heads = 2
+    config.model.max_seq_len = 2048
+    common.wikitext_smoke(config)
+  return config
