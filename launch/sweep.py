@@ -162,14 +162,14 @@ def _fmt(v: Any) -> str:
 
 
 def write_results(config: Any, workdir: str, points: list[dict[str, Any]],
-                  minutes: dict[str, float]) -> dict[str, Any]:
+                  minutes: dict[str, float], failed: Sequence[str] = ()) -> dict[str, Any]:
   """results.csv, results.md and curves.png in `workdir`; returns the summary."""
   metric = config.get("metric", "eval/loss")
   rows = []
   for p in points:
     d = point_dir(workdir, p)
-    rows.append({"point": p["name"], "setting": p["setting"], "seed": p["seed"],
-                 **point_results(d, metric),
+    rows.append({"point": p["name"] + (" (failed)" if p["name"] in failed else ""),
+                 "setting": p["setting"], "seed": p["seed"], **point_results(d, metric),
                  "minutes": round(minutes.get(os.path.basename(d), float("nan")), 2)})
   keys = list(rows[0])
   with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
@@ -180,7 +180,8 @@ def write_results(config: Any, workdir: str, points: list[dict[str, Any]],
   lines = [f"Sweep `{config.base}` ({config.entry}), metric `{metric}` (lower is better).", "",
            "| " + " | ".join(shown) + " |", "|---|" + "---:|" * (len(shown) - 1)]
   for r in rows:
-    lines.append("| " + " | ".join(_fmt(r[k]) for k in shown) + " |")
+    lines.append("| " + " | ".join(f"{r[k]:.1f}" if k == "minutes" else _fmt(r[k])
+                                   for k in shown) + " |")
   groups: dict[str, list[dict[str, Any]]] = {}
   for r in rows:
     groups.setdefault(r["setting"], []).append(r)
@@ -260,10 +261,19 @@ def run(config: Any, workdir: str, extra: dict[str, Any] | None = None,
       print(shlex.join([sys.executable, *command(config, p, d)]))
     return {}
   chain = Chain(workdir)
+  failed = []
   for p in points:
     d = point_dir(workdir, p)
-    chain.ensure(os.path.basename(d), command(config, p, d), exit_on_failure=False)
-  return write_results(config, workdir, points, chain.minutes)
+    try:
+      chain.ensure(os.path.basename(d), command(config, p, d), exit_on_failure=False)
+    except StageFailed as e:  # e.g. a learning rate that diverges: the others still run
+      print(f"point {p['index']} failed: {e}", flush=True)
+      failed.append(p["name"])
+  summary = write_results(config, workdir, points, chain.minutes, failed)
+  if failed:
+    raise StageFailed(f"{len(failed)} point(s) failed: {failed} (their logs are in {workdir}; "
+                      "the table marks them)")
+  return summary
 
 
 def main(argv: Sequence[str]) -> None:
