@@ -139,3 +139,17 @@ def wikitext_smoke(config: ml_collections.ConfigDict) -> None:
   config.data.tokenizer.vocab_size = 2048
   config.train.update(dict(batch_size=8, eval_batch_size=8, num_steps=10, log_every=5))
   config.optim.warmup_steps = 2
+
+
+def baby_gpt_sweep() -> ml_collections.ConfigDict:
+  """What the ablations of configs/ablations/ share (launch/sweep.py): the baby GPT of
+  configs/pretrain/shakespeare_char.py for 1000 of its 2000 steps, eval every 250 steps,
+  seeds 0 and 1; a sweep file adds its `points`."""
+  c = ml_collections.ConfigDict()
+  c.entry = "train.pretrain"
+  c.base = "configs/pretrain/shakespeare_char.py"
+  c.fixed = {"train": {"num_steps": 1000, "eval_every": 250, "log_every": 50,
+                       "checkpoint_every": 1000, "keep_checkpoints": 1}}
+  c.product = [("seed", (0, 1))]
+  c.metric = "eval/loss"
+  return c

@@ -236,13 +236,9 @@ def check_layout(config: Any, hosts: int, devices_per_host: int, where: str) -> 
     raise PreflightError(f"The config's mesh {dims} puts tensor={dims['tensor']} across "
                          f"hosts: {layout}; the tensor axis must divide the devices of one "
                          "host")
-  rules = dict(sharding.normalize_rules(rules_from_config(config.mesh.rules)))
-  batch_axes = rules.get("batch")
-  batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
-  dp = 1
-  for axis in batch_axes:
-    if axis:
-      dp *= dims[axis]
+  rules = sharding.normalize_rules(rules_from_config(config.mesh.rules))
+  batch_axes = dict(rules).get("batch")
+  dp = sharding.batch_parallel_size(dims, rules)
   t = config.train
   for field, value in (("batch_size", t.batch_size // t.grad_accum_steps),
                        ("eval_batch_size", t.eval_batch_size)):

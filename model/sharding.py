@@ -106,13 +106,16 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int],
               axis_types=(AxisType.Auto,) * 3)
 
 
-def batch_parallel_size(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
-  """Number of ways the batch dimension is split on `mesh` under `rules`."""
+def batch_parallel_size(mesh: Mesh | Mapping[str, int],
+                        rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
+  """Number of ways the batch dimension is split on `mesh` (or a {axis: size} shape, e.g. a
+  resolved mesh shape before any device exists) under `rules`."""
   mesh_axes = dict(rules).get("batch")
   if mesh_axes is None:
     return 1
   axes = mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,)
-  return math.prod(mesh.shape[a] for a in axes)
+  shape = mesh.shape if isinstance(mesh, Mesh) else mesh
+  return math.prod(shape[a] for a in axes)
 
 
 def logical_to_spec(logical: Sequence[str | None], rules: Sequence[tuple[str, Any]]) -> P:

@@ -94,17 +94,14 @@ def _fitting_devices(config):
   as the machine has cores; shakespeare_char's batch of 12 fits 4 of 8)."""
   from model import sharding
   from train.trainer import rules_from_config
-  batch_axes = dict(sharding.normalize_rules(rules_from_config(config.mesh.rules)))["batch"]
-  batch_axes = batch_axes if isinstance(batch_axes, tuple) else (batch_axes,)
+  rules = sharding.normalize_rules(rules_from_config(config.mesh.rules))
   for n in range(8, 0, -1):
     try:
       dims = dict(zip(sharding.MESH_AXES,
                       sharding.resolve_mesh_shape(dict(config.mesh.shape), n)))
     except ValueError:
       continue
-    dp = 1
-    for axis in batch_axes:
-      dp *= dims[axis]
+    dp = sharding.batch_parallel_size(dims, rules)
     micro = config.train.batch_size // config.train.grad_accum_steps
     if micro % dp == 0 and config.train.eval_batch_size % dp == 0:
       return n

@@ -132,13 +132,12 @@ def programs(config: Any) -> list[Program]:
   raise ValueError(f"Unknown stage {stage!r}")
 
 
-def _nbytes(tree: Any, mesh_size: int) -> int:
+def _nbytes(tree: Any) -> int:
   """Per-device bytes of a tree of sharded ShapeDtypeStructs (the largest shard)."""
   total = 0
   for x in jax.tree.leaves(tree):
     shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
     total += int(np.prod(shard, dtype=np.int64)) * x.dtype.itemsize
-  del mesh_size
   return total
 
 
@@ -162,12 +161,11 @@ def compile_program(program: Program, model_cfg: Any, devices: list[Any]) -> dic
              "output_bytes": int(mem.output_size_in_bytes),
              "alias_bytes": int(mem.alias_size_in_bytes),
              "temp_bytes": int(mem.temp_size_in_bytes)}
-  n = trainer.mesh.size
   return {"mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
           "params": params,
           "param_count": int(sum(np.prod(x.shape) for x in flat.values())),
-          "param_bytes_per_device": _nbytes(trainer.abstract_state.params, n),
-          "opt_state_bytes_per_device": _nbytes(trainer.abstract_state.opt_state, n),
+          "param_bytes_per_device": _nbytes(trainer.abstract_state.params),
+          "opt_state_bytes_per_device": _nbytes(trainer.abstract_state.opt_state),
           "memory": figures}
 
 
@@ -181,7 +179,7 @@ def report(config: Any, devices: list[Any], parent: Any | None = None,
   with config.unlocked():
     if mesh is not None:
       config.mesh.shape.update(dict(mesh))
-    sharded = config.mesh.shape.fsdp not in (1,) or config.mesh.shape.tensor not in (1,)
+    sharded = config.mesh.shape.fsdp != 1 or config.mesh.shape.tensor != 1
     for section in ("optim", "value_optim"):
       if section in config and sharded:
         config[section].flatten_update = False

@@ -9,8 +9,6 @@ block holds ~12.1 d^2 parameters), 1000 steps x seeds 0 and 1: 8 runs. The table
 "Ablations".
 """
 
-import ml_collections
-
 from configs import common
 
 # (layers, width, SwiGLU width): 12.1 * layers * width^2 ~ 0.79M.
@@ -19,14 +17,8 @@ SHAPES = ((2, 176, 472), (4, 128, 344), (8, 88, 240), (16, 64, 176))
 
 def get_config(arg=None):
   common.parse_arg(arg)  # no variants: any argument is an error
-  c = ml_collections.ConfigDict()
-  c.entry = "train.pretrain"
-  c.base = "configs/pretrain/shakespeare_char.py"
-  c.fixed = {"train": {"num_steps": 1000, "eval_every": 250, "log_every": 50,
-                       "checkpoint_every": 1000, "keep_checkpoints": 1}}
+  c = common.baby_gpt_sweep()
   c.points = [{"name": f"{layers}x{width}", "model.num_layers": layers,
                "model.embed_dim": width, "model.mlp_dim": mlp}
               for layers, width, mlp in SHAPES]
-  c.product = [("seed", (0, 1))]
-  c.metric = "eval/loss"
   return c

@@ -8,19 +8,11 @@ the K/V projections (and a sampler's KV cache) by 4 / num_kv_heads. Results tabl
 "Ablations".
 """
 
-import ml_collections
-
 from configs import common
 
 
 def get_config(arg=None):
   common.parse_arg(arg)  # no variants: any argument is an error
-  c = ml_collections.ConfigDict()
-  c.entry = "train.pretrain"
-  c.base = "configs/pretrain/shakespeare_char.py"
-  c.fixed = {"train": {"num_steps": 1000, "eval_every": 250, "log_every": 50,
-                       "checkpoint_every": 1000, "keep_checkpoints": 1}}
+  c = common.baby_gpt_sweep()
   c.points = [{"model.num_kv_heads": kv} for kv in (4, 2, 1)]
-  c.product = [("seed", (0, 1))]
-  c.metric = "eval/loss"
   return c

@@ -7,20 +7,12 @@ warmup steps), 1000 steps each (half of the config's 2000) x seeds 0 and 1: 8 ru
 ~1 minute on the 2-core CPU. Results table in README "Ablations".
 """
 
-import ml_collections
-
 from configs import common
 
 
 def get_config(arg=None):
   common.parse_arg(arg)  # no variants: any argument is an error
-  c = ml_collections.ConfigDict()
-  c.entry = "train.pretrain"
-  c.base = "configs/pretrain/shakespeare_char.py"
-  c.fixed = {"train": {"num_steps": 1000, "eval_every": 250, "log_every": 50,
-                       "checkpoint_every": 1000, "keep_checkpoints": 1}}
+  c = common.baby_gpt_sweep()
   c.points = [{"name": f"lr={lr:g}", "optim.lr": lr, "optim.end_lr": lr / 10}
               for lr in (3e-4, 1e-3, 3e-3, 1e-2)]
-  c.product = [("seed", (0, 1))]
-  c.metric = "eval/loss"
   return c
