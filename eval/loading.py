@@ -25,7 +25,7 @@ from model.heads import RewardModel
 from model.transformer import Transformer
 from train import checkpoint as ckpt_lib
 from train.state import abstract_model, mesh_shardings, with_shardings
-from train.trainer import rules_from_config
+from model.sharding import rules_from_config
 
 MODEL_CLASSES = {cls.__name__: cls for cls in (Transformer, RewardModel)}
 

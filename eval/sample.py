@@ -38,7 +38,7 @@ from data.chat import ASSISTANT, SYSTEM, TEMPLATES, USER, get_template
 from data.tokenizer import Tokenizer
 from eval.loading import load_checkpoint, parse_mesh
 from model import sharding as msharding
-from model.sampling import Sampler, SamplingConfig
+from model.sampling import Sampler, SamplingConfig, respond
 from model.transformer import Transformer
 from train import checkpoint as ckpt_lib
 
@@ -114,65 +114,6 @@ def load_for_sampling(checkpoint: str, mesh_shape: Mapping[str, int] | None = No
   sampler = Sampler(loaded.graphdef, loaded.model_cfg, mesh=loaded.mesh, rules=loaded.rules,
                     param_shardings=loaded.param_shardings)
   return sampler, loaded.params, loaded.tokenizer, loaded.meta
-
-
-def respond(sampler: Sampler, params: Any, template: Any,
-            conversations: Sequence[Conversation], sampling_cfg: SamplingConfig,
-            seed: int = 0, batch_size: int = 32) -> list[dict[str, Any]]:
-  """Samples one assistant turn for each conversation, `batch_size` prompts per call.
-
-  Generation stops at the template's end of turn or `</s>` (`sampling_cfg.eos_ids` and
-  `pad_id` are set here from the template). Batches are padded to `batch_size` rows (a
-  multiple of the mesh's batch-parallel size) so every call reuses one compiled program
-  per prompt-length bucket (fewer prompts than `batch_size` make one smaller batch);
-  batch i draws with fold_in(key(seed), i).
-
-  Args:
-    sampler, params: from `load_for_sampling`.
-    template: `make_template(...)` bound to the checkpoint's tokenizer.
-    conversations: message lists ({"role", "content"}), each ending before the reply.
-    sampling_cfg: length limit, temperature, top-k / top-p, prompt bucket.
-    seed: PRNG seed (unused at temperature 0).
-    batch_size: prompts per generate call.
-
-  Returns:
-    Per conversation: {"response": decoded text up to the end token, "ended": True iff
-    the end-of-turn token was generated within max_new_tokens, "tokens": generated tokens
-    including the stop token}.
-
-  Raises:
-    ValueError: a conversation whose prompt + max_new_tokens exceeds the model context
-      (its index is named), or an empty one.
-  """
-  tokenizer = template.tokenizer
-  cfg = dataclasses.replace(sampling_cfg, pad_id=tokenizer.pad_id,
-                            eos_ids=tuple(dict.fromkeys((template.end_id, tokenizer.eos_id))))
-  context = sampler.model_cfg.max_seq_len
-  prompts = [template.prompt_ids(c).tolist() for c in conversations]
-  if not prompts:
-    return []
-  for i, ids in enumerate(prompts):
-    if not ids:
-      raise ValueError(f"Prompt {i} is empty")
-    if len(ids) + cfg.max_new_tokens > context:
-      raise ValueError(f"Prompt {i} has {len(ids)} tokens; with max_new_tokens="
-                       f"{cfg.max_new_tokens} that exceeds the model context of {context} "
-                       "tokens")
-  dp = msharding.batch_parallel_size(sampler.mesh, sampler.rules) if sampler.mesh else 1
-  batch_size = min(max(1, batch_size), len(prompts))  # no filler rows for a few prompts
-  batch_size = -(-batch_size // dp) * dp  # rows must split evenly over the mesh
-  results = []
-  for b, start in enumerate(range(0, len(prompts), batch_size)):
-    batch = prompts[start:start + batch_size]
-    padded = batch + [batch[0]] * (batch_size - len(batch))  # filler rows, dropped below
-    out = sampler.generate(params, padded, cfg,
-                           seed=jax.random.fold_in(jax.random.key(seed), b))
-    for row in range(len(batch)):
-      n = int(out.response_mask[row].sum())
-      ids = out.response[row, :n]
-      results.append({"response": template.decode_response(ids),
-                      "ended": bool(n and ids[-1] == template.end_id), "tokens": n})
-  return results
 
 
 def truncate_history(template: Any, system: Sequence[Mapping[str, str]],

@@ -17,9 +17,9 @@ from typing import Any
 STAGE_METRICS = (("train loss", ("train/loss", "loss/policy")),
                  ("eval loss", ("eval/loss",)),
                  ("eval accuracy", ("eval/accuracy",)),
-                 ("PPO score", ("objective/scores",)),
-                 ("PPO KL", ("objective/kl",)),
-                 ("DPO reward accuracy", ("eval/rewards/accuracies",)))
+                 ("PPO score", ("ppo/score",)),
+                 ("PPO KL", ("ppo/kl",)),
+                 ("DPO reward accuracy", ("eval/reward_accuracy",)))
 # (task, metric) rows of the evaluation table, in order; rows no model has are left out.
 EVAL_ROWS = (("wikitext2", "word_perplexity"), ("wikitext2", "bits_per_byte"),
              ("hellaswag", "acc_norm"), ("arc_easy", "acc"), ("arc_challenge", "acc_norm"),
@@ -141,7 +141,7 @@ def plot_curves(data_stages: list[dict[str, Any]], path: str) -> None:
   for s in data_stages:
     records = read_metrics(s["workdir"])
     if s["entry"] == "rlhf.ppo":
-      keys = [("objective/scores", "score"), ("objective/kl", "KL (nats)")]
+      keys = [("ppo/score", "score"), ("ppo/kl", "KL (nats)")]
     else:
       keys = [("train/loss", "train loss"), ("eval/loss", "eval loss")]
     panels.append((s["name"], records, keys))
@@ -153,7 +153,7 @@ def plot_curves(data_stages: list[dict[str, Any]], path: str) -> None:
       if pts:
         ax.plot(*zip(*pts), marker="o" if len(pts) < 20 else None, ms=3, label=label)
     ax.set_title(name)
-    ax.set_xlabel("iteration" if any("objective/scores" in r for r in records) else "step")
+    ax.set_xlabel("iteration" if any("ppo/score" in r for r in records) else "step")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
   fig.tight_layout()

@@ -223,7 +223,7 @@ def entry_config(entry_args: Sequence[str]) -> Any:
 def check_layout(config: Any, hosts: int, devices_per_host: int, where: str) -> dict[str, int]:
   """Mesh vs slice and batch vs data parallelism; returns the resolved mesh."""
   from model import sharding
-  from train.trainer import rules_from_config
+  from model.sharding import rules_from_config
   total = hosts * devices_per_host
   shape = dict(config.mesh.shape)
   layout = f"{where}: {hosts} host(s) x {devices_per_host} devices = {total} devices"

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
@@ -22,10 +24,7 @@ from model.config import ModelConfig
 
 def _xp(x: Any):
   """numpy for numpy arrays, jax.numpy otherwise (keeps arrays where they are)."""
-  if isinstance(x, np.ndarray):
-    return np
-  import jax.numpy as jnp
-  return jnp
+  return np if isinstance(x, np.ndarray) else jnp
 
 
 def _map_blocks(params: dict, fn) -> dict:
@@ -86,25 +85,24 @@ def extend_vocab(params: dict, new_vocab_size: int, seed: int = 0) -> dict:
   std: close to an "average" token, so the pretrained model's predictions barely move,
   yet distinct from each other, so the new markers can be told apart from the first step.
   """
-  import jax.numpy as jnp
   old = params["embedding"].shape[0]
   if new_vocab_size == old:
     return params
   if new_vocab_size < old:
     raise ValueError(f"Cannot shrink the vocabulary from {old} to {new_vocab_size}")
-  rng = np.random.default_rng(seed)
+  # jax.numpy throughout: stages run this under jit on sharded arrays (no host gather).
+  keys = jax.random.split(jax.random.key(seed))
 
-  def grow(table: Any, axis: int) -> Any:
-    t = np.asarray(table, np.float32)
+  def grow(table: Any, axis: int, key: jax.Array) -> Any:
+    t = jnp.asarray(table, jnp.float32)
     mean, std = t.mean(axis=axis, keepdims=True), t.std(axis=axis, keepdims=True)
     shape = list(t.shape)
     shape[axis] = new_vocab_size - old
-    extra = mean + 0.01 * std * rng.standard_normal(shape).astype(np.float32)
-    out = np.concatenate([t, extra], axis=axis).astype(np.asarray(table).dtype)
-    return out if isinstance(table, np.ndarray) else jnp.asarray(out)
+    extra = mean + 0.01 * std * jax.random.normal(key, shape, jnp.float32)
+    return jnp.concatenate([t, extra], axis=axis).astype(table.dtype)
 
   out = dict(params)
-  out["embedding"] = grow(params["embedding"], 0)  # [V, E]
+  out["embedding"] = grow(params["embedding"], 0, keys[0])  # [V, E]
   if "lm_head" in params:
-    out["lm_head"] = grow(params["lm_head"], 1)  # [E, V]
+    out["lm_head"] = grow(params["lm_head"], 1, keys[1])  # [E, V]
   return out

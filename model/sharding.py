@@ -118,6 +118,15 @@ def batch_parallel_size(mesh: Mesh | Mapping[str, int],
   return math.prod(shape[a] for a in axes)
 
 
+def rules_from_config(rules_cfg: Any) -> tuple[tuple[str, Any], ...]:
+  """Config rules are strings: "" = replicated, "data,fsdp" = several mesh axes."""
+  out = []
+  for logical, value in dict(rules_cfg).items():
+    axes = tuple(a.strip() for a in str(value).split(",") if a.strip())
+    out.append((logical, None if not axes else axes[0] if len(axes) == 1 else axes))
+  return tuple(out)
+
+
 def logical_to_spec(logical: Sequence[str | None], rules: Sequence[tuple[str, Any]]) -> P:
   """Maps a tuple of logical names to a mesh PartitionSpec."""
   table = dict(rules)

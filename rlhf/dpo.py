@@ -12,10 +12,11 @@ Decision: the reference log-probabilities are computed once, before training, wi
 `init_from` parameters (which is what the reference is), and stored next to the pairs'
 tokens (`PreferenceRows.ref_logps`), so each training step runs one model (the policy), not
 two: half the forward FLOPs of keeping the reference in memory (TRL's
-`precompute_ref_log_probs`). Resume recomputes them from the same checkpoint.
-Metrics (TRL's names): `rewards/chosen`, `rewards/rejected`, `rewards/margins`,
-`rewards/accuracies` (the implicit reward β·(log π − log π_ref)), `logps/chosen`,
-`logps/rejected`.
+`precompute_ref_log_probs`). Resume recomputes them from the same checkpoint. The pass
+runs on the sharded-apply runtime (train/runtime.py), so it works with several processes.
+Metrics (TRL's `rewards/*` and `logps/*`, one level under `train/` and `eval/`):
+`reward_chosen`, `reward_rejected`, `reward_margin`, `reward_accuracy` (the implicit reward
+β·(log π − log π_ref)), `logp_chosen`, `logp_rejected`.
 """
 
 from __future__ import annotations
@@ -28,10 +29,18 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from data.preference_pipeline import (PreferenceRows, build_preference_rows, format_stats,
+                                      preference_pipelines)
+from data.row_pipeline import RowValidationSet
+from model.config import ModelConfig
+from model.transformer import Transformer
 from rlhf.dpo_core import dpo_loss, response_logps
-from rlhf.reward import flatten_pairs
+from rlhf.reward import flatten_pairs, preference_batch
+from train import entry
 from train.losses import masked_mean
-from train.pretrain import write_config
+from train.parent import setup_child
+from train.stage import Program, Run, Stage, evaluate_on
+from train.trainer import Trainer
 
 
 def pair_logps(model: nnx.Module, batch: Mapping[str, jax.Array]) -> jax.Array:
@@ -56,83 +65,65 @@ def dpo_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Arra
   return mean(losses), {**{k: mean(v) for k, v in per_pair.items()}, "weight": pairs}
 
 
-def with_reference(trainer: Any, ref_params: Any, rows: Any, batch_size: int) -> Any:
-  """`rows` with `ref_logps` from the reference parameters (one forward pass per pair)."""
-  from data.row_pipeline import RowValidationSet
-  if jax.process_count() > 1:  # predict() gathers rows on one host
-    raise NotImplementedError("DPO's reference precompute runs in one process; multi-host "
-                              "DPO needs per-host row gathering (not built yet)")
+def with_reference(trainer: Trainer, ref_params: Any, rows: PreferenceRows,
+                   batch_size: int) -> PreferenceRows:
+  """`rows` with `ref_logps` from the reference parameters (one forward pass per pair, every
+  row on every process: the output is replicated, nothing is gathered on a host)."""
   if not rows.num_rows:
     return rows
-  out = trainer.predict(pair_logps, ref_params, RowValidationSet(rows)(batch_size))
+  out = trainer.runtime.apply_batches(pair_logps, ref_params,
+                                      RowValidationSet(rows)(batch_size))
   return dataclasses.replace(rows, ref_logps=out[:rows.num_rows].astype("float32"))
 
 
-def build(config: Any, workdir: str):
-  """(trainer, train pipeline, validation set, data stats) of a DPO run, with the reference
-  log-probabilities already computed from the `init_from` parameters."""
-  from data.preference_pipeline import build_preference_rows, preference_pipelines
-  from model import layout
-  from train.parent import setup_child
-  from train.restore import InitAdapter
-  from train.trainer import Trainer
+def programs(config: Any, model_cfg: ModelConfig) -> list[Program]:
+  """One trainer: the policy (a Transformer) with the DPO loss on preference batches that
+  carry the reference log-probabilities."""
+  del model_cfg
+  loss = functools.partial(dpo_loss_fn, beta=config.dpo.beta,
+                           label_smoothing=config.dpo.label_smoothing,
+                           loss_type=config.dpo.loss_type)
+  b = config.train.batch_size // config.train.grad_accum_steps
+  return [Program("train", config, Transformer, loss,
+                  preference_batch(b, config.data.seq_len, dpo=True))]
 
+
+def build(config: Any, workdir: str) -> Run:
+  """The parent, the Trainer, the pairs with their reference log-probabilities (computed
+  from the `init_from` parameters) and the pipelines of a DPO run."""
   parent = setup_child(config, "an SFT workdir or checkpoint directory (the reference)")
   model_cfg = parent.child_cfg
-  adapter = InitAdapter(parent.execution_cfg,
-                        lambda p: layout.extend_vocab(p, model_cfg.vocab_size, config.seed))
-  loss_fn = functools.partial(dpo_loss_fn, beta=config.dpo.beta,
-                              label_smoothing=config.dpo.label_smoothing,
-                              loss_type=config.dpo.loss_type)
+  (program,) = programs(config, model_cfg)
   tokenizer = parent.child_tokenizer
-  trainer = Trainer(config, workdir, model_cfg, loss_fn, tokenizer_bytes=tokenizer.to_bytes(),
-                    tokenizer_fingerprint=tokenizer.fingerprint, init_adapter=adapter)
+  trainer = Trainer(config, workdir, model_cfg, program.loss_fn,
+                    tokenizer_bytes=tokenizer.to_bytes(),
+                    tokenizer_fingerprint=tokenizer.fingerprint,
+                    init_adapter=parent.lm_adapter(config.seed))
   train_rows, val_rows, stats, _ = build_preference_rows(config.data, parent.template)
   ref_params, _ = trainer.load_init_params()
   eval_batch = config.train.eval_batch_size
   train_rows = with_reference(trainer, ref_params, train_rows, eval_batch)
   val_rows = with_reference(trainer, ref_params, val_rows, eval_batch)
+  del ref_params
   stats["reference_pairs"] = train_rows.num_rows + val_rows.num_rows
   train_iter, val_set = preference_pipelines(
       train_rows, val_rows, config.data, parent.template,
       global_batch_size=config.train.batch_size, process_index=jax.process_index(),
       process_count=jax.process_count())
-  return trainer, train_iter, val_set, stats
+  return Run(
+      trainers=[trainer], train_iter=train_iter,
+      evaluate=evaluate_on(trainer, val_set, eval_batch),
+      summary=lambda m: (f"loss {m['loss']:.4f} | implicit-reward accuracy "
+                         f"{m['reward_accuracy']:.4f} | margin {m['reward_margin']:.3f} | "
+                         f"{int(m['tokens'])} pairs"),
+      tokens_per_step=2 * config.train.batch_size * config.data.seq_len,
+      seq_len=config.data.seq_len,
+      stats=stats, info=[format_stats(stats),
+            f"Model: {model_cfg.num_params():,} parameters; reference log-probs of "
+            f"{stats['reference_pairs']} pairs computed; mesh {dict(trainer.mesh.shape)}"])
 
 
-def run(config: Any, workdir: str) -> dict[str, float]:
-  """Trains with DPO per `config` in `workdir`; returns the final eval metrics."""
-  from data.preference_pipeline import format_stats
-
-  if jax.process_index() == 0:
-    write_config(config, workdir)
-  trainer, train_iter, val_set, stats = build(config, workdir)
-  eval_batch = config.train.eval_batch_size
-  if jax.process_index() == 0:
-    print(format_stats(stats), flush=True)
-    print(f"Model: {trainer.model_cfg.num_params():,} parameters; reference log-probs of "
-          f"{stats['reference_pairs']} pairs computed; mesh {dict(trainer.mesh.shape)}",
-          flush=True)
-  state, data_state = trainer.restore_or_init()
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  trainer.data_state_fn = train_iter.get_state
-  trainer.setup_throughput(2 * config.train.batch_size * config.data.seq_len,
-                           config.data.seq_len)
-  results: dict[str, float] = {}
-
-  def evaluate(trainer: Any, step: int, state: Any) -> None:
-    metrics = trainer.evaluate(state.params, val_set(eval_batch))
-    results.update(metrics)
-    trainer.log_eval(step, metrics, f"loss {metrics['loss']:.4f} | implicit-reward accuracy "
-                     f"{metrics['rewards/accuracies']:.4f} | margin "
-                     f"{metrics['rewards/margins']:.3f} | {int(metrics['tokens'])} pairs")
-
-  trainer.add_hook(evaluate, every=config.train.eval_every or config.train.num_steps)
-  results.update(trainer.fit(state, iter(train_iter)))
-  return results
-
+STAGE = Stage("dpo", programs=programs, build=build)
 
 if __name__ == "__main__":
-  from train import entry
-  entry.launch(run)
+  entry.launch(STAGE)

@@ -9,7 +9,8 @@ tokens, `<|end|>` included) and ref_c, ref_r the same under the frozen reference
   ipo:     (logits - 1 / (2 beta))^2                        (Azar et al. 2023)
 
 The implicit rewards are beta * (pi - ref); their accuracy (chosen > rejected) and margin are
-what TRL logs as rewards/accuracies and rewards/margins. At initialisation (pi = ref) the
+what TRL logs as rewards/accuracies and rewards/margins (here `reward_accuracy` and
+`reward_margin`: one level of names under `train/` and `eval/`). At initialisation (pi = ref) the
 sigmoid loss is log 2 whatever the data.
 """
 
@@ -51,7 +52,7 @@ def dpo_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, ref_chosen: j
     raise ValueError(f"Unknown DPO loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
   diff = chosen_reward - rejected_reward
   return losses, {
-      "rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
-      "rewards/margins": diff, "rewards/accuracies": (diff > 0) + 0.5 * (diff == 0),
-      "logps/chosen": policy_chosen, "logps/rejected": policy_rejected,
+      "reward_chosen": chosen_reward, "reward_rejected": rejected_reward,
+      "reward_margin": diff, "reward_accuracy": (diff > 0) + 0.5 * (diff == 0),
+      "logp_chosen": policy_chosen, "logp_rejected": policy_rejected,
   }

@@ -22,13 +22,18 @@ and `<workdir>/value`, each with the shared step, optimizer and checkpoint forma
               step (clipped value loss), each a `Trainer.dispatch`
 
 The same T divides the logits in every pass (rollout, reference, training), so the first
-minibatch's ratio is exactly 1 (logged as `policy/ratio_max_dev`). Metrics are logged per
-iteration with the anchors' names (`objective/*`, `policy/*`, `val/*`, `eos_fraction`,
-`response_length`, `time/*`); the KL coefficient of the adaptive controller and the
-iteration are kept in the checkpoint metadata, so a resumed run continues the same run.
+minibatch's ratio is exactly 1 (logged as `ppo/first_ratio_max_dev`). Metrics are logged per
+iteration under `ppo/` (TRL's objective/* and policy/* names: `ppo/score`, `ppo/kl`,
+`ppo/entropy`, `ppo/clipfrac`, ...), `value/` (the value function: `value/loss`,
+`value/clipfrac`, `value/explained_variance`) and `time/`; the KL coefficient of the adaptive
+controller and the iteration are kept in the checkpoint metadata, so a resumed run continues
+the same run. The outer loop runs on the Trainer loop's services (train/loop.py): SIGTERM /
+Ctrl-C save the iteration and stop, a non-finite step stops before anything is saved, and
+the metrics writer and progress line are the shared ones.
 """
 
 from __future__ import annotations
+
 
 import copy
 import functools
@@ -41,12 +46,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from model.config import ModelConfig
+from model.heads import RewardModel
+from model.sampling import Sampler, SamplingConfig
+from model.transformer import Transformer
 from rlhf import ppo_core
-from rlhf.rollout import (advantages, distinct_n, plot_history, policy_loss_fn,
-                          response_ids, response_logps, response_values, value_loss_fn)
-from train.pretrain import write_config
+from rlhf.reward import reward_model_adapter
+from rlhf.rollout import (advantages, build_prompt_set, distinct_n, end_scores,
+                          phase_throughput, plot_history, policy_loss_fn, response_ids,
+                          response_logps, response_values, value_loss_fn)
+from train import checkpoint as ckpt_lib
+from train import entry
+from train.loop import Preemption, check_finite
+from train.metrics import MetricsWriter, Progress
+from train.parent import setup_child
+from train.stage import Program, Run, Stage
+from train.trainer import Trainer
 
 RewardFn = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (tokens, response_mask) -> [B]
+ROLLOUT_KEYS = ("tokens", "positions", "segment_ids", "response_mask")
+UPDATE_KEYS = (*ROLLOUT_KEYS, "old_logp", "advantages", "old_values", "returns")
 
 
 def _check(cfg: Any) -> None:
@@ -65,6 +84,37 @@ def _check(cfg: Any) -> None:
     cfg.data.seq_len = p.max_prompt_tokens + p.max_new_tokens
 
 
+def value_config(config: Any) -> Any:
+  """The value Trainer's config: the run's, with `value_optim` and the reward model as its
+  parent."""
+  out = copy.deepcopy(config)
+  with out.unlocked():
+    out.optim = config.value_optim
+    out.init_from = config.reward_from or config.init_from
+  return out
+
+
+def ppo_batch(b: int, t: int, n: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """A PPO minibatch: rollout rows [B, T] and per-response-token arrays [B, N]."""
+  spec = jax.ShapeDtypeStruct
+  return {**{k: spec((b, t), np.int32) for k in ("tokens", "positions", "segment_ids")},
+          **{k: spec((b, n), np.float32) for k in ("response_mask", "old_logp", "advantages",
+                                                    "old_values", "returns")}}
+
+
+def programs(config: Any, model_cfg: ModelConfig) -> list[Program]:
+  """Two trainers on the same minibatches: the policy and the value model."""
+  del model_cfg
+  p = config.ppo
+  b = p.rollout_batch_size // p.minibatches
+  batch = ppo_batch(b, p.max_prompt_tokens + p.max_new_tokens, p.max_new_tokens)
+  return [Program("policy", config, Transformer,
+                  functools.partial(policy_loss_fn, temperature=p.temperature, clip=p.clip),
+                  batch),
+          Program("value", value_config(config), RewardModel,
+                  functools.partial(value_loss_fn, clip=p.value_clip), batch)]
+
+
 class PPO:
   """The four models, the prompt set and the iteration loop of one PPO run.
 
@@ -77,15 +127,6 @@ class PPO:
   """
 
   def __init__(self, config: Any, workdir: str, reward_fn: RewardFn | None = None):
-    from model.heads import RewardModel
-    from model import layout
-    from model.sampling import Sampler, SamplingConfig
-    from rlhf.reward import reward_model_adapter
-    from rlhf.rollout import build_prompt_set, end_scores
-    from train.parent import setup_child
-    from train.restore import InitAdapter
-    from train.trainer import Trainer
-
     _check(config)
     self.config, self.workdir, self.reward_fn = config, workdir, reward_fn
     p = config.ppo
@@ -93,11 +134,7 @@ class PPO:
     if not config.reward_from and reward_fn is None:
       raise ValueError("PPO needs a reward: set --config.reward_from to a reward-model "
                        "checkpoint")
-    value_config = copy.deepcopy(config)
-    with value_config.unlocked():
-      value_config.optim = config.value_optim
-      value_config.init_from = config.reward_from or config.init_from
-    rm_parent = setup_child(value_config, "a reward-model checkpoint")
+    rm_parent = setup_child(value_config(config), "a reward-model checkpoint")
     if config.reward_from and rm_parent.meta.get("model_class") != RewardModel.__name__:
       raise ValueError(f"reward_from={config.reward_from!r} is a {rm_parent.meta.get('stage')!r}"
                        " checkpoint without a scalar head; point it at a reward-model run")
@@ -112,16 +149,15 @@ class PPO:
     self.template = parent.template
     self.prompts = build_prompt_set(config.data, parent.template, p.max_prompt_tokens)
     tok = parent.child_tokenizer
+    policy, value = programs(config, parent.child_cfg)
     self.policy = Trainer(
-        config, os.path.join(workdir, "policy"), parent.child_cfg,
-        functools.partial(policy_loss_fn, temperature=p.temperature, clip=p.clip),
+        config, os.path.join(workdir, "policy"), parent.child_cfg, policy.loss_fn,
         tokenizer_bytes=tok.to_bytes(), tokenizer_fingerprint=tok.fingerprint,
-        init_adapter=InitAdapter(parent.execution_cfg, lambda x: layout.extend_vocab(
-            x, parent.child_cfg.vocab_size, config.seed)))
+        init_adapter=parent.lm_adapter(config.seed))
     self.value = Trainer(
-        value_config, os.path.join(workdir, "value"), rm_parent.child_cfg,
-        functools.partial(value_loss_fn, clip=p.value_clip), model_factory=RewardModel,
-        tokenizer_bytes=tok.to_bytes(), tokenizer_fingerprint=tok.fingerprint,
+        value.config, os.path.join(workdir, "value"), rm_parent.child_cfg, value.loss_fn,
+        model_factory=RewardModel, tokenizer_bytes=tok.to_bytes(),
+        tokenizer_fingerprint=tok.fingerprint,
         init_adapter=reward_model_adapter(rm_parent, config.seed),
         devices=list(self.policy.mesh.devices.flat))
     self.reference, _ = self.policy.load_init_params()
@@ -135,10 +171,9 @@ class PPO:
         eos_ids=tuple(dict.fromkeys((parent.template.end_id, tok.eos_id))),
         pad_id=tok.pad_id, prompt_bucket=p.max_prompt_tokens)
     temperature = p.temperature
-    # predict() compiles once per function object: these are built once per run.
+    # The runtime compiles once per function object: these are built once per run.
     self._logp_entropy = lambda m, b: jnp.stack(response_logps(m, b, temperature), axis=1)
     self._logp = lambda m, b: response_logps(m, b, temperature)[0]
-    self._end_scores = end_scores
     self.kl = ppo_core.KLController(p.kl_coef, p.kl_target or None, p.kl_horizon)
 
   # ------------------------------------------------------------------ one iteration
@@ -153,14 +188,15 @@ class PPO:
             ) -> dict[str, np.ndarray]:
     """Old and reference log-probs, entropy, values and (penalised, normalised) scores."""
     p = self.config.ppo
-    rows = {k: batch[k] for k in ("tokens", "positions", "segment_ids", "response_mask")}
-    both = self.policy.predict(self._logp_entropy, policy_params, [rows])  # [B, 2, N]
-    ref_logp = self.policy.predict(self._logp, self.reference, [rows])
-    values = self.value.predict(response_values, value_params, [rows])
+    rows = {k: batch[k] for k in ROLLOUT_KEYS}
+    size = p.rollout_batch_size
+    both = self.policy.predict(self._logp_entropy, policy_params, rows, size)  # [B, 2, N]
+    ref_logp = self.policy.predict(self._logp, self.reference, rows, size)
+    values = self.value.predict(response_values, value_params, rows, size)
     if self.reward_fn is not None:
       raw = np.asarray(self.reward_fn(batch["tokens"], batch["response_mask"]), np.float32)
     else:
-      raw = self.value.predict(self._end_scores, self.reward_params, [rows])
+      raw = self.value.predict(end_scores, self.reward_params, rows, size)
     scores = (raw - self.norm[0]) / self.norm[1]
     missing = batch["ended"] == 0
     if p.replace_score:
@@ -171,33 +207,36 @@ class PPO:
             "old_values": values, "raw_scores": raw, "scores": scores.astype(np.float32)}
 
   def update(self, p_state: Any, v_state: Any, batch: dict[str, np.ndarray], seed: int):
-    """epochs x minibatches of the policy and value steps; returns states and metrics."""
+    """epochs x minibatches of the policy and value steps; returns states and metrics
+    (`ppo/*` from the policy steps, `value/*` from the value steps)."""
     p = self.config.ppo
-    keys = ("tokens", "positions", "segment_ids", "response_mask", "old_logp", "advantages",
-            "old_values", "returns")
     rng = np.random.default_rng(seed)
     size = p.rollout_batch_size // p.minibatches
+    first_step = int(jax.device_get(p_state.step)) + 1
     metrics = []
     for _ in range(p.epochs):
       order = rng.permutation(p.rollout_batch_size)
       for m in range(p.minibatches):
         rows = order[m * size:(m + 1) * size]
-        mb = self.policy.stage([{k: batch[k][rows] for k in keys}])
-        p_state, pm = self.policy.dispatch(p_state, mb, 1)
-        v_state, vm = self.value.dispatch(v_state, mb, 1)
+        mb = self.policy.stage([{k: batch[k][rows] for k in UPDATE_KEYS}])
+        p_state, pm = self.policy.step(p_state, mb)
+        v_state, vm = self.value.step(v_state, mb)
         metrics.append((pm, vm))
       if p.target_kl:  # early stop of this batch's epochs on the policy's drift
-        if float(jax.device_get(metrics[-1][0]["train/policy/approxkl"])) > p.target_kl:
+        if float(jax.device_get(metrics[-1][0]["train/approxkl"])) > p.target_kl:
           break
     host = jax.device_get(metrics)
-    first = host[0][0]
-    out = {k.replace("train/", ""): float(np.mean([pm[k] for pm, _ in host]))
-           for k in first if k.startswith("train/policy/")}
-    out.update({k.replace("train/", ""): float(np.mean([vm[k] for _, vm in host]))
-                for k in host[0][1] if k.startswith("train/val/")})
-    out["policy/first_ratio_max_dev"] = float(first["train/policy/ratio_max_dev"])
-    out["loss/policy"] = float(np.mean([pm["train/loss"] for pm, _ in host]))
-    out["val/loss"] = float(np.mean([vm["train/loss"] for _, vm in host]))
+    for trainer, side in ((self.policy, 0), (self.value, 1)):
+      values = {k: np.array([h[side][k] for h in host], np.float64) for k in host[0][side]}
+      check_finite(first_step, values, trainer.latest())
+    mean = lambda side, k: float(np.mean([h[side][k] for h in host]))  # noqa: E731
+    out = {f"ppo/{k[6:]}": mean(0, k) for k in host[0][0]
+           if k not in ("train/loss", "train/finite", "train/lr", "train/grad_norm")}
+    out.update({f"value/{k[6:]}": mean(1, k) for k in host[0][1]
+                if k not in ("train/loss", "train/finite", "train/lr", "train/grad_norm")})
+    out["ppo/first_ratio_max_dev"] = float(host[0][0]["train/ratio_max_dev"])
+    out["ppo/policy_loss"] = mean(0, "train/loss")
+    out["value/loss"] = mean(1, "train/loss")
     out["ppo/minibatch_steps"] = len(host)
     return p_state, v_state, out
 
@@ -226,54 +265,31 @@ class PPO:
     kl_sum = (kl * mask).sum(1)
     non_score = -self.kl.value * kl_sum
     metrics = {
-        "objective/scores": float(batch["raw_scores"].mean()),
-        "objective/scores_normalized": float(batch["scores"].mean()),
-        "objective/kl": float(kl_sum.mean()),
-        "objective/kl_coef": self.kl.value,
-        "objective/entropy": float((batch["entropy"] * mask).sum(1).mean()),
-        "objective/non_score_reward": float(non_score.mean()),
-        "objective/rlhf_reward": float((batch["scores"] + non_score).mean()),
-        "eos_fraction": float(batch["ended"].mean()),
-        "response_length": float(mask.sum(1).mean()),
-        "objective/distinct2": distinct_n(  # collapse shows here first
+        "ppo/score": float(batch["raw_scores"].mean()),
+        "ppo/score_normalized": float(batch["scores"].mean()),
+        "ppo/kl": float(kl_sum.mean()),
+        "ppo/kl_coef": self.kl.value,
+        "ppo/entropy": float((batch["entropy"] * mask).sum(1).mean()),
+        "ppo/non_score_reward": float(non_score.mean()),
+        "ppo/rlhf_reward": float((batch["scores"] + non_score).mean()),
+        "ppo/eos_fraction": float(batch["ended"].mean()),
+        "ppo/response_length": float(mask.sum(1).mean()),
+        "ppo/distinct2": distinct_n(  # collapse shows here first
             response_ids(batch["tokens"][:, -mask.shape[1]:], mask, batch["ended"]), 2),
-        "returns/mean": float((returns * mask).sum() / mask.sum()),
-        "policy/sampler_logp_max_dev": float(np.abs(
+        "ppo/returns_mean": float((returns * mask).sum() / mask.sum()),
+        "ppo/sampler_logp_max_dev": float(np.abs(
             (batch["sampler_logp"] - batch["old_logp"]) * mask).max()),
-        "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/update": t3 - t2,
+        "time/rollout_s": t1 - t0, "time/scoring_s": t2 - t1, "time/update_s": t3 - t2,
         **update_metrics,
     }
-    metrics.update(self._throughput(metrics, mask))
-    self.kl.update(metrics["objective/kl"], p.rollout_batch_size)
+    metrics.update(phase_throughput(metrics, mask, p, self.policy.model_cfg,
+                                    self.value.model_cfg, self.policy.throughput.peak_flops))
+    self.kl.update(metrics["ppo/kl"], p.rollout_batch_size)
     return p_state, v_state, metrics, batch
-
-  def _throughput(self, m: dict[str, float], mask: np.ndarray) -> dict[str, float]:
-    """Tokens/s and MFU per phase (model FLOPs: forward for rollout and scoring)."""
-    from train import flops as flops_lib
-    p, cfg = self.config.ppo, self.policy.model_cfg
-    seq = p.max_prompt_tokens + p.max_new_tokens
-    rows, generated = p.rollout_batch_size, float(mask.sum())
-    fwd = flops_lib.flops_per_token(cfg, seq, training=False)
-    fwd_v = flops_lib.flops_per_token(self.value.model_cfg, seq, training=False,
-                                      output_projection=False)
-    train = (flops_lib.flops_per_token(cfg, seq) + flops_lib.flops_per_token(
-        self.value.model_cfg, seq, output_projection=False)) * rows * seq
-    scoring = (2 * fwd + 2 * fwd_v) * rows * seq
-    update_steps = m["ppo/minibatch_steps"] / (p.epochs * p.minibatches)
-    peak = self.policy.peak_flops or 1.0
-    return {
-        "time/rollout_tokens_per_sec": generated / m["time/rollout"],
-        "time/scoring_tokens_per_sec": rows * seq / m["time/scoring"],
-        "time/update_tokens_per_sec": rows * seq * p.epochs * update_steps / m["time/update"],
-        "time/rollout_mfu": fwd * generated / m["time/rollout"] / peak,
-        "time/scoring_mfu": scoring / m["time/scoring"] / peak,
-        "time/update_mfu": train * p.epochs * update_steps / m["time/update"] / peak,
-    }
 
   # ------------------------------------------------------------------ the run
   def _resume_iteration(self) -> int:
     """The iteration both restored checkpoints reached (0 for a fresh run)."""
-    from train import checkpoint as ckpt_lib
     found = []
     for trainer in (self.policy, self.value):
       if trainer.checkpointer.latest_step() is None:
@@ -284,8 +300,9 @@ class PPO:
     if found == [None, None]:
       return 0
     if None in found or found[0]["iteration"] != found[1]["iteration"]:
-      raise RuntimeError(f"The policy and value checkpoints in {self.workdir} are from "
-                         f"different iterations ({found}); delete the newer one to resume")
+      raise ckpt_lib.CheckpointError(
+          f"The policy and value checkpoints in {self.workdir} are from different iterations "
+          f"({found}); delete the newer one to resume")
     self.kl.value = found[0]["kl_coef"]
     return int(found[0]["iteration"])
 
@@ -295,7 +312,7 @@ class PPO:
     for trainer, state in ((self.policy, p_state), (self.value, v_state)):
       trainer.extra_metadata.update(extra)
       trainer.save(state)
-      trainer.checkpointer.wait()  # both saved before going on: resume needs the pair
+      trainer.wait()  # both saved before going on: resume needs the pair
 
   def write_samples(self, iteration: int, batch: dict[str, np.ndarray], n: int = 4) -> None:
     size = self.config.ppo.max_new_tokens
@@ -310,64 +327,70 @@ class PPO:
         f.write(json.dumps(record) + "\n")
 
   def train(self) -> list[dict[str, float]]:
-    """Runs (or resumes) the iterations; returns the per-iteration metrics of this call."""
-    from train.metrics import MetricsWriter, format_duration
+    """Runs (or resumes) the iterations; returns the per-iteration metrics of this call
+    (`self.preempted` names the signal if one stopped it)."""
     p = self.config.ppo
     p_state, _ = self.policy.restore_or_init()
     v_state, _ = self.value.restore_or_init()
     start = self._resume_iteration()
     writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
     writer.truncate_after(start)
-    self.policy.setup_throughput(p.rollout_batch_size * (p.max_prompt_tokens + p.max_new_tokens),
-                                 p.max_prompt_tokens + p.max_new_tokens)
-    self.policy.install_sigterm_handler()
-    history, t_start = [], time.perf_counter()
+    seq = p.max_prompt_tokens + p.max_new_tokens
+    self.policy.setup_throughput(p.rollout_batch_size * seq, seq)
+    progress = Progress(p.iterations, start, unit="iter")
+    stop = Preemption().install()
+    history = []
     try:
       for i in range(start, p.iterations):
         p_state, v_state, m, batch = self.iteration(i, p_state, v_state)
         history.append({"iteration": i + 1, **m})
         writer.write(i + 1, m)
         if jax.process_index() == 0:
-          eta = (time.perf_counter() - t_start) / (i + 1 - start) * (p.iterations - i - 1)
-          print(f"iter {i + 1}/{p.iterations} | score {m['objective/scores']:.3f} | kl "
-                f"{m['objective/kl']:.3f} | entropy {m['objective/entropy']:.2f} | eos "
-                f"{m['eos_fraction']:.2f} | len {m['response_length']:.1f} | ratio dev "
-                f"{m['policy/first_ratio_max_dev']:.1e} | clipfrac "
-                f"{m['policy/clipfrac']:.3f} | rollout/score/update {m['time/rollout']:.1f}/"
-                f"{m['time/scoring']:.1f}/{m['time/update']:.1f}s | eta "
-                f"{format_duration(eta)}", flush=True)
+          print(progress.line(i + 1, {}, [
+              f"score {m['ppo/score']:.3f}", f"kl {m['ppo/kl']:.3f}",
+              f"entropy {m['ppo/entropy']:.2f}", f"eos {m['ppo/eos_fraction']:.2f}",
+              f"len {m['ppo/response_length']:.1f}",
+              f"ratio dev {m['ppo/first_ratio_max_dev']:.1e}",
+              f"clipfrac {m['ppo/clipfrac']:.3f}",
+              f"rollout/score/update {m['time/rollout_s']:.1f}/{m['time/scoring_s']:.1f}/"
+              f"{m['time/update_s']:.1f}s"]), flush=True)
           if p.sample_every and (i + 1) % p.sample_every == 0:
             self.write_samples(i + 1, batch)
         last = i + 1 == p.iterations
-        if last or self.policy._sigterm or (  # pylint: disable=protected-access
-            p.checkpoint_every and (i + 1) % p.checkpoint_every == 0):
+        if last or stop.requested or (p.checkpoint_every and (i + 1) % p.checkpoint_every == 0):
           self.save(i + 1, p_state, v_state)
-        if self.policy._sigterm:  # pylint: disable=protected-access
-          print(f"SIGTERM: saved iteration {i + 1}; stopping.", flush=True)
+        if stop.requested:
+          print(f"{stop.requested}: saved iteration {i + 1}; stopping.", flush=True)
           break
     finally:
+      stop.uninstall()
       writer.close()
       self.policy.close()
       self.value.close()
+    self.preempted = stop.requested
     if jax.process_index() == 0 and history:
       plot_history(os.path.join(self.workdir, "metrics.jsonl"),
                    os.path.join(self.workdir, "ppo_curves.png"))
     return history
 
 
-def run(config: Any, workdir: str) -> list[dict[str, float]]:
-  """Trains with PPO per `config` in `workdir` (resuming if it holds a run)."""
-  if jax.process_index() == 0:
-    write_config(config, workdir)
+def build(config: Any, workdir: str) -> Run:
+  """The four models and the prompt set; the run is PPO's own outer loop."""
   ppo = PPO(config, workdir)
-  if jax.process_index() == 0:
-    print(f"PPO: {len(ppo.prompts.train)} training / {len(ppo.prompts.val)} held-out prompts "
-          f"({ppo.prompts.too_long} longer than ppo.max_prompt_tokens dropped); reward "
-          f"normalisation mean {ppo.norm[0]:.3f} std {ppo.norm[1]:.3f}; mesh "
-          f"{dict(ppo.policy.mesh.shape)}", flush=True)
-  return ppo.train()
 
+  def loop() -> dict[str, Any]:
+    history = ppo.train()
+    return {"history": history, "preempted": 1.0 if ppo.preempted else 0.0}
+
+  return Run(
+      trainers=[ppo.policy, ppo.value], loop=loop,
+      info=[f"PPO: {len(ppo.prompts.train)} training / {len(ppo.prompts.val)} held-out prompts "
+            f"({ppo.prompts.too_long} longer than ppo.max_prompt_tokens dropped); reward "
+            f"normalisation mean {ppo.norm[0]:.3f} std {ppo.norm[1]:.3f}; mesh "
+            f"{dict(ppo.policy.mesh.shape)}"])
+
+
+STAGE = Stage("ppo", programs=programs, build=build)
 
 if __name__ == "__main__":
-  from train import entry
-  entry.launch(run)
+  entry.launch(STAGE)

@@ -101,11 +101,11 @@ def policy_loss(logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, mas
   clipped = -advantages * jnp.clip(ratio, 1.0 - clip, 1.0 + clip)
   loss = masked_mean(jnp.maximum(unclipped, clipped), mask)
   return loss, {
-      "policy/clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
-      "policy/approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
-      "policy/ratio_mean": masked_mean(ratio, mask),
-      "policy/ratio_var": masked_var(ratio, mask),
-      "policy/ratio_max_dev": jnp.max(jnp.abs(ratio - 1.0) * mask),
+      "clipfrac": masked_mean((clipped > unclipped).astype(jnp.float32), mask),
+      "approxkl": masked_mean(0.5 * log_ratio ** 2, mask),
+      "ratio_mean": masked_mean(ratio, mask),
+      "ratio_var": masked_var(ratio, mask),
+      "ratio_max_dev": jnp.max(jnp.abs(ratio - 1.0) * mask),
   }
 
 
@@ -116,9 +116,9 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
   unclipped_err, clipped_err = (values - returns) ** 2, (clipped_values - returns) ** 2
   loss = 0.5 * masked_mean(jnp.maximum(unclipped_err, clipped_err), mask)
   return loss, {
-      "val/clipfrac": masked_mean((clipped_err > unclipped_err).astype(jnp.float32), mask),
-      "val/vpred_mean": masked_mean(values, mask),
-      "val/explained_variance": explained_variance(values, returns, mask),
+      "clipfrac": masked_mean((clipped_err > unclipped_err).astype(jnp.float32), mask),
+      "vpred_mean": masked_mean(values, mask),
+      "explained_variance": explained_variance(values, returns, mask),
   }
 
 

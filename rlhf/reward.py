@@ -26,15 +26,26 @@ particular here:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from data.preference_pipeline import build_preference_pipelines, format_stats
+from model import layout
+from model.config import ModelConfig
+from model.heads import RewardModel, score_head_params
+from model.transformer import Transformer
+from train import entry
 from train.losses import masked_mean
-from train.pretrain import write_config
+from train.parent import Parent, setup_child
+from train.restore import InitAdapter
+from train.stage import Program, Run, Stage, evaluate_on
+from train.trainer import Trainer
 
 
 def bradley_terry(chosen: jax.Array, rejected: jax.Array, margin: jax.Array | float = 0.0
@@ -84,16 +95,9 @@ def reward_loss(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Arra
   }
 
 
-def reward_model_adapter(parent: Any, seed: int):
-  """InitAdapter mapping a parent checkpoint (LM or reward model) to a RewardModel.
-
-  `parent` is `train.parent.setup_child`'s result.
-  """
-  from model import layout
-  from model.heads import RewardModel, score_head_params
-  from model.transformer import Transformer
-  from train.restore import InitAdapter
-
+def reward_model_adapter(parent: Parent, seed: int) -> InitAdapter:
+  """InitAdapter mapping a parent checkpoint (LM or reward model) to a RewardModel (run under
+  jit on the sharded parameters)."""
   is_rm = parent.meta.get("model_class") == RewardModel.__name__
   model_cfg = parent.child_cfg
 
@@ -116,73 +120,66 @@ def norm_from_eval(metrics: Mapping[str, float]) -> dict[str, float]:
           "num_scores": int(2 * metrics["tokens"])}
 
 
-def build(config: Any, workdir: str):
-  """The run's Trainer and data: (trainer, train pipeline, validation set, data stats).
+def preference_batch(b: int, t: int, dpo: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The preference batch contract (data/preference_pipeline.py): pairs [B, 2, T]; DPO's
+  rows also carry the reference log-probabilities `ref_logp` [B, 2]."""
+  spec = jax.ShapeDtypeStruct
+  out = {**{k: spec((b, 2, t), np.int32) for k in ("tokens", "positions", "segment_ids")},
+         "score_index": spec((b, 2), np.int32), "response_start": spec((b, 2), np.int32),
+         "margin": spec((b,), np.float32), "pair_mask": spec((b,), np.float32)}
+  if dpo:
+    out["ref_logp"] = spec((b, 2), np.float32)
+  return out
 
-  Reads the `init_from` parent (model config, tokenizer), adds the chat markers, builds the
-  preference pipelines and a Trainer for a RewardModel whose init maps the parent's params
-  (`reward_model_adapter`). Nothing is initialised or restored yet.
-  """
-  import functools
-  from data.preference_pipeline import build_preference_pipelines
-  from model.heads import RewardModel
-  from train.parent import setup_child
-  from train.trainer import Trainer
 
+def programs(config: Any, model_cfg: ModelConfig) -> list[Program]:
+  """One trainer: a RewardModel with the Bradley-Terry loss on preference batches."""
+  del model_cfg
+  loss = functools.partial(reward_loss, margin=config.reward.margin,
+                           center_coef=config.reward.center_coef)
+  b = config.train.batch_size // config.train.grad_accum_steps
+  return [Program("train", config, RewardModel, loss,
+                  preference_batch(b, config.data.seq_len))]
+
+
+def build(config: Any, workdir: str) -> Run:
+  """The parent, the preference pipelines and a Trainer for a RewardModel whose init maps
+  the parent's params (`reward_model_adapter`)."""
   parent = setup_child(config, "an SFT (or pretraining) workdir or checkpoint directory")
-  template = parent.template
   train_iter, val_set, stats, _ = build_preference_pipelines(
-      config.data, template, global_batch_size=config.train.batch_size,
+      config.data, parent.template, global_batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
-  loss_fn = functools.partial(reward_loss, margin=config.reward.margin,
-                              center_coef=config.reward.center_coef)
+  (program,) = programs(config, parent.child_cfg)
   tokenizer = parent.child_tokenizer
-  trainer = Trainer(config, workdir, parent.child_cfg, loss_fn, model_factory=RewardModel,
-                    tokenizer_bytes=tokenizer.to_bytes(),
+  trainer = Trainer(config, workdir, parent.child_cfg, program.loss_fn,
+                    model_factory=RewardModel, tokenizer_bytes=tokenizer.to_bytes(),
                     tokenizer_fingerprint=tokenizer.fingerprint,
                     init_adapter=reward_model_adapter(parent, config.seed))
-  return trainer, train_iter, val_set, stats
 
-
-def run(config: Any, workdir: str) -> dict[str, float]:
-  """Trains a reward model per `config` in `workdir`; returns the final eval metrics."""
-  from data.preference_pipeline import format_stats
-
-  if jax.process_index() == 0:
-    write_config(config, workdir)
-  trainer, train_iter, val_set, stats = build(config, workdir)
-  if jax.process_index() == 0:
-    print(format_stats(stats), flush=True)
-    num_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
-    print(f"Model: {num_params:,} parameters (trunk without output projection + scalar "
-          f"head); mesh {dict(trainer.mesh.shape)}", flush=True)
-  state, data_state = trainer.restore_or_init()
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  trainer.data_state_fn = train_iter.get_state
-  # Both sides of every pair are processed: 2 x batch x seq_len token slots per step.
-  trainer.setup_throughput(2 * config.train.batch_size * config.data.seq_len,
-                           config.data.seq_len, output_projection=False)
-  results: dict[str, float] = {}
-
-  def evaluate(trainer: Any, step: int, state: Any) -> None:
-    metrics = trainer.evaluate(state.params, val_set(config.train.eval_batch_size))
+  def on_eval(step: int, metrics: dict[str, float]) -> None:
     if step == trainer.num_steps:  # before the final save: normalisation for PPO
       trainer.extra_metadata["reward_norm"] = norm_from_eval(metrics)
-    results.update(metrics)
-    trainer.log_eval(step, metrics, f"accuracy {metrics['accuracy']:.4f} | loss "
-                     f"{metrics['loss']:.4f} | margin {metrics['margin']:.3f} | chosen "
-                     f"{metrics['chosen_mean']:.3f} | rejected {metrics['rejected_mean']:.3f}"
-                     f" | {int(metrics['tokens'])} pairs")
 
-  trainer.add_hook(evaluate, every=config.train.eval_every or config.train.num_steps)
-  results.update(trainer.fit(state, iter(train_iter)))
-  if "reward_norm" in trainer.extra_metadata:
-    results.update({f"norm_{k}": v for k, v in trainer.extra_metadata["reward_norm"].items()
-                    if k in ("mean", "std")})
-  return results
+  def finish(results: dict[str, float]) -> dict[str, float]:
+    norm = trainer.extra_metadata.get("reward_norm", {})
+    return {**results, **{f"norm_{k}": v for k, v in norm.items() if k in ("mean", "std")}}
 
+  num_params = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
+  return Run(
+      trainers=[trainer], train_iter=train_iter,
+      evaluate=evaluate_on(trainer, val_set, config.train.eval_batch_size),
+      summary=lambda m: (f"accuracy {m['accuracy']:.4f} | loss {m['loss']:.4f} | margin "
+                         f"{m['margin']:.3f} | chosen {m['chosen_mean']:.3f} | rejected "
+                         f"{m['rejected_mean']:.3f} | {int(m['tokens'])} pairs"),
+      # Both sides of every pair are processed: 2 x batch x seq_len token slots per step.
+      tokens_per_step=2 * config.train.batch_size * config.data.seq_len,
+      seq_len=config.data.seq_len, output_projection=False, on_eval=on_eval, finish=finish,
+      stats=stats, info=[format_stats(stats),
+            f"Model: {num_params:,} parameters (trunk without output projection + scalar "
+            f"head); mesh {dict(trainer.mesh.shape)}"])
+
+
+STAGE = Stage("reward", programs=programs, build=build)
 
 if __name__ == "__main__":
-  from train import entry
-  entry.launch(run)
+  entry.launch(STAGE)

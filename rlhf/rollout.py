@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data.preferences import read_sources, split_pairs
 from rlhf import ppo_core
+from train import flops as flops_lib
 from train.losses import masked_mean, token_log_probs
 
 
@@ -41,7 +43,6 @@ def build_prompt_set(data_cfg: Any, template: Any, max_prompt_tokens: int) -> Pr
   Raises:
     ValueError: No training prompt fits `max_prompt_tokens` (the message names the limit).
   """
-  from data.preferences import read_sources, split_pairs
   pairs, _ = read_sources(data_cfg.sources, data_cfg.tfds_data_dir)
   train_pairs, val_pairs, _ = split_pairs(pairs, data_cfg.val_fraction, data_cfg.seed)
   too_long = 0
@@ -111,7 +112,7 @@ def policy_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.A
   mask = batch["response_mask"].astype(jnp.float32)
   logp, entropy = response_logps(model, batch, temperature)
   loss, aux = ppo_core.policy_loss(logp, batch["old_logp"], batch["advantages"], mask, clip)
-  return loss, {**aux, "policy/entropy": masked_mean(entropy, mask)}
+  return loss, {**aux, "entropy": masked_mean(entropy, mask)}
 
 
 def value_loss_fn(model: nnx.Module, batch: Mapping[str, jax.Array], rng: jax.Array, *,
@@ -144,7 +145,7 @@ def plot_history(metrics_path: str, out_path: str) -> None:
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   with open(metrics_path) as f:
     records = [json.loads(line) for line in f if line.strip()]
-  keys = ("objective/scores", "objective/kl", "objective/entropy")
+  keys = ("ppo/score", "ppo/kl", "ppo/entropy")
   fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
   for ax, key in zip(axes, keys):
     ax.plot([r["step"] for r in records if key in r], [r[key] for r in records if key in r])
@@ -153,3 +154,27 @@ def plot_history(metrics_path: str, out_path: str) -> None:
   fig.tight_layout()
   fig.savefig(out_path, dpi=100)
   plt.close(fig)
+
+
+def phase_throughput(m: Mapping[str, float], mask: np.ndarray, ppo_cfg: Any, policy_cfg: Any,
+                     value_cfg: Any, peak_flops: float) -> dict[str, float]:
+  """Tokens/s and MFU of an iteration's rollout, scoring and update phases (model FLOPs:
+  forward passes for rollout and scoring, forward + backward for the update)."""
+  p = ppo_cfg
+  seq = p.max_prompt_tokens + p.max_new_tokens
+  rows, generated = p.rollout_batch_size, float(mask.sum())
+  fwd = flops_lib.flops_per_token(policy_cfg, seq, training=False)
+  fwd_v = flops_lib.flops_per_token(value_cfg, seq, training=False, output_projection=False)
+  train = (flops_lib.flops_per_token(policy_cfg, seq) + flops_lib.flops_per_token(
+      value_cfg, seq, output_projection=False)) * rows * seq
+  scoring = (2 * fwd + 2 * fwd_v) * rows * seq
+  update_steps = m["ppo/minibatch_steps"] / (p.epochs * p.minibatches)
+  peak = peak_flops or 1.0
+  return {
+      "time/rollout_tokens_per_sec": generated / m["time/rollout_s"],
+      "time/scoring_tokens_per_sec": rows * seq / m["time/scoring_s"],
+      "time/update_tokens_per_sec": rows * seq * p.epochs * update_steps / m["time/update_s"],
+      "time/rollout_mfu": fwd * generated / m["time/rollout_s"] / peak,
+      "time/scoring_mfu": scoring / m["time/scoring_s"] / peak,
+      "time/update_mfu": train * p.epochs * update_steps / m["time/update_s"] / peak,
+  }

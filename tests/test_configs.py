@@ -15,7 +15,7 @@ from model import sharding
 from train import distributed
 from model.config import ModelConfig
 from model.transformer import Transformer, count_params
-from train.trainer import rules_from_config
+from model.sharding import rules_from_config
 
 ALL_CONFIG_FILES = sorted(
     os.path.relpath(p, REPO_ROOT)

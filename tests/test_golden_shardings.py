@@ -7,7 +7,7 @@ and two meshes of the 8 devices:
   2x2x2    data=2, fsdp=2, tensor=2: every sharding rule exercised (a vocabulary taken from
            a 65-character tokenizer is rounded up to 72 here: an explicit model.vocab_size
            larger than the tokenizer's is what a tensor-parallel char model needs)
-`train.shapes.report` builds the real Trainer with `jax.eval_shape` parameters and optimizer
+`launch.shapes.report` builds the real Trainer with `jax.eval_shape` parameters and optimizer
 state (nothing allocated: the 8B model compiles on this laptop-sized machine), lowers and
 compiles its train step(s) and reports each parameter's PartitionSpec and XLA's per-device
 memory estimate. Both are compared with tests/golden/shardings/<config>__<mesh>.json; a
@@ -65,7 +65,7 @@ def _golden_path(relpath, arg, mesh):
 
 def _parent(arg):
   from launch.overrides import load_config
-  from train.shapes import DEFAULT_PARENT
+  from launch.shapes import DEFAULT_PARENT
   return load_config(DEFAULT_PARENT + (":runlocal=true" if arg == "runlocal=true" else ""))
 
 
@@ -93,7 +93,7 @@ def _fitting_devices(config):
   train and eval batches divide over the batch axes (a CPU config runs on as many devices
   as the machine has cores; shakespeare_char's batch of 12 fits 4 of 8)."""
   from model import sharding
-  from train.trainer import rules_from_config
+  from model.sharding import rules_from_config
   rules = sharding.normalize_rules(rules_from_config(config.mesh.rules))
   for n in range(8, 0, -1):
     try:
@@ -110,7 +110,7 @@ def _fitting_devices(config):
 
 @pytest.mark.parametrize("relpath,arg,mesh", _variants())
 def test_golden_shardings(relpath, arg, mesh, regen_golden):
-  from train import shapes
+  from launch import shapes
   config = _load(relpath).get_config(arg)
   parent = None if "vocab_size" in config.model else _parent(arg)
   if mesh == "config":
@@ -149,7 +149,7 @@ def test_golden_shardings(relpath, arg, mesh, regen_golden):
 
 def test_a_changed_sharding_rule_shows_as_a_readable_diff():
   """The comparison catches a changed rule and names the parameter in the diff."""
-  from train import shapes
+  from launch import shapes
   relpath = "configs/pretrain/shakespeare_bpe.py"
   config = _load(relpath).get_config("runlocal=true")
   golden = shapes.report(config, jax.devices()[:8], None, MESHES["2x2x2"])

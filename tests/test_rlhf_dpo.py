@@ -24,13 +24,14 @@ def _config(init_from):
 def test_dpo_loss_at_initialisation_is_log2(english_sft_run, tmp_path):
   from rlhf.dpo import build
   sft, _ = english_sft_run
-  trainer, _, val_set, stats = build(_config(sft), str(tmp_path / "dpo"))
+  run = build(_config(sft), str(tmp_path / "dpo"))
+  trainer, stats = run.trainers[0], run.stats
   state, _ = trainer.restore_or_init()
-  metrics = trainer.evaluate(state.params, val_set(16))
+  metrics = run.evaluate(state.params)
   assert stats["reference_pairs"] > 100 and metrics["tokens"] >= 10
   assert metrics["loss"] == pytest.approx(math.log(2), abs=1e-5)
-  assert metrics["rewards/accuracies"] == 0.5 and abs(metrics["rewards/margins"]) < 1e-5
-  assert metrics["logps/chosen"] < 0 and metrics["logps/rejected"] < 0
+  assert metrics["reward_accuracy"] == 0.5 and abs(metrics["reward_margin"]) < 1e-5
+  assert metrics["logp_chosen"] < 0 and metrics["logp_rejected"] < 0
   trainer.close()
 
 
@@ -52,7 +53,7 @@ def test_dpo_cli_run_fits_its_pairs_and_records_its_parent(english_sft_run, engl
     records = [json.loads(line) for line in f]
   losses = [r["train/loss"] for r in records if "train/loss" in r]
   assert losses[-1] < 0.5 * losses[0] and losses[0] < math.log(2) + 0.05, losses
-  train_acc = [r["train/rewards/accuracies"] for r in records if "train/loss" in r]
+  train_acc = [r["train/reward_accuracy"] for r in records if "train/loss" in r]
   assert train_acc[-1] > 0.8, train_acc
   meta = ckpt_lib.read_metadata(workdir)
   assert meta["stage"] == "dpo" and meta["parent"]["stage"] == "sft"

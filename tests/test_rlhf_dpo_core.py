@@ -15,7 +15,7 @@ def test_dpo_loss_is_log2_when_policy_equals_reference():
   pc, pr = jnp.asarray([-5.0, -1.0]), jnp.asarray([-3.0, -8.0])
   losses, aux = dpo_loss(pc, pr, pc, pr, beta=0.1)
   np.testing.assert_allclose(np.asarray(losses), [math.log(2)] * 2, rtol=1e-6)
-  assert np.asarray(aux["rewards/accuracies"]).tolist() == [0.5, 0.5]
+  assert np.asarray(aux["reward_accuracy"]).tolist() == [0.5, 0.5]
 
 
 def test_dpo_sigmoid_smoothing_and_ipo_match_hand_values():
@@ -24,7 +24,7 @@ def test_dpo_sigmoid_smoothing_and_ipo_match_hand_values():
   nls = lambda x: math.log1p(math.exp(-x))  # -log sigmoid(x)
   losses, aux = dpo_loss(pc, pr, rc, rr, beta=0.5)
   assert float(losses[0]) == pytest.approx(nls(0.5 * z), rel=1e-6)
-  assert float(aux["rewards/margins"][0]) == pytest.approx(0.5 * z)
+  assert float(aux["reward_margin"][0]) == pytest.approx(0.5 * z)
   losses, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, label_smoothing=0.1)
   assert float(losses[0]) == pytest.approx(0.9 * nls(1.0) + 0.1 * nls(-1.0), rel=1e-6)
   losses, _ = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo")

@@ -51,21 +51,21 @@ def toy_runs(english_sft_run, tmp_path_factory):
 def test_first_minibatch_ratio_is_exactly_one(toy_runs):
   for history in toy_runs.values():
     for m in history:
-      assert m["policy/first_ratio_max_dev"] < 1e-5, m["policy/first_ratio_max_dev"]
+      assert m["ppo/first_ratio_max_dev"] < 1e-5, m["ppo/first_ratio_max_dev"]
       # The sampler's log-probs are the training forward's, too.
-      assert m["policy/sampler_logp_max_dev"] < 1e-4
+      assert m["ppo/sampler_logp_max_dev"] < 1e-4
 
 
 def test_toy_reward_rises_and_a_huge_kl_coefficient_pins_the_policy(toy_runs):
   # Measured once: free 0.68 -> 0.98 over 16 iterations, KL ~11 nats at the end; pinned
   # (kl_coef 100) 0.68 -> 0.72, KL ~2 (the first update, at KL 0, follows the score).
-  gain = lambda h: np.mean([m["objective/scores"] for m in h[-4:]]) - np.mean(
-      [m["objective/scores"] for m in h[:4]])
-  late_kl = lambda h: np.mean([m["objective/kl"] for m in h[-4:]])
+  gain = lambda h: np.mean([m["ppo/score"] for m in h[-4:]]) - np.mean(
+      [m["ppo/score"] for m in h[:4]])
+  late_kl = lambda h: np.mean([m["ppo/kl"] for m in h[-4:]])
   free, pinned = toy_runs["free"], toy_runs["pinned"]
-  assert gain(free) > 0.15, [m["objective/scores"] for m in free]
-  assert np.isfinite([m["objective/kl"] for m in free]).all()
-  assert gain(pinned) < 0.5 * gain(free), [m["objective/scores"] for m in pinned]
+  assert gain(free) > 0.15, [m["ppo/score"] for m in free]
+  assert np.isfinite([m["ppo/kl"] for m in free]).all()
+  assert gain(pinned) < 0.5 * gain(free), [m["ppo/score"] for m in pinned]
   assert late_kl(pinned) < 0.5 * late_kl(free)
 
 
@@ -86,13 +86,13 @@ def test_ppo_cli_from_sft_and_reward_checkpoints_and_resume(english_sft_run, eng
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
   assert [r["step"] for r in records] == [1, 2]
-  for key in ("objective/scores", "objective/kl", "objective/entropy",
-              "objective/non_score_reward", "policy/approxkl", "policy/clipfrac",
-              "policy/ratio_mean", "policy/ratio_var", "val/clipfrac",
-              "val/explained_variance", "val/loss", "eos_fraction", "response_length",
+  for key in ("ppo/score", "ppo/kl", "ppo/entropy",
+              "ppo/non_score_reward", "ppo/approxkl", "ppo/clipfrac",
+              "ppo/ratio_mean", "ppo/ratio_var", "value/clipfrac",
+              "value/explained_variance", "value/loss", "ppo/eos_fraction", "ppo/response_length",
               "time/rollout", "time/scoring", "time/update", "time/rollout_mfu"):
     assert all(np.isfinite(r[key]) for r in records), key
-  assert records[0]["policy/first_ratio_max_dev"] < 1e-5
+  assert records[0]["ppo/first_ratio_max_dev"] < 1e-5
   assert os.path.getsize(os.path.join(workdir, "ppo_curves.png")) > 1000
   assert os.path.exists(os.path.join(workdir, "samples.jsonl"))
   meta = ckpt_lib.read_metadata(os.path.join(workdir, "value"))

@@ -73,12 +73,12 @@ def test_policy_loss_matches_numpy_and_is_exact_at_ratio_one():
   per = np.maximum(-adv * ratio, -adv * np.clip(ratio, 0.8, 1.2))
   np.testing.assert_allclose(float(loss), (per * mask).sum() / mask.sum(), rtol=1e-5)
   clipped = (-adv * np.clip(ratio, 0.8, 1.2) > -adv * ratio)
-  np.testing.assert_allclose(float(aux["policy/clipfrac"]), (clipped * mask).sum() / mask.sum(),
+  np.testing.assert_allclose(float(aux["clipfrac"]), (clipped * mask).sum() / mask.sum(),
                              rtol=1e-6)
-  np.testing.assert_allclose(float(aux["policy/approxkl"]),
+  np.testing.assert_allclose(float(aux["approxkl"]),
                              (0.5 * (logp - old) ** 2 * mask).sum() / mask.sum(), rtol=1e-5)
   loss1, aux1 = ppo_core.policy_loss(*map(jnp.asarray, (old, old, adv, mask)), clip=0.2)
-  assert float(aux1["policy/ratio_max_dev"]) == 0.0 and float(aux1["policy/approxkl"]) == 0.0
+  assert float(aux1["ratio_max_dev"]) == 0.0 and float(aux1["approxkl"]) == 0.0
   np.testing.assert_allclose(float(loss1), (-adv * mask).sum() / mask.sum(), rtol=1e-6)
 
 
@@ -92,7 +92,7 @@ def test_value_loss_and_explained_variance_match_numpy():
   np.testing.assert_allclose(float(loss), 0.5 * (per * mask).sum() / mask.sum(), rtol=1e-5)
   sel = mask > 0
   ev = 1 - np.var((ret - v)[sel]) / np.var(ret[sel])
-  np.testing.assert_allclose(float(aux["val/explained_variance"]), ev, rtol=1e-4)
+  np.testing.assert_allclose(float(aux["explained_variance"]), ev, rtol=1e-4)
 
 
 def test_whiten_and_adaptive_controller():

@@ -83,7 +83,7 @@ def test_init_from_an_sft_checkpoint_keeps_the_trunk_and_adds_a_fresh_head(engli
   from train import checkpoint as ckpt_lib
   from train.state import abstract_model
   sft, _ = english_sft_run
-  trainer, _, _, _ = build(_reward_config(sft), str(tmp_path / "rm"))
+  trainer = build(_reward_config(sft), str(tmp_path / "rm")).trainers[0]
   state, data_state = trainer.restore_or_init()
   assert data_state is None and trainer.parent["stage"] == "sft"
   _, abstract, _ = abstract_model(Transformer, trainer.model_cfg)

@@ -13,7 +13,7 @@ from model.transformer import Transformer
 from train.losses import lm_loss, token_log_probs
 from train.optim import decay_mask, learning_rate_schedule
 from train.state import abstract_model
-from train.trainer import rules_from_config
+from model.sharding import rules_from_config
 
 
 def _nanogpt_lr(step, lr, end_lr, warmup, decay):

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import random_lm_batch, tiny_run_config
 from train.checkpoint import Checkpointer
-from train.loop import NonFiniteLossError
+from train.loop import NonFiniteError
 from train.losses import lm_loss, token_log_probs
 from train.trainer import Trainer
 
@@ -75,7 +75,7 @@ def sharded_run(tmp_path_factory, tiny_cfg, batch):
   state = trainer.init_state()
   init = _host(state)  # the step donates `state`
   with trainer.mesh_context():
-    new_state, metrics = trainer._jit_step(state, trainer.to_global(batch))
+    new_state, metrics = trainer.step(state, trainer.to_global(batch))
     jax.block_until_ready(new_state)
   return trainer, init, new_state, _host(metrics)
 
@@ -88,7 +88,7 @@ def single_run(tmp_path_factory, tiny_cfg, batch):
   state = trainer.init_state()
   init = _host(state)
   with trainer.mesh_context():
-    new_state, metrics = trainer._jit_step(state, trainer.to_global(batch))
+    new_state, metrics = trainer.step(state, trainer.to_global(batch))
     jax.block_until_ready(new_state)
   return trainer, init, _host(new_state), _host(metrics)
 
@@ -254,7 +254,7 @@ def test_accumulated_flattened_step_matches_the_plain_full_batch_step(accum_trai
   trainer = accum_trainer
   state = trainer.init_state()
   with trainer.mesh_context():
-    state, metrics = trainer._jit_step(state, trainer.to_global(_with_poison(batch, False)))
+    state, metrics = trainer.step(state, trainer.to_global(_with_poison(batch, False)))
     jax.block_until_ready(state)
   metrics = _host(metrics)
   _, _, ref_state, ref_metrics = single_run
@@ -275,7 +275,7 @@ def test_non_finite_loss_stops_the_run_without_saving_that_state(accum_trainer, 
     for step in range(1, 100):
       yield _with_poison(random_lm_batch(rng, BATCH, SEQ, tiny_cfg.vocab_size), step == 5)
 
-  with pytest.raises(NonFiniteLossError, match=r"Loss became nan at step 5") as err:
+  with pytest.raises(NonFiniteError, match=r"Step 5 is not finite \(loss nan") as err:
     trainer.train(trainer.init_state(), batches())
   assert err.value.args[0].rstrip().endswith("resume from that checkpoint.")
   assert f"{trainer.checkpointer.directory}/4" in str(err.value)
@@ -336,7 +336,7 @@ def test_non_finite_loss_inside_a_multi_step_call_names_its_step(tmp_path, tiny_
   rng = np.random.default_rng(1)
   batches = (_with_poison(random_lm_batch(rng, BATCH, SEQ, tiny_cfg.vocab_size), step == 6)
              for step in range(1, 100))
-  with pytest.raises(NonFiniteLossError, match=r"Loss became nan at step 6;"):
+  with pytest.raises(NonFiniteError, match=r"Step 6 is not finite"):
     trainer.train(trainer.init_state(), batches)
   trainer.close()
   assert calls == [4, 4]  # steps 5-8 ran as one call; the NaN was found in it

@@ -1,1 +1,10 @@
-"""train package."""
+"""Training: the stage driver, the Trainer core, checkpoints, metrics, the stages.
+
+TensorFlow (tf.data, gfile, TensorBoard) prints C++ start-up lines when first imported
+unless TF_CPP_MIN_LOG_LEVEL is set before that import; the default here keeps them off the
+console (`--verbose` or an explicit TF_CPP_MIN_LOG_LEVEL brings them back, train/quiet.py).
+"""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -125,7 +125,20 @@ class Checkpointer:
     if step in self._unreadable and step in self.all_steps():
       self._mngr.delete(step)  # replace the unreadable copy skipped at restore
       self._unreadable.discard(step)
-    self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+      self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # noqa: BLE001 - e.g. a full disk; also an earlier async failure
+      raise CheckpointError(f"Saving checkpoint step {step} to {self.directory} failed: "
+                            f"{type(e).__name__}: {e}") from e
+
+  def check(self) -> None:
+    """Raises CheckpointError if a background save has failed (e.g. the disk is full), so
+    the run stops at the step it happened instead of steps later."""
+    try:
+      self._mngr.check_for_errors()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"Saving a checkpoint to {self.directory} failed: "
+                            f"{type(e).__name__}: {e}") from e
 
   def restore(self, abstract_params: Any, abstract_train_state: Any, step: int | None = None,
               validate: Callable[[Mapping[str, Any]], None] | None = None) -> dict[str, Any]:
@@ -184,8 +197,12 @@ class Checkpointer:
     return result
 
   def wait(self) -> None:
-    """Blocks until any async save has been committed."""
-    self._mngr.wait_until_finished()
+    """Blocks until any async save has been committed (CheckpointError if it failed)."""
+    try:
+      self._mngr.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise CheckpointError(f"Saving a checkpoint to {self.directory} failed: "
+                            f"{type(e).__name__}: {e}") from e
 
   def close(self) -> None:
     self._mngr.wait_until_finished()

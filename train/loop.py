@@ -1,18 +1,27 @@
-"""The Trainer's step loop: dispatch, bounded calls in flight, timing, logging, checkpoints.
+"""The step loop and the services every loop shares (the Trainer's and PPO's outer loop).
 
-Steps are dispatched asynchronously, `train.steps_per_call` at a time (one jitted scan over a
-stack of batches; 1 = one step per call), and at most `train.max_calls_in_flight` calls are
-outstanding: with several (fake) CPU devices, dispatching an unbounded number of steps
-without waiting on any result can deadlock XLA's CPU all-reduce rendezvous (the process
-aborts after 40 s). Waiting on the oldest call before dispatching a new one avoids that
-while still overlapping the host's data loading with device compute.
+Services, each a public piece:
+  Preemption   SIGTERM and SIGINT (Ctrl-C) set a flag; the loop saves the current step and
+               stops; the entry point then exits with `PREEMPTED_EXIT_CODE` (75, EX_TEMPFAIL:
+               "try again"), so a scheduler can tell a preempted run from a finished (0) or
+               failed (1, or 2 for bad input) one. A second Ctrl-C interrupts at once.
+  check_finite stops the run on a non-finite loss, gradient norm or updated parameter
+               (`train/finite`, computed inside the step), before anything is logged or
+               saved: the newest checkpoint is always a finite one.
+  Throughput   tokens and FLOPs per step -> tokens/s and MFU in the progress lines.
+
+`run_loop` dispatches steps asynchronously, `train.steps_per_call` at a time (one jitted
+scan over a stack of batches; 1 = one step per call), and at most
+`train.max_calls_in_flight` calls are outstanding: with several (fake) CPU devices,
+dispatching an unbounded number of steps without waiting on any result can deadlock XLA's
+CPU all-reduce rendezvous (the process aborts after 40 s). Waiting on the oldest call before
+dispatching a new one avoids that while still overlapping the host's data loading with
+device compute.
 
 A call never crosses a step where something happens on the host (a log line, a hook such
 as eval, a checkpoint, the last step), and calls end on multiples of `steps_per_call`, so
 every call has the same length and compiles once (the first call after a resume from an
-odd step may be shorter). Several steps per call pay the host's per-dispatch work (argument
-handling, transfers, fetching metrics) once per call: on a 2-core CPU, where that work
-competes with the computation for the same cores, this is worth a few percent of step time.
+odd step may be shorter).
 
 Time accounting per logging interval: `data wait` is the time spent getting the next batch
 and building global arrays; the rest of the wall time is compute (including waiting on the
@@ -22,21 +31,88 @@ device). tokens/s and MFU use wall time.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import signal
 import time
-from typing import TYPE_CHECKING, Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import jax
 import numpy as np
 
-from train.metrics import Progress
+from train.metrics import MetricsWriter, Progress
+from train.step import FINITE
 
-if TYPE_CHECKING:
-  from train.trainer import Trainer
-  from train.state import TrainState
+PREEMPTED_EXIT_CODE = 75
 
 
-class NonFiniteLossError(RuntimeError):
-  """Raised when a step produces a NaN/Inf loss; the last good checkpoint is kept."""
+class NonFiniteError(RuntimeError):
+  """A step produced a NaN/Inf loss, gradient or parameter; nothing of it was saved."""
+
+
+class Preemption:
+  """SIGTERM / SIGINT -> `requested`; `install()` while a loop runs, `uninstall()` after."""
+
+  def __init__(self):
+    self.requested: str | None = None  # the signal's name once one arrived
+    self._previous: dict[int, Any] = {}
+
+  def _handler(self, signum: int, frame: Any) -> None:
+    del frame
+    if signum == signal.SIGINT and self.requested == "SIGINT":
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the save
+    self.requested = signal.Signals(signum).name
+    print(f"{self.requested}: saving at the end of this step, then stopping "
+          "(Ctrl-C again to stop at once)", flush=True)
+
+  def install(self) -> "Preemption":
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def uninstall(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+
+
+def check_finite(first_step: int, values: Mapping[str, np.ndarray], last_saved: str) -> None:
+  """Raises NonFiniteError naming the first bad step of a call's metrics ([n] arrays)."""
+  bad_loss = ~np.isfinite(values["train/loss"])
+  bad = bad_loss | (values[FINITE] < 1) if FINITE in values else bad_loss
+  if bad.any():
+    i = int(np.flatnonzero(bad)[0])
+    what = {k.split("/")[-1]: float(values[k][i]) for k in ("train/loss", "train/grad_norm")
+            if k in values}
+    raise NonFiniteError(
+        f"Step {first_step + i} is not finite ({', '.join(f'{k} {v}' for k, v in what.items())}"
+        f"; parameters after the update finite: "
+        f"{'yes' if values.get(FINITE, [1] * (i + 1))[i] >= 1 else 'no'}); stopping without "
+        f"saving it. Last good checkpoint: {last_saved}. Lower the learning rate, check the "
+        "data, or resume from that checkpoint.")
+
+
+@dataclasses.dataclass
+class Throughput:
+  """What progress lines report: tokens and model FLOPs per step, the hardware peak."""
+  tokens_per_step: int = 0
+  flops_per_step: float = 0.0
+  peak_flops: float = 0.0
+
+
+class Saver(Protocol):
+  """Checkpoint service of a loop (the Trainer's `save`, `wait`, `latest` and `check`)."""
+
+  def save(self, state: Any) -> None: ...
+  def wait(self) -> None: ...
+  def check(self) -> None: ...
+  def latest(self) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+  """`fn(step, state)` after every `every`-th step and at the last step."""
+  every: int
+  fn: Callable[[int, Any], None]
 
 
 class _Interval:
@@ -69,107 +145,105 @@ class _Interval:
     self.data_s = 0.0
     self.untimed = self.steps
 
-  def summary(self, trainer: "Trainer") -> dict[str, float]:
+  def summary(self, throughput: Throughput) -> dict[str, float]:
     wall = max(time.perf_counter() - self.t0, 1e-9)
     timed = self.steps - self.untimed
     out = {k: v / max(self.steps, 1) for k, v in self.sums.items()}
     if timed > 0:
-      out["train/step_time_s"] = wall / timed
-      out["train/data_wait_frac"] = self.data_s / wall
-      if trainer.tokens_per_step:
-        out["train/tokens_per_sec"] = trainer.tokens_per_step * timed / wall
-      if trainer.flops_per_step and trainer.peak_flops:
-        out["train/mfu"] = trainer.flops_per_step * timed / wall / trainer.peak_flops
+      out["time/step_s"] = wall / timed
+      out["time/data_wait_frac"] = self.data_s / wall
+      if throughput.tokens_per_step:
+        out["train/tokens_per_sec"] = throughput.tokens_per_step * timed / wall
+      if throughput.flops_per_step and throughput.peak_flops:
+        out["train/mfu"] = throughput.flops_per_step * timed / wall / throughput.peak_flops
     return out
 
 
-def _complete(trainer: "Trainer", first_step: int, metrics: Mapping[str, Any],
-              interval: _Interval) -> None:
-  """Blocks on a dispatched call's metrics; stops the run on a non-finite loss."""
-  values = {k: np.atleast_1d(np.asarray(v, np.float64))
-            for k, v in jax.device_get(metrics).items()}
-  losses = values["train/loss"]
-  bad = np.flatnonzero(~np.isfinite(losses))
-  if bad.size:
-    step = first_step + int(bad[0])
-    trainer.checkpointer.wait()  # let an in-progress save of an earlier (good) step finish
-    last = trainer.checkpointer.latest_step()
-    where = f"{trainer.checkpointer.directory}/{last}" if last is not None else "none saved yet"
-    raise NonFiniteLossError(
-        f"Loss became {losses[bad[0]]} at step {step}; stopping without saving this "
-        f"state. Last good checkpoint: {where}. Lower the learning rate, check the data, or "
-        "resume from that checkpoint.")
-  for k, v in values.items():
-    interval.sums[k] += float(v.sum())
-  interval.steps += losses.size
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  totals: dict[str, float]      # steady-state steps, wall_s, data_wait_s
+  preempted: str | None         # the signal's name if the run stopped early
 
 
-def _call_end(step: int, trainer: "Trainer", steps_per_call: int) -> int:
-  """Last step of the call that starts after `step` (see the module docstring)."""
-  tcfg = trainer.config.train
-  end = min(trainer.num_steps, (step // steps_per_call + 1) * steps_per_call)
-  for every in [tcfg.log_every, tcfg.checkpoint_every] + [e for e, _ in trainer._hooks]:
-    if every and every > 0:
-      end = min(end, (step // every + 1) * every)
-  return end
+def run_loop(dispatch: Callable[[Any, Any, int], tuple[Any, Any]],
+             stage: Callable[[list], Any], state: Any, batches: Iterator[Mapping[str, Any]], *,
+             num_steps: int, train_cfg: Any, hooks: list[Hook], saver: Saver,
+             writer: MetricsWriter, stop: Preemption, throughput: Throughput) -> LoopResult:
+  """Runs steps from `state.step` to `num_steps` (see the module docstring).
 
-
-def run_loop(trainer: "Trainer", state: "TrainState",
-             batches: Iterator[Mapping[str, np.ndarray]]) -> "TrainState":
-  tcfg = trainer.config.train
+  Args:
+    dispatch: `(state, staged batch, n) -> (state, metrics)` for n steps in one call.
+    stage: host batches of one call -> device arrays.
+    train_cfg: config.train (log_every, checkpoint_every, steps_per_call,
+      max_calls_in_flight).
+  """
   start = int(jax.device_get(state.step))
-  progress = Progress(trainer.num_steps, start)
+  progress = Progress(num_steps, start)
   interval = _Interval()
   pending: collections.deque = collections.deque()
-  max_in_flight = max(1, tcfg.max_calls_in_flight)
-  steps_per_call = max(1, tcfg.steps_per_call)
+  max_in_flight = max(1, train_cfg.max_calls_in_flight)
+  steps_per_call = max(1, train_cfg.steps_per_call)
+  everies = [train_cfg.log_every, train_cfg.checkpoint_every] + [h.every for h in hooks]
+
+  def complete(first: int, metrics: Mapping[str, Any]) -> None:
+    values = {k: np.atleast_1d(np.asarray(v, np.float64))
+              for k, v in jax.device_get(metrics).items()}
+    if not np.all(np.isfinite(values["train/loss"])) or np.any(values.get(FINITE, 1) < 1):
+      saver.wait()  # an in-progress save of an earlier (good) step finishes first
+      check_finite(first, values, saver.latest())
+    values.pop(FINITE, None)
+    for k, v in values.items():
+      interval.sums[k] += float(v.sum())
+    interval.steps += values["train/loss"].size
 
   def drain() -> None:
     while pending:
-      _complete(trainer, *pending.popleft(), interval)
+      complete(*pending.popleft())
 
-  with trainer.mesh_context():
-    step = start
-    while step < trainer.num_steps:
-      first, step = step + 1, _call_end(step, trainer, steps_per_call)
-      t0 = time.perf_counter()
-      batch = trainer.stage([next(batches) for _ in range(step - first + 1)])
-      interval.data_s += time.perf_counter() - t0
-      state, metrics = trainer.dispatch(state, batch, step - first + 1)
-      pending.append((first, metrics))
-      while len(pending) >= max_in_flight:
-        _complete(trainer, *pending.popleft(), interval)
-      if first == start + 1:  # keep compilation out of the first interval's throughput
-        drain()
-        if jax.process_index() == 0:
-          print(f"First call ({step - first + 1} step(s), compilation included) took "
-                f"{time.perf_counter() - interval.t0:.1f}s", flush=True)
-        interval.restart_clock()
+  step = start
+  while step < num_steps:
+    first = step + 1
+    step = min(num_steps, (step // steps_per_call + 1) * steps_per_call,
+               *[(step // e + 1) * e for e in everies if e and e > 0])
+    t0 = time.perf_counter()
+    batch = stage([next(batches) for _ in range(step - first + 1)])
+    interval.data_s += time.perf_counter() - t0
+    state, metrics = dispatch(state, batch, step - first + 1)
+    pending.append((first, metrics))
+    while len(pending) >= max_in_flight:
+      complete(*pending.popleft())
+    if first == start + 1:  # keep compilation out of the first interval's throughput
+      drain()
+      if jax.process_index() == 0:
+        print(f"First call ({step - first + 1} step(s), compilation included) took "
+              f"{time.perf_counter() - interval.t0:.1f}s", flush=True)
+      interval.restart_clock()
 
-      last = step == trainer.num_steps
-      if step % tcfg.log_every == 0 or last:
-        drain()
-        summary = interval.summary(trainer)
-        trainer.writer.write(step, summary)
-        if jax.process_index() == 0:
-          print(progress.line(step, summary), flush=True)
-        interval.reset()
-      due_hooks = [fn for every, fn in trainer._hooks if step % every == 0 or last]
-      save_now = (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or last
-      if due_hooks or save_now or trainer._sigterm:
-        drain()
-        interval.reset()  # close the interval: hook and save time is not training time
-        for fn in due_hooks:
-          fn(trainer, step, state)
-        if save_now or trainer._sigterm:
-          trainer.save(state)
-        interval.restart_clock()
-      if trainer._sigterm:
-        trainer.checkpointer.wait()
-        print(f"SIGTERM: saved checkpoint at step {step}; stopping.", flush=True)
-        break
-    drain()
+    last = step == num_steps
+    if step % train_cfg.log_every == 0 or last:
+      drain()
+      summary = interval.summary(throughput)
+      writer.write(step, summary)
+      if jax.process_index() == 0:
+        print(progress.line(step, summary), flush=True)
+      interval.reset()
+    due = [h for h in hooks if step % h.every == 0 or last]
+    save_now = (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0) or last
+    if due or save_now or stop.requested:
+      drain()
+      interval.reset()  # close the interval: hook and save time is not training time
+      for hook in due:
+        hook.fn(step, state)
+      if save_now or stop.requested:
+        saver.save(state)
+      interval.restart_clock()
+    saver.check()  # a failed background save stops the run here, not steps later
+    if stop.requested:
+      saver.wait()
+      print(f"{stop.requested}: saved checkpoint at step {step}; stopping.", flush=True)
+      break
+  drain()
   interval.reset()
-  trainer.run_stats = dict(interval.totals)
-  trainer.checkpointer.wait()
-  return state
+  saver.wait()
+  return LoopResult(state, dict(interval.totals), stop.requested)

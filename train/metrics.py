@@ -11,7 +11,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax
 
@@ -25,6 +25,15 @@ def format_duration(seconds: float) -> str:
 
 def _scalar(x: Any) -> float:
   return float(jax.device_get(x))
+
+
+def _step_of(line: str) -> int | None:
+  """The step of one metrics.jsonl record; None for a blank or cut-off line (a crash or a
+  full disk can leave a partial last line, which must not stop every later resume)."""
+  try:
+    return int(json.loads(line).get("step", 0)) if line.strip() else None
+  except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
+    return None
 
 
 class MetricsWriter:
@@ -50,9 +59,9 @@ class MetricsWriter:
     if not self.enabled or not self._tf.io.gfile.exists(self.jsonl_path):
       return
     with self._tf.io.gfile.GFile(self.jsonl_path) as f:
-      kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+      kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
     with self._tf.io.gfile.GFile(self.jsonl_path, "w") as f:
-      f.write("".join(kept))
+      f.write("".join(line if line.endswith("\n") else line + "\n" for line in kept))
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -81,23 +90,27 @@ class MetricsWriter:
 class Progress:
   """Console progress lines: step, loss, tokens/s, MFU, data-wait share and ETA."""
 
-  def __init__(self, total_steps: int, start_step: int = 0):
+  def __init__(self, total_steps: int, start_step: int = 0, unit: str = "step"):
     self.total = total_steps
     self.start_step = start_step
+    self.unit = unit
     self.t0 = time.perf_counter()
 
-  def line(self, step: int, metrics: Mapping[str, float]) -> str:
+  def line(self, step: int, metrics: Mapping[str, float],
+           extra: Sequence[str] = ()) -> str:
+    """"<unit> N/total | loss | tok/s | mfu | data wait | <extra...> | eta"."""
     done = step - self.start_step
     elapsed = time.perf_counter() - self.t0
     eta = elapsed / max(done, 1) * (self.total - step)
-    parts = [f"step {step}/{self.total}"]
+    parts = [f"{self.unit} {step}/{self.total}"]
     if "train/loss" in metrics:
       parts.append(f"loss {metrics['train/loss']:.4f}")
     if "train/tokens_per_sec" in metrics:
       parts.append(f"{metrics['train/tokens_per_sec']:,.0f} tok/s")
     if "train/mfu" in metrics:
       parts.append(f"mfu {100 * metrics['train/mfu']:.1f}%")
-    if "train/data_wait_frac" in metrics:
-      parts.append(f"data wait {100 * metrics['train/data_wait_frac']:.1f}%")
+    if "time/data_wait_frac" in metrics:
+      parts.append(f"data wait {100 * metrics['time/data_wait_frac']:.1f}%")
+    parts.extend(extra)
     parts.append(f"eta {format_duration(eta)}")
     return " | ".join(parts)

@@ -12,6 +12,13 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from data.chat import CHAT_MARKERS, get_template
+from data.tokenizer import Tokenizer
+from model import layout
+from model.config import ModelConfig
+from train import checkpoint as ckpt_lib
+from train.restore import InitAdapter
+
 # Fields of ModelConfig a child run may change relative to its parent (not the parameters).
 MODEL_OVERRIDES = ("dtype", "param_dtype", "remat_policy", "attention_impl", "max_seq_len")
 
@@ -24,6 +31,12 @@ class Parent(NamedTuple):
   child_cfg: Any     # this run's ModelConfig: grown vocabulary + execution overrides
   child_tokenizer: Any  # the parent's tokenizer with the chat markers
   template: Any      # the chat template bound to child_tokenizer
+
+  def lm_adapter(self, seed: int) -> InitAdapter:
+    """init_from for a language model: the parent's params with the vocabulary grown to the
+    child's (new rows near the mean of the old ones, every old row unchanged)."""
+    vocab = self.child_cfg.vocab_size
+    return InitAdapter(self.execution_cfg, lambda p: layout.extend_vocab(p, vocab, seed))
 
   @property
   def execution_cfg(self) -> Any:
@@ -44,9 +57,6 @@ def child_model_config(parent_cfg: Any, overrides: Any, vocab_size: int):
 
 def load_parent(init_from: str) -> tuple[Any, Any, dict[str, Any]]:
   """(parent ModelConfig, parent Tokenizer, parent metadata) of an `init_from` checkpoint."""
-  from data.tokenizer import Tokenizer
-  from model.config import ModelConfig
-  from train import checkpoint as ckpt_lib
   meta = ckpt_lib.read_metadata(init_from)
   tokenizer = Tokenizer.from_bytes(ckpt_lib.read_tokenizer(init_from))
   return ModelConfig.from_dict(meta["model_config"]), tokenizer, meta
@@ -60,7 +70,6 @@ def setup_child(config: Any, what: str) -> Parent:
       that is not an execution field, or `config.data.seq_len` beyond the model context.
     CheckpointError: an unreadable parent.
   """
-  from data.chat import CHAT_MARKERS, get_template
   if not config.init_from:
     raise ValueError(f"This stage starts from a checkpoint: set --config.init_from to {what}")
   parent_cfg, parent_tok, meta = load_parent(config.init_from)

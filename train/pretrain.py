@@ -1,27 +1,37 @@
-"""Pretraining entry point: next-token prediction on packed text.
+"""Pretraining stage: next-token prediction on packed text.
 
   python -m train.pretrain --config=configs/pretrain/shakespeare_char.py --workdir=runs/sc \
       [--config.optim.lr=3e-4 --config.model.num_layers=8 ...]
 
-Reads the config (locked: unknown fields are errors), writes the resolved config to
-`<workdir>/config.json`, trains or loads the tokenizer (`<workdir>/tokenizer.model`), builds
-the tf.data pipelines, and runs the shared Trainer with the LM loss. Re-running the same
-command resumes from the newest checkpoint in the workdir.
+Reads the documents (or a curation run's tokenized shards), trains or loads the tokenizer
+(kept as `<workdir>/tokenizer.model`), builds the tf.data pipelines and trains the model with
+the LM loss through the shared driver (train/stage.py). Re-running the same command resumes
+from the newest checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
+import tempfile
 from typing import Any
 
+import jax
+import numpy as np
 
-def write_config(config: Any, workdir: str) -> None:
-  import tensorflow as tf
-  tf.io.gfile.makedirs(workdir)
-  with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+from data.config import get_or_train_tokenizer
+from data.curate import load_tokenized
+from data.lm_pipeline import build_lm_pipelines
+from data.sources import load_split_documents
+from data.tokenizer import Tokenizer
+from model.config import ModelConfig
+from model.transformer import Transformer
+from train import entry
+from train.losses import lm_loss
+from train.stage import Program, Run, Stage, evaluate_on
+from train.trainer import Trainer
+
+TOKENIZER_FILE = "tokenizer.model"
 
 
 def resolve_vocab(model_cfg_dict: dict, vocab: int) -> dict:
@@ -34,22 +44,38 @@ def resolve_vocab(model_cfg_dict: dict, vocab: int) -> dict:
   return model_cfg_dict
 
 
-def run(config: Any, workdir: str) -> dict[str, float]:
-  """Trains per `config` in `workdir`; returns the final eval metrics."""
-  import jax
-  from data.config import get_or_train_tokenizer
-  from data.lm_pipeline import build_lm_pipelines
-  from data.sources import load_split_documents
-  from data.tokenizer import Tokenizer
-  from model.config import ModelConfig
-  from train.losses import lm_loss
-  from train.trainer import Trainer
+def lm_batch(b: int, t: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The LM batch contract (data/lm_pipeline.py; SFT's too): [B, T] arrays."""
+  ints = {k: jax.ShapeDtypeStruct((b, t), np.int32)
+          for k in ("tokens", "targets", "positions", "segment_ids")}
+  return {**ints, "loss_mask": jax.ShapeDtypeStruct((b, t), np.float32)}
 
-  if jax.process_index() == 0:
-    write_config(config, workdir)
+
+def programs(config: Any, model_cfg: ModelConfig) -> list[Program]:
+  """One trainer: the Transformer with the LM loss on LM batches."""
+  del model_cfg
+  b = config.train.batch_size // config.train.grad_accum_steps
+  return [Program("train", config, Transformer, lm_loss, lm_batch(b, config.data.seq_len))]
+
+
+def _tokenizer(config: Any, workdir: str, train_docs: list[str]
+               ) -> tuple[Tokenizer, dict[str, bytes]]:
+  """The run's tokenizer and, if it was trained now, the file to keep in the workdir (it is
+  trained in a temporary folder: nothing goes to the workdir before the run is validated)."""
+  kept = os.path.join(workdir, TOKENIZER_FILE)
+  if config.data.tokenizer.path or os.path.exists(kept):
+    return get_or_train_tokenizer(config.data, train_docs, kept), {}
+  with tempfile.TemporaryDirectory() as tmp:
+    tokenizer = get_or_train_tokenizer(config.data, train_docs,
+                                       os.path.join(tmp, TOKENIZER_FILE))
+  return tokenizer, {TOKENIZER_FILE: tokenizer.to_bytes()}
+
+
+def build(config: Any, workdir: str) -> Run:
+  """Documents, tokenizer, pipelines and the Trainer of a pretraining run."""
+  files: dict[str, bytes] = {}
   if config.data.get("source") == "curated":
     # The tokenized shards of a curation run (data/curate.py) and its tokenizer.
-    from data.curate import load_tokenized
     tokenizer, train_corpus, val_corpus, info = load_tokenized(config.data.curated_dir)
     if config.data.tokenizer.path and Tokenizer.from_file(
         os.path.expanduser(config.data.tokenizer.path)).fingerprint != tokenizer.fingerprint:
@@ -60,8 +86,7 @@ def run(config: Any, workdir: str) -> dict[str, float]:
     pipeline_input = {"corpora": (train_corpus, val_corpus)}
   else:
     train_docs, val_docs = load_split_documents(config.data)
-    tokenizer = get_or_train_tokenizer(config.data, train_docs,
-                                       os.path.join(workdir, "tokenizer.model"))
+    tokenizer, files = _tokenizer(config, workdir, train_docs)
     val_chars = sum(len(d) for d in val_docs)
     pipeline_input = {"documents": (train_docs, val_docs)}
   model_cfg = ModelConfig.from_dict(resolve_vocab(config.model.to_dict(), tokenizer.vocab_size))
@@ -69,31 +94,31 @@ def run(config: Any, workdir: str) -> dict[str, float]:
       config.data, tokenizer, global_batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count(),
       **pipeline_input)
-  trainer = Trainer(config, workdir, model_cfg, lm_loss, tokenizer_bytes=tokenizer.to_bytes(),
+  (program,) = programs(config, model_cfg)
+  trainer = Trainer(config, workdir, model_cfg, program.loss_fn,
+                    tokenizer_bytes=tokenizer.to_bytes(),
                     tokenizer_fingerprint=tokenizer.fingerprint)
-  print(f"Model: {model_cfg.num_params():,} parameters "
-        f"({model_cfg.num_params(include_embedding=False):,} without embeddings); "
-        f"mesh {dict(trainer.mesh.shape)}; {jax.device_count()} devices, "
-        f"{jax.process_count()} process(es)", flush=True)
-  state, data_state = trainer.restore_or_init()
-  if data_state is not None:
-    train_iter.set_state(data_state)
-  trainer.data_state_fn = train_iter.get_state
-  trainer.setup_throughput(config.train.batch_size * config.data.seq_len, config.data.seq_len)
-  results: dict[str, float] = {}
+  evaluate = evaluate_on(trainer, val_set, config.train.eval_batch_size)
 
-  def eval_hook(trainer: Trainer, step: int, state: Any) -> None:
-    metrics = trainer.evaluate(state.params, val_set(config.train.eval_batch_size))
+  def evaluate_bpc(params: Any) -> dict[str, float]:
+    metrics = evaluate(params)
     metrics["bpc"] = metrics["loss"] * metrics["tokens"] / val_chars / math.log(2)
-    results.update(metrics)
-    trainer.log_eval(step, metrics, f"loss {metrics['loss']:.4f} | bpc {metrics['bpc']:.4f} | "
-                     f"accuracy {metrics['accuracy']:.4f} | {int(metrics['tokens'])} tokens")
+    return metrics
 
-  trainer.add_hook(eval_hook, every=config.train.eval_every or config.train.num_steps)
-  results.update(trainer.fit(state, iter(train_iter)))
-  return results
+  return Run(
+      trainers=[trainer], train_iter=train_iter, evaluate=evaluate_bpc,
+      summary=lambda m: (f"loss {m['loss']:.4f} | bpc {m['bpc']:.4f} | accuracy "
+                         f"{m['accuracy']:.4f} | {int(m['tokens'])} tokens"),
+      tokens_per_step=config.train.batch_size * config.data.seq_len,
+      seq_len=config.data.seq_len, files=files,
+      info=[f"Model: {model_cfg.num_params():,} parameters "
+            f"({model_cfg.num_params(include_embedding=False):,} without embeddings); "
+            f"mesh {dict(trainer.mesh.shape)}; {jax.device_count()} devices, "
+            f"{jax.process_count()} process(es)"])
+
+
+STAGE = Stage("pretrain", programs=programs, build=build)
 
 
 if __name__ == "__main__":
-  from train import entry
-  entry.launch(run)
+  entry.launch(STAGE)

@@ -8,7 +8,7 @@ behind the matmuls, as in MaxText's v5p Llama-3-8B configs). Global batch 256 x 
 tokens per step, bf16 compute with float32 parameters and Adam moments, layers scanned and
 rematerialised (dots without batch dimensions saved). The golden sharding test
 (tests/test_golden_shardings.py) compiles this step abstractly on 8 fake CPU devices:
-`python -m train.shapes --config=configs/pretrain/llama3_8b.py` prints the per-device bytes.
+`python -m launch.shapes --config=configs/pretrain/llama3_8b.py` prints the per-device bytes.
 """
 
 from configs import common

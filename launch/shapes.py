@@ -1,10 +1,10 @@
 """A run config's train step(s), compiled abstractly: shardings and memory without weights.
 
-  python -m train.shapes --config=configs/pretrain/llama3_8b.py [--devices=8] \
+  python -m launch.shapes --config=configs/pretrain/llama3_8b.py [--devices=8] \
       [--mesh=data=2,fsdp=2,tensor=2] [--parent=configs/pretrain/english_bpe.py]
 
-For each trainer a stage builds (pretrain, SFT, reward model, DPO: one; PPO: the policy and
-the value model), the real `Trainer` is constructed without a workdir, so its parameters and
+For each trainer a stage declares (its `Stage.programs`: pretrain, SFT, reward model, DPO:
+one; PPO: the policy and the value model), the real `Trainer` is constructed without a workdir, so its parameters and
 optimizer state exist only as `jax.eval_shape` structures; its jitted train step is lowered
 with abstract batches of the stage's batch contract (global batch = config.train.batch_size /
 grad_accum_steps rows) and compiled for the mesh. Nothing the size of the model is ever
@@ -23,24 +23,30 @@ SFT / RM / DPO / PPO configs), with its vocabulary resolved as the tokenizer wou
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Mapping, NamedTuple
+import copy
+import json
+import os
+import sys
+from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
+from flax import traverse_util
+
+from data.chat import CHAT_MARKERS
+from launch.overrides import load_config
+from model.config import ModelConfig
+from rlhf import dpo, ppo, reward
+from train import pretrain, sft
+from train.parent import child_model_config
+from train.stage import Program, Stage
+from train.trainer import Trainer
 
 DEFAULT_PARENT = "configs/pretrain/english_bpe.py"
 CHAR_VOCAB = 65  # tiny Shakespeare's characters (the char tokenizer's vocabulary)
-
-
-class Program(NamedTuple):
-  """One trainer of a stage: its config, model factory, loss and abstract batch."""
-  name: str
-  config: Any
-  factory: Callable
-  loss_fn: Callable
-  batch: dict[str, jax.ShapeDtypeStruct]
+STAGES: dict[str, Stage] = {s.name: s for s in (pretrain.STAGE, sft.STAGE, reward.STAGE,
+                                                dpo.STAGE, ppo.STAGE)}
 
 
 def resolved_vocab(config: Any) -> int:
@@ -51,85 +57,27 @@ def resolved_vocab(config: Any) -> int:
   return CHAR_VOCAB if tok.model_type == "char" else int(tok.vocab_size)
 
 
-def model_config(config: Any, parent: Any | None = None) -> Any:
+def model_config(config: Any, parent: Any | None = None) -> ModelConfig:
   """The ModelConfig a run of `config` trains (fine-tuning: the parent's + overrides)."""
-  from model.config import ModelConfig
   if "vocab_size" in config.model:
     return ModelConfig.from_dict({**config.model.to_dict(), "vocab_size": resolved_vocab(config)})
   if parent is None:
     raise ValueError(f"Stage {config.stage!r} takes its model from init_from; give a parent "
                      "pretraining config")
-  from data.chat import CHAT_MARKERS
-  from train.parent import child_model_config
   parent_cfg = model_config(parent)
   reserved = set(str(parent.data.tokenizer.get("user_defined_symbols", "")).split(","))
   vocab = parent_cfg.vocab_size + sum(m not in reserved for m in CHAT_MARKERS)
   return child_model_config(parent_cfg, config.model, vocab)
 
 
-def _spec(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))
-
-
-def lm_batch(b: int, t: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """data/lm_pipeline.py's batch (pretraining and SFT)."""
-  return {**{k: _spec((b, t), np.int32) for k in ("tokens", "targets", "positions",
-                                                   "segment_ids")},
-          "loss_mask": _spec((b, t), np.float32)}
-
-
-def preference_batch(b: int, t: int, dpo: bool) -> dict[str, jax.ShapeDtypeStruct]:
-  """data/preference_pipeline.py's batch (reward model; DPO adds ref_logp)."""
-  out = {**{k: _spec((b, 2, t), np.int32) for k in ("tokens", "positions", "segment_ids")},
-         "score_index": _spec((b, 2), np.int32), "response_start": _spec((b, 2), np.int32),
-         "margin": _spec((b,), np.float32), "pair_mask": _spec((b,), np.float32)}
-  if dpo:
-    out["ref_logp"] = _spec((b, 2), np.float32)
-  return out
-
-
-def ppo_batch(b: int, t: int, n: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """rlhf/ppo.py's minibatch: rollout rows [B, T] and per-response-token arrays [B, N]."""
-  return {**{k: _spec((b, t), np.int32) for k in ("tokens", "positions", "segment_ids")},
-          **{k: _spec((b, n), np.float32) for k in ("response_mask", "old_logp", "advantages",
-                                                     "old_values", "returns")}}
-
-
-def programs(config: Any) -> list[Program]:
-  """The trainers of `config.stage` with their losses and abstract batches."""
-  import copy
-  from model.heads import RewardModel
-  from model.transformer import Transformer
-  b = config.train.batch_size // config.train.grad_accum_steps
-  t = config.data.seq_len
-  stage = config.stage
-  if stage in ("pretrain", "sft"):
-    from train.losses import lm_loss
-    return [Program("train", config, Transformer, lm_loss, lm_batch(b, t))]
-  if stage == "reward":
-    from rlhf.reward import reward_loss
-    loss = functools.partial(reward_loss, margin=config.reward.margin,
-                             center_coef=config.reward.center_coef)
-    return [Program("train", config, RewardModel, loss, preference_batch(b, t, False))]
-  if stage == "dpo":
-    from rlhf.dpo import dpo_loss_fn
-    loss = functools.partial(dpo_loss_fn, beta=config.dpo.beta,
-                             label_smoothing=config.dpo.label_smoothing,
-                             loss_type=config.dpo.loss_type)
-    return [Program("train", config, Transformer, loss, preference_batch(b, t, True))]
-  if stage == "ppo":
-    from rlhf.rollout import policy_loss_fn, value_loss_fn
-    p = config.ppo
-    batch = ppo_batch(b, p.max_prompt_tokens + p.max_new_tokens, p.max_new_tokens)
-    value_config = copy.deepcopy(config)
-    with value_config.unlocked():
-      value_config.optim = config.value_optim
-    return [Program("policy", config, Transformer,
-                    functools.partial(policy_loss_fn, temperature=p.temperature, clip=p.clip),
-                    batch),
-            Program("value", value_config, RewardModel,
-                    functools.partial(value_loss_fn, clip=p.value_clip), batch)]
-  raise ValueError(f"Unknown stage {stage!r}")
+def programs(config: Any, model_cfg: ModelConfig) -> list[Program]:
+  """The trainers of `config.stage`, as its Stage declares them."""
+  if config.stage not in STAGES:
+    raise ValueError(f"Unknown stage {config.stage!r}; known: {sorted(STAGES)}")
+  if config.stage == "ppo":
+    config = copy.deepcopy(config)
+    ppo._check(config)  # noqa: SLF001 - the trainers' batch size and step count
+  return STAGES[config.stage].programs(config, model_cfg)
 
 
 def _nbytes(tree: Any) -> int:
@@ -144,15 +92,11 @@ def _nbytes(tree: Any) -> int:
 def compile_program(program: Program, model_cfg: Any, devices: list[Any]) -> dict[str, Any]:
   """Lowers and compiles `program`'s train step on `devices`; returns its shardings and
   memory figures (per device, bytes)."""
-  from flax import traverse_util
-  from jax.sharding import NamedSharding
-  from train.trainer import Trainer
   trainer = Trainer(program.config, None, model_cfg, program.loss_fn,
-                    model_factory=program.factory, devices=devices)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(
-      trainer.mesh, trainer.batch_sharding.spec)) for k, v in program.batch.items()}
-  with trainer.mesh_context():
-    compiled = trainer._jit_step.lower(trainer.abstract_state, batch).compile()
+                    model_factory=program.model_factory, devices=devices)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=trainer.batch_sharding)
+           for k, v in program.batch.items()}
+  compiled = trainer.lower(batch).compile()
   flat = {"/".join(map(str, k)): v
           for k, v in traverse_util.flatten_dict(trainer.abstract_state.params).items()}
   params = {path: str(tuple(x.sharding.spec)) for path, x in sorted(flat.items())}
@@ -174,7 +118,6 @@ def report(config: Any, devices: list[Any], parent: Any | None = None,
   """{program name: compile_program(...)} for `config` on `devices` (mesh: override of the
   config's mesh shape; sharded meshes get flatten_update=False, which needs replicated
   parameters)."""
-  import copy
   config = copy.deepcopy(config)
   with config.unlocked():
     if mesh is not None:
@@ -184,14 +127,11 @@ def report(config: Any, devices: list[Any], parent: Any | None = None,
       if section in config and sharded:
         config[section].flatten_update = False
   model_cfg = model_config(config, parent)
-  return {p.name: compile_program(p, model_cfg, devices) for p in programs(config)}
+  return {p.name: compile_program(p, model_cfg, devices) for p in programs(config, model_cfg)}
 
 
 def main(argv) -> None:
   del argv
-  import json
-  from absl import flags
-  from launch.overrides import load_config
   flags_ = flags.FLAGS
   config = load_config(flags_.config)
   parent = None if "vocab_size" in config.model else load_config(flags_.parent)
@@ -212,9 +152,6 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  import os
-  import sys
-  from absl import app, flags
   flags.DEFINE_string("config", None, "Run config (configs/...py[:arg]).", required=True)
   flags.DEFINE_string("parent", DEFAULT_PARENT, "Pretraining config of a fine-tuning stage's "
                       "model.")
