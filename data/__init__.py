@@ -24,3 +24,9 @@ Modules (import them directly; this package imports nothing so that importing
 
 This package never imports jax or model code.
 """
+
+import os
+
+# TensorFlow prints C++ start-up lines on first import unless this is set before it (the
+# entry points' --verbose brings them back; see train/quiet.py).
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

@@ -24,6 +24,7 @@ from model.config import ModelConfig
 from model.heads import RewardModel
 from model.transformer import Transformer
 from train import checkpoint as ckpt_lib
+from train.runtime import Runtime
 from train.state import abstract_model, mesh_shardings, with_shardings
 from model.sharding import rules_from_config
 
@@ -41,6 +42,12 @@ class LoadedCheckpoint(NamedTuple):
   meta: dict[str, Any]  # checkpoint metadata, incl. checkpoint_path
   mesh: jax.sharding.Mesh
   rules: tuple[tuple[str, Any], ...]
+
+  @property
+  def runtime(self) -> Runtime:
+    """The sharded-apply runtime of this model on its mesh (compiled functions are shared
+    by every checkpoint of the same structure)."""
+    return Runtime(self.mesh, self.rules, self.graphdef, self.param_shardings)
 
 
 def parse_mesh(spec: str) -> dict[str, int]:

@@ -22,7 +22,8 @@ preceding text as fits (lm-eval's `get_rolling_token_windows` with context_len 1
 
 Requests are sorted by length and batched into a few padded shapes (powers of two up to the
 model context), so a long task compiles a handful of programs; batches are sharded over the
-checkpoint's mesh like every other jitted call here.
+checkpoint's mesh by the sharded-apply runtime (train/runtime.py), which compiles each
+function once per padded shape.
 """
 
 from __future__ import annotations
@@ -33,11 +34,8 @@ from typing import Any, Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from eval.loading import LoadedCheckpoint
-from model import sharding as msharding
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -78,6 +76,30 @@ def _bucket(length: int, max_len: int) -> int:
   return min(max_len, max(16, 1 << math.ceil(math.log2(max(length, 1)))))
 
 
+def continuation_logps(model: Any, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """(sum of continuation log-probs [B], all greedy [B]) of right-padded rows.
+
+  Only the K target slots of each row (from `starts`) are projected to the vocabulary: the
+  [B, T, V] log-softmax would cost as much as the model.
+  """
+  tokens, starts, targets, mask = (batch[k] for k in ("tokens", "starts", "targets", "mask"))
+  h = model.hidden(tokens)  # [B, T, E]
+  index = starts[:, None] + jnp.arange(targets.shape[1])[None]  # [B, K]
+  h = jnp.take_along_axis(h, index[..., None], axis=1)
+  logits = model.logits(h).astype(jnp.float32)  # [B, K, V]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  greedy = jnp.argmax(logits, axis=-1) == targets
+  return jnp.sum(picked * mask, axis=1), jnp.all(greedy | (mask == 0), axis=1)
+
+
+def next_token_logps(model: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """log p(. | inputs) at each row's last input slot: [B, V]."""
+  tokens, lengths = batch["tokens"], batch["lengths"]
+  h = jnp.take_along_axis(model.hidden(tokens), (lengths - 1)[:, None, None], axis=1)
+  return jax.nn.log_softmax(model.logits(h)[:, 0].astype(jnp.float32), axis=-1)
+
+
 class LoglikScorer:
   """Batched continuation log-likelihoods of one language-model checkpoint."""
 
@@ -85,36 +107,9 @@ class LoglikScorer:
                progress: Callable[[int, int], None] | None = None):
     self.loaded, self.tokenizer = loaded, loaded.tokenizer
     self.max_len = loaded.model_cfg.max_seq_len
-    dp = msharding.batch_parallel_size(loaded.mesh, loaded.rules)
-    self.batch_size = -(-batch_size // dp) * dp
-    self.sharding = NamedSharding(loaded.mesh, P(dict(loaded.rules).get("batch")))
+    self.runtime = loaded.runtime
+    self.batch_size = self.runtime.padded_batch_size(batch_size)
     self.progress = progress
-    graphdef = loaded.graphdef
-
-    @jax.jit
-    def score(params, tokens, starts, targets, mask):
-      # Only the last K slots of each row hold continuation targets: project just those
-      # to the vocabulary (the [B, T, V] log-softmax would cost as much as the model).
-      model = nnx.merge(graphdef, params)
-      h = model.hidden(tokens)  # [B, T, E]
-      index = starts[:, None] + jnp.arange(targets.shape[1])[None]  # [B, K]
-      h = jnp.take_along_axis(h, index[..., None], axis=1)
-      logits = model.logits(h).astype(jnp.float32)  # [B, K, V]
-      logp = jax.nn.log_softmax(logits, axis=-1)
-      picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-      greedy = jnp.argmax(logits, axis=-1) == targets
-      total = jnp.sum(picked * mask, axis=1)
-      all_greedy = jnp.all(greedy | (mask == 0), axis=1)
-      return total, all_greedy
-
-    @jax.jit
-    def last_logp(params, tokens, lengths):
-      """log p(. | inputs) at each row's last input slot: [B, V]."""
-      model = nnx.merge(graphdef, params)
-      h = jnp.take_along_axis(model.hidden(tokens), (lengths - 1)[:, None, None], axis=1)
-      return jax.nn.log_softmax(model.logits(h)[:, 0].astype(jnp.float32), axis=-1)
-
-    self._score, self._last_logp = score, last_logp
 
   def score_tokens(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]
                    ) -> list[tuple[float, bool]]:
@@ -136,9 +131,8 @@ class LoglikScorer:
     single = [i for i in range(len(rows)) if i not in in_shared]
     out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
     self._done, self._total = 0, len(rows)
-    with jax.set_mesh(self.loaded.mesh), nnx.logical_axis_rules(self.loaded.rules):
-      self._score_shared(rows, shared, out)
-      self._score_each(rows, single, out)
+    self._score_shared(rows, shared, out)
+    self._score_each(rows, single, out)
     return out
 
   def _tick(self, n: int) -> None:
@@ -157,8 +151,8 @@ class LoglikScorer:
         inputs = rows[group[0]][0][:-1]
         tokens[r, :len(inputs)] = inputs
         lengths[r] = len(inputs)
-      logp = np.asarray(jax.device_get(self._last_logp(
-          self.loaded.params, *(jax.device_put(x, self.sharding) for x in (tokens, lengths)))))
+      logp = self.runtime.apply(next_token_logps, self.loaded.params,
+                                {"tokens": tokens, "lengths": lengths}, self.batch_size)
       for r, group in enumerate(chunk):
         best = int(np.argmax(logp[r]))
         for i in group:
@@ -186,9 +180,10 @@ class LoglikScorer:
         got = seq[1 + first:1 + first + window]
         targets[r, :len(got)] = got
         mask[r, length - n - first:length - first] = 1.0
-      total, greedy = jax.device_get(self._score(
-          self.loaded.params, *(jax.device_put(x, self.sharding)
-                                for x in (tokens, starts, targets, mask))))
+      total, greedy = self.runtime.apply(
+          continuation_logps, self.loaded.params,
+          {"tokens": tokens, "starts": starts, "targets": targets, "mask": mask},
+          self.batch_size)
       for r, i in enumerate(chunk):
         out[i] = (float(total[r]), bool(greedy[r]))
       self._tick(len(chunk))

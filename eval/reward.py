@@ -23,17 +23,14 @@ import json
 import sys
 from typing import Any, Mapping, Sequence
 
-import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from absl import app, flags, logging
 
 from data.chat import get_template
 from data.preference_pipeline import PreferenceRows, build_rows
 from data.preferences import PreferencePair, read_sources, split_pairs
 from data.row_pipeline import RowValidationSet
 from eval.loading import LoadedCheckpoint, load_checkpoint, parse_mesh
-from model import sharding as msharding
 from model.heads import RewardModel
 from rlhf.reward import pair_scores
 from train import checkpoint as ckpt_lib
@@ -72,25 +69,15 @@ def length_baselines(pairs: Sequence[PreferencePair]) -> tuple[np.ndarray, np.nd
 
 def score_rows(loaded: LoadedCheckpoint, rows: PreferenceRows, batch_size: int = 32
                ) -> np.ndarray:
-  """Scores [N, 2] (chosen, rejected) of every row, on the checkpoint's mesh."""
-  mesh, rules = loaded.mesh, loaded.rules
-  dp = msharding.batch_parallel_size(mesh, rules)
-  batch_size = -(-batch_size // dp) * dp  # a multiple of the batch-parallel size
-  batch_axes = dict(rules).get("batch")
-  sharding = NamedSharding(mesh, P(batch_axes))
-
-  @jax.jit
-  def scores_fn(params: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
-    return pair_scores(nnx.merge(loaded.graphdef, params), batch)
-
-  out = []
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    for batch in RowValidationSet(rows)(batch_size):
-      real = batch["pair_mask"] > 0
-      scores = np.asarray(jax.device_get(scores_fn(loaded.params,
-                                                   jax.device_put(batch, sharding))))
-      out.append(scores[real])
-  return np.concatenate(out) if out else np.zeros([0, 2], np.float32)
+  """Scores [N, 2] (chosen, rejected) of every row, on the checkpoint's runtime (one
+  compiled program per padded shape, every process gets every row's scores)."""
+  if not rows.num_rows:
+    return np.zeros([0, 2], np.float32)
+  runtime = loaded.runtime
+  batch_size = runtime.padded_batch_size(batch_size)
+  scores = runtime.apply_batches(pair_scores, loaded.params,
+                                 RowValidationSet(rows)(batch_size))
+  return np.asarray(scores)[:rows.num_rows]
 
 
 def evaluate_pairs(loaded: LoadedCheckpoint, pairs: Sequence[PreferencePair], *,
@@ -134,29 +121,27 @@ def select_pairs(sources: str, split: str, val_fraction: float, seed: int
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags as absl_flags
-  from absl import logging
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
-  flags = absl_flags.FLAGS
+  FLAGS = flags.FLAGS
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file operation
   try:
-    mesh_shape = parse_mesh(flags.mesh)
-    loaded = load_checkpoint(flags.checkpoint, mesh_shape, expect=RewardModel)
+    mesh_shape = parse_mesh(FLAGS.mesh)
+    loaded = load_checkpoint(FLAGS.checkpoint, mesh_shape, expect=RewardModel)
     data_cfg = loaded.meta.get("config", {}).get("data", {})
-    sources = flags.data or data_cfg.get("sources", "")
-    fraction = (flags.val_fraction if flags.val_fraction >= 0
+    sources = FLAGS.data or data_cfg.get("sources", "")
+    fraction = (FLAGS.val_fraction if FLAGS.val_fraction >= 0
                 else data_cfg.get("val_fraction", 0.1))
-    pairs, info = select_pairs(sources, flags.split, fraction, data_cfg.get("seed", 0))
+    pairs, info = select_pairs(sources, FLAGS.split, fraction, data_cfg.get("seed", 0))
     result = evaluate_pairs(
-        loaded, pairs, seq_len=flags.seq_len or data_cfg.get("seq_len", 256),
+        loaded, pairs, seq_len=FLAGS.seq_len or data_cfg.get("seq_len", 256),
         min_prompt_tokens=data_cfg.get("min_prompt_tokens", 16),
-        batch_size=flags.batch_size, num_resamples=flags.num_resamples)
+        batch_size=FLAGS.batch_size, num_resamples=FLAGS.num_resamples)
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
     sys.exit("error: " + " ".join(str(e).split()))  # one line, no traceback
-  result.update(split=flags.split, sources=sources, checkpoint=loaded.meta["checkpoint_path"],
+  result.update(split=FLAGS.split, sources=sources, checkpoint=loaded.meta["checkpoint_path"],
                 records=info["records"], skipped=info["skipped"])
-  print(f"{sources} [{flags.split}]: {result['num_pairs']} pairs scored "
+  print(f"{sources} [{FLAGS.split}]: {result['num_pairs']} pairs scored "
         f"({result['dropped_too_long']} too long for seq_len; skipped records "
         f"{ {k: v for k, v in info['skipped'].items() if v} })")
   for name in ("accuracy", "longer_baseline", "shorter_baseline"):
@@ -168,7 +153,6 @@ def main(argv: Sequence[str]) -> None:
 
 def define_flags() -> None:
   """The command-line flags (defined only when this module is the program)."""
-  from absl import flags
   flags.DEFINE_string("checkpoint", None, "Reward-model checkpoint (workdir, checkpoints "
                       "dir or step dir).", required=True)
   flags.DEFINE_string("data", "", "Preference sources; default: the run's data.sources.")
@@ -182,6 +166,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   define_flags()
   app.run(main)

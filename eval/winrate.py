@@ -39,14 +39,19 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags, logging
 from flax import nnx
 
+from data.chat import get_template
+from data.config import default_preference_data_config
 from eval.loading import LoadedCheckpoint, load_checkpoint
 from eval.reward import bootstrap_ci, pairwise_wins
 from model.heads import RewardModel
 from model.sampling import Sampler, SamplingConfig
 from model.transformer import Transformer
-from rlhf.rollout import distinct_n, end_scores, response_ids, response_logps
+from rlhf.rollout import (build_prompt_set, distinct_n, end_scores, response_ids,
+                          response_logps)
+from train import checkpoint as ckpt_lib
 
 ROW_KEYS = ("tokens", "positions", "segment_ids", "response_mask")
 
@@ -64,28 +69,20 @@ def parse_named(values: Sequence[str], flag: str) -> dict[str, str]:
   return out
 
 
-@functools.lru_cache(maxsize=None)
-def _jitted(graphdef: Any, fn: Callable[..., jax.Array], static: tuple[tuple[str, Any], ...]):
-  """One compiled program per (model structure, function, static arguments): every policy,
-  judge and reference of a comparison reuses it."""
-  kwargs = dict(static)
-  return jax.jit(lambda params, batch: fn(nnx.merge(graphdef, params), batch, **kwargs))
-
-
 def apply_rows(loaded: LoadedCheckpoint, fn: Callable[..., jax.Array],
                rows: Mapping[str, np.ndarray], batch_size: int, **static: Any) -> np.ndarray:
-  """fn(model, batch, **static) over `rows` in batches of `batch_size` (the last one
-  padded)."""
-  run = _jitted(loaded.graphdef, fn, tuple(sorted(static.items())))
-  total = len(rows["tokens"])
-  out = []
-  with jax.set_mesh(loaded.mesh), nnx.logical_axis_rules(loaded.rules):
-    for start in range(0, total, batch_size):
-      index = np.arange(start, start + batch_size) % total  # pad by wrapping around
-      batch = {k: jnp.asarray(rows[k][index]) for k in ROW_KEYS}
-      out.append(np.asarray(jax.device_get(run(loaded.params, batch)))[:min(
-          batch_size, total - start)])
-  return np.concatenate(out)
+  """fn(model, batch, **static) over `rows` on the checkpoint's runtime (train/runtime.py:
+  one compiled program per function, static arguments and model structure, shared by every
+  policy, judge and reference of a comparison)."""
+  return loaded.runtime.apply(_bound(fn, tuple(sorted(static.items()))),
+                              loaded.params, {k: rows[k] for k in ROW_KEYS}, batch_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _bound(fn: Callable[..., jax.Array], static: tuple[tuple[str, Any], ...]
+           ) -> Callable[..., jax.Array]:
+  """One function object per (fn, static arguments), so the runtime's cache keys on it."""
+  return functools.partial(fn, **dict(static))
 
 
 def generate(loaded: LoadedCheckpoint, prompts: Sequence[np.ndarray], cfg: SamplingConfig,
@@ -146,7 +143,6 @@ def compare(policies: Mapping[str, str], judges: Mapping[str, str], *, baseline:
       if item.tokenizer.fingerprint != fingerprint:
         raise ValueError(f"{name} ({item.meta['checkpoint_path']}) has another tokenizer than "
                          "the other checkpoints; compare models of one tokenizer")
-  from data.chat import get_template
   results, rows_of = {}, {}
   num_prompts = len(prompts)
   for name, path in policies.items():
@@ -211,9 +207,6 @@ def compare(policies: Mapping[str, str], judges: Mapping[str, str], *, baseline:
 def held_out_prompts(tokenizer: Any, sources: str, val_fraction: float, seed: int,
                      max_prompt_tokens: int) -> tuple[list[np.ndarray], int]:
   """The validation prompts (chat template) of `sources`, and how many were too long."""
-  from data.chat import get_template
-  from data.config import default_preference_data_config
-  from rlhf.rollout import build_prompt_set
   data = default_preference_data_config()
   data.update(sources=sources, val_fraction=val_fraction, seed=seed)
   try:
@@ -225,38 +218,34 @@ def held_out_prompts(tokenizer: Any, sources: str, val_fraction: float, seed: in
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags as absl_flags
-  from absl import logging
-  from data.config import default_preference_data_config
-  from train import checkpoint as ckpt_lib
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
-  flags = absl_flags.FLAGS
+  FLAGS = flags.FLAGS
   logging.set_verbosity(logging.ERROR)  # Orbax logs every file operation
   try:
-    policies = parse_named(flags.policy, "policy")
-    judges = parse_named(flags.judge, "judge")
+    policies = parse_named(FLAGS.policy, "policy")
+    judges = parse_named(FLAGS.judge, "judge")
     if not policies or not judges:
       raise ValueError("give at least one --policy=name=checkpoint and one --judge")
-    baseline = flags.baseline or next(iter(policies))
+    baseline = FLAGS.baseline or next(iter(policies))
     if baseline not in policies:
       raise ValueError(f"--baseline={baseline!r} is not one of the policies {list(policies)}")
     tokenizer = load_checkpoint(policies[baseline], expect=Transformer).tokenizer
     prompts, too_long = held_out_prompts(
-        tokenizer, flags.sources or default_preference_data_config().sources,
-        flags.val_fraction, flags.split_seed, flags.max_prompt_tokens)
-    if flags.max_prompts:
-      prompts = prompts[:flags.max_prompts]
+        tokenizer, FLAGS.sources or default_preference_data_config().sources,
+        FLAGS.val_fraction, FLAGS.split_seed, FLAGS.max_prompt_tokens)
+    if FLAGS.max_prompts:
+      prompts = prompts[:FLAGS.max_prompts]
     result = compare(policies, judges, baseline=baseline,
-                     reference=flags.reference or None, prompts=prompts,
-                     samples_per_prompt=flags.samples_per_prompt,
-                     max_new_tokens=flags.max_new_tokens, temperature=flags.temperature,
-                     seed=flags.seed, batch_size=flags.batch_size, output=flags.output or None)
+                     reference=FLAGS.reference or None, prompts=prompts,
+                     samples_per_prompt=FLAGS.samples_per_prompt,
+                     max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                     seed=FLAGS.seed, batch_size=FLAGS.batch_size, output=FLAGS.output or None)
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
     sys.exit("error: " + " ".join(str(e).split()))
   result["prompts_too_long"] = too_long
   print(f"{result['num_prompts']} held-out prompts x {result['samples_per_prompt']} samples "
-        f"({too_long} prompts longer than {flags.max_prompt_tokens} tokens left out), "
+        f"({too_long} prompts longer than {FLAGS.max_prompt_tokens} tokens left out), "
         f"baseline {result['baseline']}")
   for name, r in result["policies"].items():
     judged = "  ".join(
@@ -270,7 +259,6 @@ def main(argv: Sequence[str]) -> None:
 
 def define_flags() -> None:
   """The command-line flags (defined only when this module is the program)."""
-  from absl import flags
   flags.DEFINE_multi_string("policy", [], "name=checkpoint of a language model to compare.")
   flags.DEFINE_multi_string("judge", [], "name=checkpoint of a reward model that judges.")
   flags.DEFINE_string("baseline", "", "The policy the others are compared with (default: "
@@ -292,6 +280,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   define_flags()
   app.run(main)

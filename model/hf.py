@@ -29,11 +29,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from model.config import ModelConfig
+from model import layout
 
 # ------------------------------------------------------------------------------- weights
 def _per_layer(params: Mapping[str, Any], cfg: ModelConfig) -> list[dict]:
   """The blocks as a list of plain (unfused, unscanned) numpy dicts."""
-  from model import layout
   params = layout.unfuse_params(params, cfg) if cfg.fuse_projections else params
   blocks = params["blocks"]
   to_np = lambda tree: {k: (to_np(v) if isinstance(v, Mapping) else np.asarray(v))
@@ -77,7 +77,6 @@ def from_hf_state_dict(state: Mapping[str, np.ndarray], cfg: ModelConfig) -> dic
   Raises:
     ValueError: a missing or misshapen tensor (named), or an unexpected one (e.g. biases).
   """
-  from model import layout
   e, n, k, d, f = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim,
                    cfg.mlp_dim)
   used = set()

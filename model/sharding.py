@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, PartitionSpec as P
+from flax.core import spmd
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -142,6 +143,5 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return x
-  from flax.core import spmd  # local: only needed under a mesh
   rules = spmd.get_logical_axis_rules() or DEFAULT_RULES
   return jax.lax.with_sharding_constraint(x, logical_to_spec(logical, rules))

@@ -36,6 +36,10 @@ class CheckpointError(RuntimeError):
   """A checkpoint cannot be used (missing, unreadable, or incompatible)."""
 
 
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed (e.g. the disk is full); earlier steps are intact."""
+
+
 # --------------------------------------------------------------------------------------
 # A small handler for opaque byte blobs (tokenizer model, tf.data iterator state).
 # --------------------------------------------------------------------------------------
@@ -100,6 +104,7 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                        item_handlers=_handlers())
     self._unreadable: set[int] = set()  # steps skipped by restore()
+    self._keep = keep
 
   def all_steps(self) -> list[int]:
     self._mngr.reload()
@@ -122,14 +127,30 @@ class Checkpointer:
       items["tokenizer"] = BlobSave(tokenizer)
     if data_state is not None:
       items["data_iter"] = BlobSave(data_state, per_process=True)
+    self._unlink_symlinked_steps_to_prune(step)
     if step in self._unreadable and step in self.all_steps():
       self._mngr.delete(step)  # replace the unreadable copy skipped at restore
       self._unreadable.discard(step)
     try:
       self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
     except Exception as e:  # noqa: BLE001 - e.g. a full disk; also an earlier async failure
-      raise CheckpointError(f"Saving checkpoint step {step} to {self.directory} failed: "
+      raise CheckpointSaveError(f"Saving checkpoint step {step} to {self.directory} failed: "
                             f"{type(e).__name__}: {e}") from e
+
+  def _unlink_symlinked_steps_to_prune(self, new_step: int) -> None:
+    """A step folder that is a symbolic link (e.g. a step linked in from another run) is
+    pruned by removing the link only: Orbax would rmtree it, which fails on a link (and
+    must not delete the other run's files)."""
+    steps = sorted(set(self.all_steps()) | {new_step})
+    to_prune = steps[:-self._keep] if self._keep else []
+    unlinked = False
+    for s in to_prune:
+      path = os.path.join(os.fspath(self.directory), str(s))
+      if os.path.islink(path):
+        os.unlink(path)
+        unlinked = True
+    if unlinked:
+      self._mngr.reload()
 
   def check(self) -> None:
     """Raises CheckpointError if a background save has failed (e.g. the disk is full), so
@@ -137,7 +158,7 @@ class Checkpointer:
     try:
       self._mngr.check_for_errors()
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"Saving a checkpoint to {self.directory} failed: "
+      raise CheckpointSaveError(f"Saving a checkpoint to {self.directory} failed: "
                             f"{type(e).__name__}: {e}") from e
 
   def restore(self, abstract_params: Any, abstract_train_state: Any, step: int | None = None,
@@ -201,7 +222,7 @@ class Checkpointer:
     try:
       self._mngr.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise CheckpointError(f"Saving a checkpoint to {self.directory} failed: "
+      raise CheckpointSaveError(f"Saving a checkpoint to {self.directory} failed: "
                             f"{type(e).__name__}: {e}") from e
 
   def close(self) -> None:

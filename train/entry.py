@@ -29,6 +29,7 @@ from train import checkpoint as ckpt_lib
 from train import distributed, quiet, storage
 from train.loop import PREEMPTED_EXIT_CODE, NonFiniteError
 from train.stage import Stage, run_stage
+from ml_collections import config_flags
 
 BAD_INPUT_EXIT_CODE = 2
 # Errors that mean "the input (config, data, checkpoint, workdir) is not usable".
@@ -50,7 +51,6 @@ def fail(message: str, code: int = BAD_INPUT_EXIT_CODE) -> None:
 def define_flags(extra_help: str = "") -> None:
   """--config, --workdir, --verbose and the multi-host flags, as key flags of the program
   (so `--help` lists them)."""
-  from ml_collections import config_flags
   config_flags.DEFINE_config_file("config", None, "Run config file (configs/...py[:args]); "
                                   "override fields with --config.section.field=value.",
                                   lock_config=True)
@@ -101,7 +101,7 @@ def run_main(body: Any) -> None:
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
-  except NonFiniteError as e:
+  except (NonFiniteError, ckpt_lib.CheckpointSaveError) as e:
     if verbose:
       traceback.print_exc()
     fail(str(e), code=1)

@@ -22,20 +22,23 @@ import os
 import sys
 from typing import Any
 
+import jax
 import numpy as np
+from absl import app, flags
 
+from data.hf_tokenizer import hf_tokenizer
+from data.tokenizer import Tokenizer
+from model import sharding as msharding
+from model.config import ModelConfig
 from model.hf import from_hf_state_dict, hf_config, model_config_from_hf, to_hf_state_dict
+from model.transformer import Transformer
+from train import checkpoint as ckpt_lib
+from train import quiet
+from train.state import abstract_model, mesh_shardings, with_shardings
 
 
 def _load_language_model(checkpoint: str) -> tuple[Any, Any, dict[str, Any], Any]:
   """(ModelConfig, params as numpy, metadata, Tokenizer) of a language-model checkpoint."""
-  import jax
-  from data.tokenizer import Tokenizer
-  from model import sharding as msharding
-  from model.config import ModelConfig
-  from model.transformer import Transformer
-  from train import checkpoint as ckpt_lib
-  from train.state import abstract_model, mesh_shardings, with_shardings
   meta = ckpt_lib.read_metadata(checkpoint)
   name = meta.get("model_class") or Transformer.__name__
   if name != Transformer.__name__:
@@ -55,7 +58,6 @@ def _load_language_model(checkpoint: str) -> tuple[Any, Any, dict[str, Any], Any
 def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
   """Writes `checkpoint` (a language model) as a LlamaForCausalLM directory; returns config."""
   from safetensors.numpy import save_file
-  from data.hf_tokenizer import hf_tokenizer
   cfg, params, meta, tokenizer = _load_language_model(checkpoint)
   state = to_hf_state_dict(params, cfg)
   os.makedirs(out_dir, exist_ok=True)
@@ -91,9 +93,6 @@ def read_hf_weights(hf_dir: str) -> dict[str, np.ndarray]:
 
 def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32") -> str:
   """Writes a step-0 checkpoint of the shared format from a Llama HF directory; returns it."""
-  import jax
-  from data.tokenizer import Tokenizer
-  from train import checkpoint as ckpt_lib
   config_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(config_path):
     raise ValueError(f"{config_path} does not exist")
@@ -124,33 +123,32 @@ def import_hf(hf_dir: str, workdir: str, param_dtype: str = "float32") -> str:
 
 
 def main(argv: list[str]) -> None:
-  from absl import flags as absl_flags
-  from train import checkpoint as ckpt_lib
-  flags = absl_flags.FLAGS
+  FLAGS = flags.FLAGS
+  quiet.set_library_logs(FLAGS.verbose)
   if len(argv) != 2 or argv[1] not in ("export", "import"):
     sys.exit("usage: python -m train.hf_convert export --checkpoint=DIR --out=DIR | "
              "import --hf_dir=DIR --workdir=DIR")
   try:
     if argv[1] == "export":
-      if not flags.checkpoint or not flags.out:
+      if not FLAGS.checkpoint or not FLAGS.out:
         raise ValueError("export needs --checkpoint and --out")
-      config = export_checkpoint(flags.checkpoint, flags.out)
-      print(f"Wrote {flags.out}: LlamaForCausalLM {config['num_hidden_layers']} layers x "
+      config = export_checkpoint(FLAGS.checkpoint, FLAGS.out)
+      print(f"Wrote {FLAGS.out}: LlamaForCausalLM {config['num_hidden_layers']} layers x "
             f"{config['hidden_size']}, vocab {config['vocab_size']}")
     else:
-      if not flags.hf_dir or not flags.workdir:
+      if not FLAGS.hf_dir or not FLAGS.workdir:
         raise ValueError("import needs --hf_dir and --workdir")
-      path = import_hf(flags.hf_dir, flags.workdir, flags.param_dtype)
+      path = import_hf(FLAGS.hf_dir, FLAGS.workdir, FLAGS.param_dtype)
       print(f"Wrote {path}: use it as --config.init_from")
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
     sys.exit("error: " + " ".join(str(e).split()))
 
 
 if __name__ == "__main__":
-  from absl import app, flags
   flags.DEFINE_string("checkpoint", "", "export: checkpoint (workdir, checkpoints or step dir).")
   flags.DEFINE_string("out", "", "export: output directory.")
   flags.DEFINE_string("hf_dir", "", "import: Hugging Face model directory.")
   flags.DEFINE_string("workdir", "", "import: workdir to write checkpoints/0 into.")
   flags.DEFINE_string("param_dtype", "float32", "import: stored parameter dtype.")
+  flags.DEFINE_bool("verbose", False, "Show the libraries' INFO/WARNING logs.")
   app.run(main)

@@ -12,7 +12,8 @@ import os
 
 from absl import logging as absl_logging
 
-NOISY_LOGGERS = ("absl", "orbax", "tensorflow", "jax._src.distributed", "etils")
+NOISY_LOGGERS = ("absl", "orbax", "tensorflow", "jax._src.distributed", "etils", "transformers",
+                 "torch")
 
 
 def set_library_logs(verbose: bool) -> None:

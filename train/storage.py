@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import uuid
+import sys
 
 
 class WorkdirError(OSError):
@@ -80,7 +81,6 @@ def check_workdir(workdir: str, environ: dict[str, str] | None = None,
 if __name__ == "__main__":
   # `python -m train.storage WORKDIR`: the probe launch/tpu_vm.py runs on every worker;
   # prints "writable" or the reason (last line).
-  import sys
   try:
     check_workdir(sys.argv[1])
   except WorkdirError as e:

@@ -176,6 +176,10 @@ class Trainer:
     """`num_steps` train steps on a `stage`d batch as one call (metrics: [n] when n > 1)."""
     return (self._jit["step"] if num_steps == 1 else self._jit["steps"])(state, batch)
 
+  def compile_counts(self) -> dict[str, int]:
+    """Programs compiled so far per jitted step (a test checks each compiles once)."""
+    return {name: fn._cache_size() for name, fn in self._jit.items()}  # noqa: SLF001
+
   def lower(self, batch: Mapping[str, jax.ShapeDtypeStruct]) -> Any:
     """The train step lowered for an abstract batch (shardings and memory, no weights)."""
     with self.mesh_context():
