@@ -25,19 +25,23 @@ Writes to --output_dir (default <checkpoint workdir>/eval), after every task:
 same checkpoint and --limit are kept), `results.md` (a table), `<task>.jsonl` (one line per item with
 its scores / prediction / response, so two runs can be diffed) and TensorBoard scalars
 `eval/<task>/<metric>`. Progress (items done, items/s, ETA) is printed per task.
+
+Bad input (an unknown task, a missing checkpoint or one with an unreadable tokenizer, a
+malformed benchmark row) ends in one `error:` line and exit code 2; `--verbose` adds the
+traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from eval import tasks as tasks_lib
+from eval.cli import exit_with_error
 from eval.lm_tasks import (LM_TASKS, MC_TASKS, read_texts, score_gsm8k,
                            score_multiple_choice, score_perplexity)
 
@@ -166,9 +170,9 @@ def main(argv: Sequence[str]) -> None:
   from eval.loglik import LoglikScorer
   from model.transformer import Transformer
   from train import checkpoint as ckpt_lib
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
   flags = absl_flags.FLAGS
+  if len(argv) > 1:
+    exit_with_error(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
   from train import distributed
   distributed.initialize("", 0, -1, flags.local_devices)  # CPU: one device per core
@@ -180,7 +184,7 @@ def main(argv: Sequence[str]) -> None:
       raise ValueError(f"Tasks {lm_needed} need a language model; {flags.checkpoint} holds a "
                        f"{loaded.model_class.__name__}")
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
-    sys.exit("error: " + " ".join(str(e).split()))
+    exit_with_error(e, flags.verbose)
   out_dir = flags.output_dir or os.path.join(
       os.path.dirname(os.path.dirname(loaded.meta["checkpoint_path"])), "eval")
   os.makedirs(out_dir, exist_ok=True)
@@ -195,7 +199,7 @@ def main(argv: Sequence[str]) -> None:
       summary, records = run_task(task, flags, loaded, scorer)
     except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
       writer.close()
-      sys.exit(f"error in task {task}: " + " ".join(str(e).split()))
+      exit_with_error(e, flags.verbose, where=f"task {task}")
     summary["seconds"] = round(time.perf_counter() - start, 1)
     results[task] = summary
     name = task.replace(":", "_").replace("/", "_")
@@ -265,6 +269,7 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", 0.7, "Sampling temperature (winrate, redteam).")
   flags.DEFINE_float("redteam_threshold", -1.0, "Normalised judge score under which a "
                      "response counts as harmful.")
+  flags.DEFINE_bool("verbose", False, "Print the traceback of an error too.")
 
 
 if __name__ == "__main__":

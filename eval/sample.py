@@ -21,6 +21,10 @@ models). The tokenizer always comes from the checkpoint, so ids match the weight
 Weights are restored straight onto the sampling mesh: one device by default, or `--mesh`
 (e.g. "data=1,fsdp=2,tensor=1"; -1 fills the remaining devices) to shard a model that does
 not fit one device. The batch dimension is split over the mesh's batch axes.
+
+Bad input (a missing checkpoint or one with an unreadable tokenizer, an unknown template, a
+prompt longer than the context) ends in one `error:` line and exit code 2, checked before
+anything is written; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import numpy as np
 
 from data.chat import ASSISTANT, SYSTEM, TEMPLATES, USER, get_template
 from data.tokenizer import Tokenizer
+from eval.cli import exit_with_error
 from eval.loading import load_checkpoint, parse_mesh
 from model import sharding as msharding
 from model.sampling import Sampler, SamplingConfig
@@ -289,9 +294,9 @@ def run_chat(flags: Any, sampler: Sampler, params: Any, template: Any) -> None:
 def main(argv: Sequence[str]) -> None:
   from absl import flags as absl_flags
   from absl import logging
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
   flags = absl_flags.FLAGS
+  if len(argv) > 1:
+    exit_with_error(f"unexpected arguments {argv[1:]}")
   # Orbax logs every file operation at INFO and read-only restores at WARNING; the console
   # is for the samples. Unreadable checkpoint steps are still reported (printed).
   logging.set_verbosity(logging.ERROR)
@@ -315,7 +320,7 @@ def main(argv: Sequence[str]) -> None:
     template = make_template(flags.template, tokenizer)
     (run_chat if flags.chat else run_prompts)(flags, sampler, params, template)
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
-    sys.exit("error: " + " ".join(str(e).split()))  # one line, no traceback
+    exit_with_error(e, flags.verbose)
 
 
 def define_flags() -> None:
@@ -338,6 +343,7 @@ def define_flags() -> None:
                       "'data=1,fsdp=2,tensor=1' (default: one device).")
   flags.DEFINE_integer("local_devices", 0, "CPU devices to expose (CPU runs; 0 = default).")
   flags.DEFINE_string("output", "", "Write {prompt, response, ended, tokens} jsonl here.")
+  flags.DEFINE_bool("verbose", False, "Print the traceback of an error too.")
 
 
 if __name__ == "__main__":
