@@ -253,3 +253,47 @@ def test_cli_unreadable_tokenizer_is_one_error_line_exit_2(bad_tokenizer_ckpt, t
   assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
   assert bad_tokenizer_ckpt in lines[0] and "unreadable tokenizer" in lines[0]
   assert "Traceback" not in out.stderr + out.stdout and not list(tmp_path.iterdir())
+
+
+class _FakeStdin:
+  """Lines for the chat; then an item that is an exception class is raised ("" = EOF)."""
+
+  def __init__(self, items, tty=False):
+    self.items, self.tty = list(items), tty
+
+  def isatty(self):
+    return self.tty
+
+  def readline(self):
+    if not self.items:
+      return ""
+    item = self.items.pop(0)
+    if isinstance(item, type) and issubclass(item, BaseException):
+      raise item()
+    return item
+
+
+def _chat_flags():
+  from types import SimpleNamespace
+  return SimpleNamespace(max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0, system="",
+                         seed=0)
+
+
+@pytest.mark.parametrize("after", ["exit\n", "quit\n", " /quit \n", "/exit\n",
+                                   KeyboardInterrupt, ""])
+def test_chat_ends_on_exit_quit_ctrl_c_and_eof(loaded, monkeypatch, capsys, after):
+  from eval.sample import run_chat
+  stdin = _FakeStdin(["hello\n", after, "never read\n"])
+  monkeypatch.setattr(sys, "stdin", stdin)
+  run_chat(_chat_flags(), loaded[0], loaded[1], ChatTemplate(loaded[2]))  # no exception
+  assert capsys.readouterr().out.count("assistant> ") == 1
+  assert stdin.items == ["never read\n"]
+
+
+def test_interactive_chat_has_readline_line_editing(loaded, monkeypatch, capsys):
+  from eval.sample import run_chat
+  monkeypatch.delitem(sys.modules, "readline", raising=False)
+  monkeypatch.setattr(sys, "stdin", _FakeStdin(["exit\n"], tty=True))
+  run_chat(_chat_flags(), loaded[0], loaded[1], ChatTemplate(loaded[2]))
+  assert "readline" in sys.modules  # input() then edits lines and keeps a history
+  assert capsys.readouterr().out == "you> "
