@@ -25,6 +25,7 @@ from eval import tasks as tasks_lib
 MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu")
 LM_TASKS = (*MC_TASKS, "lambada", "wikitext2", "gsm8k")
 NO_ACC_NORM = ("mmlu", "winogrande")
+_WIKITEXT_TITLE = re.compile(r" = [^=].* = ")
 
 
 class Progress:
@@ -96,6 +97,23 @@ def read_texts(path: str, text_field: str) -> list[str]:
     raise ValueError(f"{path} does not exist")
   with open(path, encoding="utf-8") as f:
     return [f.read()]
+
+
+def wikitext_articles(text: str) -> list[str]:
+  """The articles of a WikiText file, the documents of lm-eval's document-level wikitext.
+
+  An article starts at its title, a top-level heading line " = Title = " between blank
+  lines (sections are " = = Title = = "; a table row such as " = National record " is
+  no heading); text before the first title goes with the first article, so the articles
+  joined are the file.
+  """
+  lines = text.splitlines(keepends=True)
+  starts = [i for i, line in enumerate(lines)
+            if _WIKITEXT_TITLE.fullmatch(line.rstrip("\n"))
+            and (i == 0 or not lines[i - 1].strip())
+            and i + 1 < len(lines) and not lines[i + 1].strip()]
+  bounds = [0, *starts[1:], len(lines)]
+  return ["".join(lines[a:b]) for a, b in zip(bounds, bounds[1:]) if a < b]
 
 
 def score_perplexity(scorer: Any, task: str, texts: list[str]

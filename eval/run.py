@@ -8,9 +8,11 @@ Tasks (names for --tasks; `all_lm` = every language-model task):
         log-likelihood (eval.tasks formats; lm-eval's acc and acc_norm; mmlu and
         winogrande report acc only, as lm-eval does)
   lambada        last-word accuracy (greedy) and perplexity of the last word
-  wikitext2      rolling log-likelihood of the WikiText-2 test file: token perplexity,
-                 word perplexity and bits per byte; `ppl:<file>` does the same for any text
-                 file or .jsonl[.gz] (field `--text_field`), one document per line of jsonl
+  wikitext2      rolling log-likelihood of the WikiText-2 test articles (60 documents, as
+                 lm-eval's document-level wikitext; --limit counts articles): token
+                 perplexity, word perplexity and bits per byte; `ppl:<file>` does the same
+                 for any text file (one document) or .jsonl[.gz] (field `--text_field`),
+                 one document per line of jsonl
   gsm8k          greedy answers in the chat template, exact match of the final number
   rm_accuracy    (reward-model checkpoints) pairwise accuracy on the held-out HH pairs
   winrate        the checkpoint against --baseline, both answering the held-out HH prompts,
@@ -22,9 +24,10 @@ Tasks (names for --tasks; `all_lm` = every language-model task):
 
 Writes to --output_dir (default <checkpoint workdir>/eval), after every task:
 `results.json` (every figure, counts and the settings; tasks of earlier invocations on the
-same checkpoint and --limit are kept), `results.md` (a table), `<task>.jsonl` (one line per item with
-its scores / prediction / response, so two runs can be diffed) and TensorBoard scalars
-`eval/<task>/<metric>`. Progress (items done, items/s, ETA) is printed per task.
+same checkpoint and --limit are kept), `results.md` (a table), `<task>.jsonl` (one line per
+item with its scores / prediction / response, so two runs can be diffed) and TensorBoard scalars
+`eval/<task>/<metric>`. Progress (items done, items/s, ETA) is printed per task, and at the
+end the table of results, once (figures rounded for reading; results.json keeps them whole).
 
 Bad input (an unknown task, a missing checkpoint or one with an unreadable tokenizer, a
 malformed benchmark row) ends in one `error:` line and exit code 2; `--verbose` adds the
@@ -34,6 +37,7 @@ traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any, Sequence
@@ -43,7 +47,7 @@ import numpy as np
 from eval import tasks as tasks_lib
 from eval.cli import exit_with_error
 from eval.lm_tasks import (LM_TASKS, MC_TASKS, read_texts, score_gsm8k,
-                           score_multiple_choice, score_perplexity)
+                           score_multiple_choice, score_perplexity, wikitext_articles)
 
 OTHER_TASKS = ("rm_accuracy", "winrate", "redteam")
 
@@ -63,14 +67,24 @@ def parse_tasks(spec: str) -> list[str]:
   return list(dict.fromkeys(names))
 
 
+def format_metric(value: float) -> str:
+  """A figure for the table: 4 decimals below 10 (accuracies, bits per byte), else 4
+  significant digits, with thousands separators from 1,000 (a random model's perplexity
+  is 4,230,122,656, not 4230122655.5658). results.json keeps the full value."""
+  if not math.isfinite(value) or abs(value) < 10:
+    return f"{value:.4f}"
+  return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+  """One row per (task, float metric), with ± its standard error where there is one."""
   lines = ["| task | metric | value | n |", "|---|---|---|---|"]
   for task, r in results.items():
     n = r.get("items", r.get("documents", r.get("num_pairs", "")))
     for key, value in r.items():
       if isinstance(value, float) and not key.endswith("stderr") and key != "seconds":
         err = r.get(f"{key}_stderr")
-        shown = f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+        shown = format_metric(value) + (f" ± {format_metric(err)}" if err is not None else "")
         lines.append(f"| {task} | {key} | {shown} | {n} |")
   return "\n".join(lines) + "\n"
 
@@ -83,10 +97,13 @@ def run_task(task: str, flags: Any, loaded: Any, scorer: Any
     reader = tasks_lib.MC_READERS[task]
     items = reader(path, flags.mmlu_shots) if task == "mmlu" else reader(path)
     return score_multiple_choice(scorer, task, items[:limit])
-  if task == "wikitext2" or task.startswith("ppl:"):
-    path = (tasks_lib.task_path("wikitext2", flags.data_dir or None) if task == "wikitext2"
-            else task[len("ppl:"):])
-    return score_perplexity(scorer, task, read_texts(path, flags.text_field)[:limit])
+  if task == "wikitext2":  # --limit counts articles
+    path = tasks_lib.task_path("wikitext2", flags.data_dir or None)
+    articles = [a for text in read_texts(path, "text") for a in wikitext_articles(text)]
+    return score_perplexity(scorer, task, articles[:limit])
+  if task.startswith("ppl:"):
+    return score_perplexity(scorer, task,
+                            read_texts(task[len("ppl:"):], flags.text_field)[:limit])
   if task == "gsm8k":
     problems = tasks_lib.gsm8k(tasks_lib.task_path("gsm8k", flags.data_dir or None))
     return score_gsm8k(loaded, problems[:limit], flags.max_new_tokens, flags.batch_size)
@@ -207,12 +224,14 @@ def main(argv: Sequence[str]) -> None:
       f.writelines(json.dumps(r) + "\n" for r in records)
     writer.write(int(loaded.meta.get("step", 0)),
                  {f"eval/{name}/{k}": v for k, v in summary.items() if isinstance(v, float)})
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}
-    print(f"{task}: {shown}", flush=True)
-    report = write_report(out_dir, loaded.meta, flags.limit, results)  # after every task
+    write_report(out_dir, loaded.meta, flags.limit, results)  # after every task
+    print(f"{task}: done in {summary['seconds']} s", flush=True)
   writer.close()
-  print(markdown_table(results))
-  print(json.dumps(report))
+  # The results, once: the table (with tasks kept from earlier invocations) and where the
+  # full-precision figures are.
+  print(markdown_table(results), end="")
+  print(f"Results: {os.path.join(out_dir, 'results.json')} (all figures), results.md, "
+        "<task>.jsonl (per item)", flush=True)
 
 
 def previous_results(out_dir: str, checkpoint_path: str, limit: int) -> dict[str, Any]:
