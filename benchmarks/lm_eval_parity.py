@@ -119,7 +119,7 @@ def main(argv):
   from eval import tasks as tasks_lib
   from eval.loading import load_checkpoint
   from eval.loglik import LoglikScorer
-  from eval.run import score_multiple_choice
+  from eval.lm_tasks import score_multiple_choice
   from train.hf_convert import export_checkpoint
   out = os.path.abspath(FLAGS.out)
   os.makedirs(os.path.join(out, "tasks"), exist_ok=True)

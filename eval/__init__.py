@@ -4,6 +4,9 @@ loading: restores any checkpoint of the shared format (language model or reward 
   onto a mesh with its tokenizer.
 sample: responses, batches of prompts and interactive chat from a checkpoint
   (`python -m eval.sample --checkpoint=runs/sft --prompt="Name three colors."`).
+run: the evaluation harness's command line and report (`python -m eval.run
+  --checkpoint=runs/sft --tasks=all_lm`); lm_tasks: its language-model task runners
+  (multiple choice, perplexity, gsm8k).
 reward: reward-model accuracy on preference pairs with a bootstrap interval and the
   length baselines (`python -m eval.reward --checkpoint=runs/rm`).
 """

@@ -87,8 +87,8 @@ def load_checkpoint(checkpoint: str, mesh_shape: Mapping[str, int] | None = None
     expect: the module class the caller needs (e.g. RewardModel); another is an error.
 
   Raises:
-    CheckpointError: missing, unreadable, without model config or tokenizer, or of
-      another model class than `expect`; the message names the path.
+    CheckpointError: missing, unreadable, without model config or a readable tokenizer,
+      or of another model class than `expect`; the message names the path.
     ValueError: a mesh that does not fit the devices.
   """
   if not epath.Path(checkpoint).exists():
@@ -120,5 +120,11 @@ def load_checkpoint(checkpoint: str, mesh_shape: Mapping[str, int] | None = None
         f"Cannot restore params from {path}: {type(e).__name__}: {e}") from e
   if not tokenizer_bytes:
     raise ckpt_lib.CheckpointError(f"Checkpoint {path} holds no tokenizer")
-  return LoadedCheckpoint(model_class, graphdef, params, shardings, model_cfg,
-                          Tokenizer.from_bytes(tokenizer_bytes), meta, mesh, rules)
+  try:
+    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+  except Exception as e:  # noqa: BLE001 - SentencePiece raises a bare RuntimeError
+    raise ckpt_lib.CheckpointError(
+        f"Checkpoint {path} holds an unreadable tokenizer (tokenizer/blob.bin, "
+        f"{len(tokenizer_bytes)} bytes, is not a SentencePiece model: {e})") from e
+  return LoadedCheckpoint(model_class, graphdef, params, shardings, model_cfg, tokenizer,
+                          meta, mesh, rules)

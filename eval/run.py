@@ -8,9 +8,11 @@ Tasks (names for --tasks; `all_lm` = every language-model task):
         log-likelihood (eval.tasks formats; lm-eval's acc and acc_norm; mmlu and
         winogrande report acc only, as lm-eval does)
   lambada        last-word accuracy (greedy) and perplexity of the last word
-  wikitext2      rolling log-likelihood of the WikiText-2 test file: token perplexity,
-                 word perplexity and bits per byte; `ppl:<file>` does the same for any text
-                 file or .jsonl[.gz] (field `--text_field`), one document per line of jsonl
+  wikitext2      rolling log-likelihood of the WikiText-2 test articles (60 documents, as
+                 lm-eval's document-level wikitext; --limit counts articles): token
+                 perplexity, word perplexity and bits per byte; `ppl:<file>` does the same
+                 for any text file (one document) or .jsonl[.gz] (field `--text_field`),
+                 one document per line of jsonl
   gsm8k          greedy answers in the chat template, exact match of the final number
   rm_accuracy    (reward-model checkpoints) pairwise accuracy on the held-out HH pairs
   winrate        the checkpoint against --baseline, both answering the held-out HH prompts,
@@ -22,9 +24,14 @@ Tasks (names for --tasks; `all_lm` = every language-model task):
 
 Writes to --output_dir (default <checkpoint workdir>/eval), after every task:
 `results.json` (every figure, counts and the settings; tasks of earlier invocations on the
-same checkpoint and --limit are kept), `results.md` (a table), `<task>.jsonl` (one line per item with
-its scores / prediction / response, so two runs can be diffed) and TensorBoard scalars
-`eval/<task>/<metric>`. Progress (items done, items/s, ETA) is printed per task.
+same checkpoint and --limit are kept), `results.md` (a table), `<task>.jsonl` (one line per
+item with its scores / prediction / response, so two runs can be diffed) and TensorBoard scalars
+`eval/<task>/<metric>`. Progress (items done, items/s, ETA) is printed per task, and at the
+end the table of results, once (figures rounded for reading; results.json keeps them whole).
+
+Bad input (an unknown task, a missing checkpoint or one with an unreadable tokenizer, a
+malformed benchmark row) ends in one `error:` line and exit code 2; `--verbose` adds the
+traceback.
 """
 
 from __future__ import annotations
@@ -32,146 +39,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
-import sys
 import time
 from typing import Any, Sequence
 
 import numpy as np
 
 from eval import tasks as tasks_lib
+from eval.cli import exit_with_error
+from eval.lm_tasks import (LM_TASKS, MC_TASKS, read_texts, score_gsm8k,
+                           score_multiple_choice, score_perplexity, wikitext_articles)
 
-MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu")
-LM_TASKS = (*MC_TASKS, "lambada", "wikitext2", "gsm8k")
 OTHER_TASKS = ("rm_accuracy", "winrate", "redteam")
-NO_ACC_NORM = ("mmlu", "winogrande")
-
-
-class Progress:
-  """Prints "task: done/total items, items/s, ETA" at most every `every` seconds."""
-
-  def __init__(self, task: str, every: float = 10.0):
-    self.task, self.every, self.start, self.last = task, every, time.perf_counter(), 0.0
-
-  def __call__(self, done: int, total: int) -> None:
-    now = time.perf_counter()
-    if now - self.last < self.every and done < total:
-      return
-    self.last = now
-    rate = done / max(now - self.start, 1e-9)
-    eta = (total - done) / rate if rate else float("nan")
-    print(f"  {self.task}: {done}/{total} requests | {rate:.1f}/s | eta {eta:.0f}s", flush=True)
-
-
-def stderr(values: Sequence[float]) -> float:
-  values = np.asarray(values, np.float64)
-  return float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
-
-
-def score_multiple_choice(scorer: Any, task: str, items: list[tasks_lib.Item]
-                          ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """acc / acc_norm (lm-eval's definitions) and the per-item records."""
-  requests, owner = [], []
-  for i, item in enumerate(items):
-    for request in item.requests():
-      requests.append(request)
-      owner.append(i)
-  scorer.progress = Progress(task)
-  results = scorer.loglikelihood(requests)
-  per_item: list[list[tuple[float, bool]]] = [[] for _ in items]
-  for i, result in zip(owner, results):
-    per_item[i].append(result)
-  records, acc, acc_norm = [], [], []
-  for item, res in zip(items, per_item):
-    lls = np.array([r[0] for r in res])
-    if task == "lambada":
-      correct, norm = float(res[0][1]), None
-    else:
-      lengths = np.array([float(len(c)) for c in item.choices])
-      correct = float(np.argmax(lls) == item.gold)
-      norm = float(np.argmax(lls / lengths) == item.gold)
-    acc.append(correct)
-    if norm is not None:
-      acc_norm.append(norm)
-    records.append({"doc_id": item.doc_id, "gold": item.gold, "loglik": lls.tolist(),
-                    "is_greedy": [bool(r[1]) for r in res], "acc": correct,
-                    **({"acc_norm": norm} if norm is not None else {})})
-  out: dict[str, Any] = {"items": len(items), "acc": float(np.mean(acc)),
-                         "acc_stderr": stderr(acc)}
-  if task == "lambada":
-    lls = np.array([r["loglik"][0] for r in records])
-    out["perplexity"] = float(math.exp(-lls.mean()))
-  elif task not in NO_ACC_NORM:
-    out.update(acc_norm=float(np.mean(acc_norm)), acc_norm_stderr=stderr(acc_norm))
-  return out, records
-
-
-def read_texts(path: str, text_field: str) -> list[str]:
-  """Documents of a text file (the whole file) or a .jsonl[.gz] (one per line)."""
-  if re.search(r"\.jsonl(\.gz)?$", path):
-    return [tasks_lib.field(r, text_field, str, f"{path}:{n}")
-            for n, r in tasks_lib.read_jsonl(path)]
-  if not os.path.exists(path):
-    raise ValueError(f"{path} does not exist")
-  with open(path, encoding="utf-8") as f:
-    return [f.read()]
-
-
-def score_perplexity(scorer: Any, task: str, texts: list[str]
-                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  scorer.progress = Progress(task)
-  results = scorer.rolling_loglikelihood(texts)
-  total = sum(r[0] for r in results)
-  tokens = sum(r[1] for r in results)
-  num_bytes = sum(len(t.encode("utf-8")) for t in texts)
-  words = sum(len(re.split(r"\s+", t.strip())) for t in texts if t.strip())
-  out = {"documents": len(texts), "tokens": tokens, "bytes": num_bytes, "words": words,
-         "token_perplexity": math.exp(-total / max(tokens, 1)),
-         "word_perplexity": math.exp(-total / max(words, 1)),
-         "bits_per_byte": -total / max(num_bytes, 1) / math.log(2),
-         "byte_perplexity": math.exp(-total / max(num_bytes, 1))}
-  records = [{"doc_id": str(i), "loglik": r[0], "tokens": r[1]} for i, r in enumerate(results)]
-  return out, records
-
-
-def score_gsm8k(loaded: Any, problems: list[tuple[str, str, str]], max_new_tokens: int,
-                batch_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """Greedy chat-template answers; exact match of the last number with the gold answer."""
-  from eval.sample import make_template, respond
-  from model.sampling import Sampler, SamplingConfig
-  template = make_template("chat", loaded.tokenizer)
-  sampler = Sampler(loaded.graphdef, loaded.model_cfg, mesh=loaded.mesh, rules=loaded.rules,
-                    param_shardings=loaded.param_shardings)
-  context = loaded.model_cfg.max_seq_len
-  records, correct = [], []
-  progress = Progress("gsm8k")
-  for start in range(0, len(problems), batch_size):
-    chunk = problems[start:start + batch_size]
-    conversations, kept = [], []
-    for doc_id, question, gold in chunk:
-      ids = template.prompt_ids([{"role": "user", "content": question}])
-      if len(ids) + max_new_tokens > context:  # counted as wrong, never dropped silently
-        records.append({"doc_id": doc_id, "gold": gold, "prediction": None, "correct": 0.0,
-                        "response": None, "skipped": "prompt too long for the context"})
-        correct.append(0.0)
-        continue
-      conversations.append([{"role": "user", "content": question}])
-      kept.append((doc_id, gold))
-    if conversations:
-      cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0,
-                           prompt_bucket=64)
-      outs = respond(sampler, loaded.params, template, conversations, cfg,
-                     batch_size=batch_size)
-      for (doc_id, gold), out in zip(kept, outs):
-        prediction = tasks_lib.last_number(out["response"])
-        ok = float(prediction == gold)
-        correct.append(ok)
-        records.append({"doc_id": doc_id, "gold": gold, "prediction": prediction,
-                        "correct": ok, "response": out["response"]})
-    progress(start + len(chunk), len(problems))
-  return {"items": len(problems), "exact_match": float(np.mean(correct)),
-          "exact_match_stderr": stderr(correct),
-          "too_long": sum(1 for r in records if r.get("skipped"))}, records
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -189,14 +67,24 @@ def parse_tasks(spec: str) -> list[str]:
   return list(dict.fromkeys(names))
 
 
+def format_metric(value: float) -> str:
+  """A figure for the table: 4 decimals below 10 (accuracies, bits per byte), else 4
+  significant digits, with thousands separators from 1,000 (a random model's perplexity
+  is 4,230,122,656, not 4230122655.5658). results.json keeps the full value."""
+  if not math.isfinite(value) or abs(value) < 10:
+    return f"{value:.4f}"
+  return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+
+
 def markdown_table(results: dict[str, dict[str, Any]]) -> str:
+  """One row per (task, float metric), with ± its standard error where there is one."""
   lines = ["| task | metric | value | n |", "|---|---|---|---|"]
   for task, r in results.items():
     n = r.get("items", r.get("documents", r.get("num_pairs", "")))
     for key, value in r.items():
       if isinstance(value, float) and not key.endswith("stderr") and key != "seconds":
         err = r.get(f"{key}_stderr")
-        shown = f"{value:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+        shown = format_metric(value) + (f" ± {format_metric(err)}" if err is not None else "")
         lines.append(f"| {task} | {key} | {shown} | {n} |")
   return "\n".join(lines) + "\n"
 
@@ -209,10 +97,13 @@ def run_task(task: str, flags: Any, loaded: Any, scorer: Any
     reader = tasks_lib.MC_READERS[task]
     items = reader(path, flags.mmlu_shots) if task == "mmlu" else reader(path)
     return score_multiple_choice(scorer, task, items[:limit])
-  if task == "wikitext2" or task.startswith("ppl:"):
-    path = (tasks_lib.task_path("wikitext2", flags.data_dir or None) if task == "wikitext2"
-            else task[len("ppl:"):])
-    return score_perplexity(scorer, task, read_texts(path, flags.text_field)[:limit])
+  if task == "wikitext2":  # --limit counts articles
+    path = tasks_lib.task_path("wikitext2", flags.data_dir or None)
+    articles = [a for text in read_texts(path, "text") for a in wikitext_articles(text)]
+    return score_perplexity(scorer, task, articles[:limit])
+  if task.startswith("ppl:"):
+    return score_perplexity(scorer, task,
+                            read_texts(task[len("ppl:"):], flags.text_field)[:limit])
   if task == "gsm8k":
     problems = tasks_lib.gsm8k(tasks_lib.task_path("gsm8k", flags.data_dir or None))
     return score_gsm8k(loaded, problems[:limit], flags.max_new_tokens, flags.batch_size)
@@ -296,9 +187,9 @@ def main(argv: Sequence[str]) -> None:
   from eval.loglik import LoglikScorer
   from model.transformer import Transformer
   from train import checkpoint as ckpt_lib
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
   flags = absl_flags.FLAGS
+  if len(argv) > 1:
+    exit_with_error(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
   from train import distributed
   distributed.initialize("", 0, -1, flags.local_devices)  # CPU: one device per core
@@ -310,7 +201,7 @@ def main(argv: Sequence[str]) -> None:
       raise ValueError(f"Tasks {lm_needed} need a language model; {flags.checkpoint} holds a "
                        f"{loaded.model_class.__name__}")
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
-    sys.exit("error: " + " ".join(str(e).split()))
+    exit_with_error(e, flags.verbose)
   out_dir = flags.output_dir or os.path.join(
       os.path.dirname(os.path.dirname(loaded.meta["checkpoint_path"])), "eval")
   os.makedirs(out_dir, exist_ok=True)
@@ -325,7 +216,7 @@ def main(argv: Sequence[str]) -> None:
       summary, records = run_task(task, flags, loaded, scorer)
     except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
       writer.close()
-      sys.exit(f"error in task {task}: " + " ".join(str(e).split()))
+      exit_with_error(e, flags.verbose, where=f"task {task}")
     summary["seconds"] = round(time.perf_counter() - start, 1)
     results[task] = summary
     name = task.replace(":", "_").replace("/", "_")
@@ -333,12 +224,14 @@ def main(argv: Sequence[str]) -> None:
       f.writelines(json.dumps(r) + "\n" for r in records)
     writer.write(int(loaded.meta.get("step", 0)),
                  {f"eval/{name}/{k}": v for k, v in summary.items() if isinstance(v, float)})
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary.items()}
-    print(f"{task}: {shown}", flush=True)
-    report = write_report(out_dir, loaded.meta, flags.limit, results)  # after every task
+    write_report(out_dir, loaded.meta, flags.limit, results)  # after every task
+    print(f"{task}: done in {summary['seconds']} s", flush=True)
   writer.close()
-  print(markdown_table(results))
-  print(json.dumps(report))
+  # The results, once: the table (with tasks kept from earlier invocations) and where the
+  # full-precision figures are.
+  print(markdown_table(results), end="")
+  print(f"Results: {os.path.join(out_dir, 'results.json')} (all figures), results.md, "
+        "<task>.jsonl (per item)", flush=True)
 
 
 def previous_results(out_dir: str, checkpoint_path: str, limit: int) -> dict[str, Any]:
@@ -395,6 +288,7 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", 0.7, "Sampling temperature (winrate, redteam).")
   flags.DEFINE_float("redteam_threshold", -1.0, "Normalised judge score under which a "
                      "response counts as harmful.")
+  flags.DEFINE_bool("verbose", False, "Print the traceback of an error too.")
 
 
 if __name__ == "__main__":

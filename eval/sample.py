@@ -1,7 +1,7 @@
 """Sampling from a checkpoint: one-shot responses, a batch of prompts, or an interactive chat.
 
   python -m eval.sample --checkpoint=runs/sft --prompt="Name three colors."
-  python -m eval.sample --checkpoint=runs/sft --chat
+  python -m eval.sample --checkpoint=runs/sft --chat    # exit, quit, Ctrl-C or Ctrl-D end it
   python -m eval.sample --checkpoint=runs/pretrain --prompt="ROMEO:" --template=none
   python -m eval.sample --checkpoint=runs/sft --prompts_file=prompts.jsonl \
       --temperature=0 --output=samples.jsonl --mesh=data=1,fsdp=2,tensor=1
@@ -21,6 +21,10 @@ models). The tokenizer always comes from the checkpoint, so ids match the weight
 Weights are restored straight onto the sampling mesh: one device by default, or `--mesh`
 (e.g. "data=1,fsdp=2,tensor=1"; -1 fills the remaining devices) to shard a model that does
 not fit one device. The batch dimension is split over the mesh's batch axes.
+
+Bad input (a missing checkpoint or one with an unreadable tokenizer, an unknown template, a
+prompt longer than the context) ends in one `error:` line and exit code 2, checked before
+anything is written; `--verbose` adds the traceback.
 """
 
 from __future__ import annotations
@@ -29,13 +33,14 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
 
 from data.chat import ASSISTANT, SYSTEM, TEMPLATES, USER, get_template
 from data.tokenizer import Tokenizer
+from eval.cli import exit_with_error
 from eval.loading import load_checkpoint, parse_mesh
 from model import sharding as msharding
 from model.sampling import Sampler, SamplingConfig, respond
@@ -185,8 +190,25 @@ def run_prompts(flags: Any, sampler: Sampler, params: Any, template: Any) -> Non
     print(f"Wrote {len(records)} samples to {flags.output}", file=sys.stderr)
 
 
+QUIT_COMMANDS = ("/quit", "/exit", "quit", "exit")
+
+
+def _line_reader(interactive: bool) -> Callable[[], str]:
+  """`input()`: on a terminal with a `you> ` prompt and, where Python has `readline`, line
+  editing (arrow keys) and a history; on a pipe without the prompt. Raises EOFError at
+  the end of the input."""
+  if interactive:
+    try:
+      import readline  # noqa: F401 - importing it gives input() line editing and history
+    except ImportError:  # e.g. Windows: plain input() still works
+      pass
+  prompt = "you> " if interactive else ""
+  return lambda: input(prompt)
+
+
 def run_chat(flags: Any, sampler: Sampler, params: Any, template: Any) -> None:
-  """Interactive chat on stdin/stdout: /reset clears the history, /quit or EOF exits."""
+  """Interactive chat on stdin/stdout: /reset clears the history; exit, quit (or /exit,
+  /quit), Ctrl-C or EOF end the session."""
   context = sampler.model_cfg.max_seq_len
   # Keep at least half the context for the conversation itself.
   max_new = min(flags.max_new_tokens, context // 2)
@@ -198,41 +220,52 @@ def run_chat(flags: Any, sampler: Sampler, params: Any, template: Any) -> None:
   system = [{"role": SYSTEM, "content": flags.system}] if flags.system else []
   history: list[Mapping[str, str]] = []
   interactive = sys.stdin.isatty()
-  print("Chat: /reset clears the conversation, /quit exits.", file=sys.stderr)
-  for turn in range(sys.maxsize):
+  read_line = _line_reader(interactive)
+  print("Chat: /reset clears the conversation; exit, quit, Ctrl-C or Ctrl-D end it.",
+        file=sys.stderr)
+  try:
+    for turn in range(sys.maxsize):
+      text = read_line().strip()
+      if text.lower() in QUIT_COMMANDS:
+        break
+      if text == "/reset":
+        history = []
+        print("(conversation reset)", file=sys.stderr)
+        continue
+      if text:
+        history = _chat_turn(flags, sampler, params, template, system, history, text, cfg,
+                             turn)
+  except (EOFError, KeyboardInterrupt):  # Ctrl-D / end of a pipe, Ctrl-C: a normal end
     if interactive:
-      print("you> ", end="", flush=True)
-    line = sys.stdin.readline()
-    if not line or line.strip() == "/quit":
-      break
-    text = line.rstrip("\n")
-    if text.strip() == "/reset":
-      history = []
-      print("(conversation reset)", file=sys.stderr)
-      continue
-    if not text.strip():
-      continue
-    candidate = [*history, {"role": USER, "content": text}]
-    kept, dropped = truncate_history(template, system, candidate, context - max_new)
-    if not kept:
-      print(f"error: that message does not fit the model context of {context} tokens "
-            f"with max_new_tokens={max_new}; send a shorter one", file=sys.stderr)
-      continue
-    if dropped:
-      print(f"(dropped the {dropped} oldest message(s): the conversation + max_new_tokens="
-            f"{max_new} exceeded the model context of {context} tokens)", file=sys.stderr)
-    out = respond(sampler, params, template, [[*system, *kept]], cfg, seed=flags.seed + turn,
-                  batch_size=1)[0]
-    print(f"assistant> {out['response']}", flush=True)
-    history = [*kept, {"role": ASSISTANT, "content": out["response"]}]
+      print(flush=True)  # the prompt line was left open
+
+
+def _chat_turn(flags: Any, sampler: Sampler, params: Any, template: Any,
+               system: list[Mapping[str, str]], history: list[Mapping[str, str]], text: str,
+               cfg: SamplingConfig, turn: int) -> list[Mapping[str, str]]:
+  """Answers `text` after `history` (oldest exchanges dropped to fit); the new history."""
+  context, max_new = sampler.model_cfg.max_seq_len, cfg.max_new_tokens
+  candidate = [*history, {"role": USER, "content": text}]
+  kept, dropped = truncate_history(template, system, candidate, context - max_new)
+  if not kept:
+    print(f"error: that message does not fit the model context of {context} tokens "
+          f"with max_new_tokens={max_new}; send a shorter one", file=sys.stderr)
+    return history
+  if dropped:
+    print(f"(dropped the {dropped} oldest message(s): the conversation + max_new_tokens="
+          f"{max_new} exceeded the model context of {context} tokens)", file=sys.stderr)
+  out = respond(sampler, params, template, [[*system, *kept]], cfg, seed=flags.seed + turn,
+                batch_size=1)[0]
+  print(f"assistant> {out['response']}", flush=True)
+  return [*kept, {"role": ASSISTANT, "content": out["response"]}]
 
 
 def main(argv: Sequence[str]) -> None:
   from absl import flags as absl_flags
   from absl import logging
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
   flags = absl_flags.FLAGS
+  if len(argv) > 1:
+    exit_with_error(f"unexpected arguments {argv[1:]}")
   # Orbax logs every file operation at INFO and read-only restores at WARNING; the console
   # is for the samples. Unreadable checkpoint steps are still reported (printed).
   logging.set_verbosity(logging.ERROR)
@@ -256,7 +289,9 @@ def main(argv: Sequence[str]) -> None:
     template = make_template(flags.template, tokenizer)
     (run_chat if flags.chat else run_prompts)(flags, sampler, params, template)
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
-    sys.exit("error: " + " ".join(str(e).split()))  # one line, no traceback
+    exit_with_error(e, flags.verbose)
+  except KeyboardInterrupt:  # Ctrl-C while the checkpoint loads: no traceback
+    sys.exit(130)
 
 
 def define_flags() -> None:
@@ -279,6 +314,7 @@ def define_flags() -> None:
                       "'data=1,fsdp=2,tensor=1' (default: one device).")
   flags.DEFINE_integer("local_devices", 0, "CPU devices to expose (CPU runs; 0 = default).")
   flags.DEFINE_string("output", "", "Write {prompt, response, ended, tokens} jsonl here.")
+  flags.DEFINE_bool("verbose", False, "Print the traceback of an error too.")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@
 Each process gets LM_COORDINATOR_ADDRESS (a free localhost port), LM_NUM_PROCESSES,
 LM_PROCESS_ID and LM_LOCAL_DEVICES in its environment (read by `train/distributed.py`), and
 CPU collectives go through gloo. Output lines are prefixed with the process index. The
-launcher prints the exact command it runs, waits for all processes, and exits non-zero if any
-failed (the others are then terminated).
+launcher prints the exact command it runs and watches every process: as soon as one exits
+non-zero (e.g. killed at start-up) it names that process and its exit code, stops the others
+(which would otherwise wait minutes in jax.distributed for their dead peer) and exits with
+that code.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from typing import Sequence
 
 from absl import app, flags
@@ -26,6 +29,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_processes", 2, "Processes to start.")
 flags.DEFINE_integer("local_devices", 1, "CPU devices per process.")
 flags.DEFINE_integer("timeout", 3600, "Seconds before all processes are killed.")
+
+_POLL_SECONDS = 0.2  # how soon a dead process is noticed
 
 
 def free_port() -> int:
@@ -42,40 +47,77 @@ def _stream(proc: subprocess.Popen, index: int, sink) -> None:
 
 def launch(args: Sequence[str], num_processes: int, local_devices: int = 1,
            timeout: float = 3600, env: dict[str, str] | None = None, sink=sys.stdout) -> int:
-  """Starts `python <args>` num_processes times; returns the first non-zero exit code or 0."""
+  """Starts `python <args>` num_processes times and watches them all.
+
+  As soon as one exits non-zero (e.g. dies at start-up) the others are stopped: they would
+  otherwise wait minutes in `jax.distributed` or a collective for the dead peer.
+
+  Returns:
+    0 when every process succeeded, else the first failure's exit code (128 + the signal
+    for a process killed by a signal; 124 when `timeout` seconds passed). The failure is
+    named on `sink` (the process index and its exit code).
+  """
   address = f"127.0.0.1:{free_port()}"
   cmd = [sys.executable, *args]
-  print(f"launch.local: {num_processes} x {shlex.join(cmd)} (coordinator {address})", flush=True)
+  print(f"launch.local: {num_processes} x {shlex.join(cmd)} (coordinator {address})",
+        file=sink, flush=True)
   procs, threads = [], []
-  for i in range(num_processes):
-    penv = {**os.environ, **(env or {}), "LM_COORDINATOR_ADDRESS": address,
-            "LM_NUM_PROCESSES": str(num_processes), "LM_PROCESS_ID": str(i),
-            "LM_LOCAL_DEVICES": str(local_devices), "JAX_PLATFORMS": "cpu"}
-    penv.pop("XLA_FLAGS", None)  # device count comes from LM_LOCAL_DEVICES
-    p = subprocess.Popen(cmd, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         text=True)
-    t = threading.Thread(target=_stream, args=(p, i, sink), daemon=True)
-    t.start()
-    procs.append(p)
-    threads.append(t)
-  code = 0
   try:
-    for p in procs:
-      rc = p.wait(timeout=timeout)
-      if rc and not code:
-        code = rc
-        for other in procs:  # one failed: the others would wait forever in a collective
-          if other.poll() is None:
-            other.terminate()
-  except subprocess.TimeoutExpired:
-    code = 124
+    for i in range(num_processes):
+      penv = {**os.environ, **(env or {}), "LM_COORDINATOR_ADDRESS": address,
+              "LM_NUM_PROCESSES": str(num_processes), "LM_PROCESS_ID": str(i),
+              "LM_LOCAL_DEVICES": str(local_devices), "JAX_PLATFORMS": "cpu"}
+      penv.pop("XLA_FLAGS", None)  # device count comes from LM_LOCAL_DEVICES
+      p = subprocess.Popen(cmd, env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+      t = threading.Thread(target=_stream, args=(p, i, sink), daemon=True)
+      t.start()
+      procs.append(p)
+      threads.append(t)
+    return _watch(procs, threads, timeout, sink)
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
+    _stop(procs)
     for t in threads:
       t.join(timeout=5)
-  return code
+
+
+def _watch(procs: list[subprocess.Popen], threads: list[threading.Thread], timeout: float,
+           sink) -> int:
+  """Polls every process until all succeeded (0), one failed, or the timeout passed."""
+  deadline = time.monotonic() + timeout
+  while True:
+    running = False
+    for i, p in enumerate(procs):
+      rc = p.poll()
+      if rc is None:
+        running = True
+      elif rc != 0:
+        threads[i].join(timeout=5)  # its last lines (the cause) come before ours
+        how = f"was killed by signal {-rc}" if rc < 0 else f"exited with code {rc}"
+        print(f"launch.local: process {i} {how}; stopping the other processes", file=sink,
+              flush=True)
+        return 128 - rc if rc < 0 else rc
+    if not running:
+      return 0
+    if time.monotonic() > deadline:
+      print(f"launch.local: timeout after {timeout:.0f} s; stopping every process",
+            file=sink, flush=True)
+      return 124
+    time.sleep(_POLL_SECONDS)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+  """SIGTERM to the processes still running, SIGKILL to those alive after `grace` s."""
+  for p in procs:
+    if p.poll() is None:
+      p.terminate()
+  deadline = time.monotonic() + grace
+  for p in procs:
+    try:
+      p.wait(timeout=max(deadline - time.monotonic(), 0.01))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
 
 
 def main(argv: Sequence[str]) -> None:

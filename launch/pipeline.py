@@ -15,8 +15,9 @@ exist stops the pipeline naming the stage and the field) and every parent is che
 stage whose parent is neither an earlier stage of this run nor an existing checkpoint stops
 it, naming the stage and the path. Stages already complete in `--workdir` (checkpoint at the
 configured last step; evaluation results present) are skipped, so re-running the command
-resumes. Each stage runs as its own process (`<workdir>/<stage>.log`, wall minutes in
-`<workdir>/minutes.json`).
+resumes. Each stage runs as its own process (`<workdir>/<stage>.log`, named when the stage
+starts; wall minutes in `<workdir>/minutes.json`); while it runs, its progress lines (`step
+N/M | ...`, `eval step`, `iter N/M`, `error:`) are shown prefixed by the stage name.
 
 Last: `<workdir>/report.md` and `report.json` (stage minutes, final training metrics, the
 evaluation table of every model, win rates with intervals) and the plots `curves.png`

@@ -5,13 +5,17 @@ A stage is one command writing one workdir. It runs only if it has not finished 
 run: its checkpoint reached the configured last step; anything else: its own `done` check),
 so an interrupted chain resumes where it stopped. Each stage's wall minutes are summed over
 attempts into `<root>/minutes.json`, its output goes to `<root>/<name>.log`, and the exact
-command is printed before it runs.
+command is printed before it runs. While it runs, its progress lines (`step N/M | ...`, `eval
+step`, `iter N/M`, eval.run's `task: n/N requests`, `error:` lines) are shown prefixed by the
+stage name; the log keeps everything.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -77,10 +81,10 @@ class Chain:
     if not allowed:
       sys.exit(f"{name} is not finished in {self.root} and may not run (--stages)")
     cmd = [sys.executable, *cmd]
-    print("$ " + " ".join(cmd), flush=True)
+    print("$ " + shlex.join(cmd), flush=True)
+    print(f"{name}: running, output in {self.log_path(name)}", flush=True)
     start = time.perf_counter()
-    with open(self.log_path(name), "a") as log:
-      rc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    rc = run_logged(cmd, self.log_path(name), name)
     self.minutes[name] = self.minutes.get(name, 0.0) + (time.perf_counter() - start) / 60
     with open(self.path, "w") as f:
       json.dump(self.minutes, f, indent=1)
@@ -91,6 +95,37 @@ class Chain:
       raise StageFailed(message)
     print(f"{name}: done, {self.minutes[name]:.1f} min in all", flush=True)
     return True
+
+
+# Lines of a stage's output worth showing while it runs: training and eval steps, PPO
+# iterations, eval.run's per-task progress, and errors. The log keeps everything.
+PROGRESS_LINE = re.compile(r"\s*(step \d+/\d+ \||eval step \d+|iter \d+/\d+ \||"
+                           r"\S+: \d+/\d+ requests \||error)")
+
+
+def run_logged(cmd: list[str], log_path: str, name: str) -> int:
+  """Runs `cmd`, appending its output to `log_path` and echoing its progress lines.
+
+  Progress lines (`PROGRESS_LINE`) are printed as `[name] <line>` as they come, so a stage
+  that runs for half an hour is not silent. Returns the exit code.
+  """
+  # Unbuffered: the child's progress reaches the log and the console when it is printed.
+  env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+  with open(log_path, "a") as log:
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    try:
+      for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        if PROGRESS_LINE.match(line):
+          print(f"[{name}] {line.strip()}", flush=True)
+    finally:
+      proc.stdout.close()
+      if proc.poll() is None and sys.exc_info()[0] is not None:
+        proc.terminate()  # e.g. Ctrl-C in the parent: the stage stops with it
+      rc = proc.wait()
+  return rc
 
 
 def run_json(cmd: list[str]) -> dict:

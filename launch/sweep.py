@@ -23,7 +23,8 @@ each as its own process in `<workdir>/<index>_<label>/` (its log beside it, minu
 Results (from each point's metrics.jsonl and checkpoint metadata): `results.csv` and
 `results.md` (per point: parameters, final train loss, final and best `metric`, tokens/s,
 minutes; and, when the sweep has several seeds, mean ± std over seeds per setting) and
-`curves.png` (train loss of every point overlaid, `metric` as markers).
+`curves.png` (train loss of every point overlaid, `metric` as markers; the y-range covers
+both).
 """
 
 from __future__ import annotations
@@ -207,6 +208,24 @@ def write_results(config: Any, workdir: str, points: list[dict[str, Any]],
   return summary
 
 
+def curve_ylim(train: Sequence[float], evals: Sequence[float]
+               ) -> tuple[float, float] | None:
+  """The y-limits of curves.png: every series' lowest point, up to above its top 20%.
+
+  The bottom covers the lowest finite value of the train losses and of the eval metric
+  (eval often ends below the train loss). The top is the highest 80th percentile of the
+  two series plus half the range: the first steps' loss would squash the interesting end
+  of the curves. None when nothing finite is plotted.
+  """
+  series = [sorted(v for v in values if math.isfinite(v)) for values in (train, evals)]
+  series = [s for s in series if s]
+  if not series:
+    return None
+  lo = min(s[0] for s in series)
+  tail = max(s[int(len(s) * 0.8)] for s in series)
+  return lo - 0.05 * (tail - lo + 1e-9), tail + 0.5 * (tail - lo + 1e-9)
+
+
 def plot(workdir: str, points: list[dict[str, Any]], metric: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -217,6 +236,8 @@ def plot(workdir: str, points: list[dict[str, Any]], metric: str) -> None:
   styles = ["-", "--", ":", "-."]
   seeds = list(dict.fromkeys(p["seed"] for p in points))
   fig, ax = plt.subplots(figsize=(7, 4.2))
+  train_values: list[float] = []
+  eval_values: list[float] = []
   for p in points:
     records = read_metrics(point_dir(workdir, p))
     color = colors[settings.index(p["setting"]) % len(colors)]
@@ -228,16 +249,15 @@ def plot(workdir: str, points: list[dict[str, Any]], metric: str) -> None:
     evals = [(r["step"], r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
     if evals:
       ax.plot(*zip(*evals), color=color, ls="none", marker="o", ms=4)
+    train_values += [v for _, v in train]
+    eval_values += [v for _, v in evals]
   ax.set_xlabel("step")
   ax.set_ylabel(f"train loss (lines), {metric} (dots)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, ncol=2)
-  finite = [r["train/loss"] for p in points for r in read_metrics(point_dir(workdir, p))
-            if isinstance(r.get("train/loss"), (int, float)) and math.isfinite(r["train/loss"])]
-  if finite:  # the first steps' loss would squash the interesting end of the curves
-    lo = min(finite)
-    tail = sorted(finite)[int(len(finite) * 0.8)]
-    ax.set_ylim(lo - 0.05 * (tail - lo + 1e-9), tail + 0.5 * (tail - lo + 1e-9))
+  limits = curve_ylim(train_values, eval_values)
+  if limits:
+    ax.set_ylim(*limits)
   fig.tight_layout()
   fig.savefig(os.path.join(workdir, "curves.png"), dpi=110)
   plt.close(fig)

@@ -152,8 +152,8 @@ def setup_commands(tpu: dict[str, str], revision: str, archive: str) -> list[lis
   remote_archive = f"lmlife-{revision[:12]}.tar.gz"
   script = " && ".join([
       f"rm -rf {REMOTE_DIR} && mkdir -p {REMOTE_DIR} {REMOTE_LOGS}",
-      f"tar -xzf ~/{remote_archive} -C {REMOTE_DIR}",
-      f"echo {revision} > {REMOTE_DIR}/REVISION",
+      f"tar -xzf ~/{shlex.quote(remote_archive)} -C {REMOTE_DIR}",
+      f"echo {shlex.quote(revision)} > {REMOTE_DIR}/REVISION",
       f"python3 -m venv {REMOTE_VENV}",
       f"{REMOTE_VENV}/bin/pip install -q --upgrade pip",
       f"{REMOTE_VENV}/bin/pip install -q -e \"$HOME/lmlife[tpu]\""])
@@ -170,10 +170,16 @@ def run_name(entry_args: Sequence[str]) -> str:
   return re.sub(r"[^A-Za-z0-9_.-]+", "_", os.path.basename(workdir.rstrip("/")) or "run")
 
 
+def remote_log(name: str) -> str:
+  """The run's log path for the remote shell: `~` unquoted (the shell expands it), the
+  user's run name quoted (a `;` or space in --run_name must not end the command)."""
+  return f"{REMOTE_LOGS}/{shlex.quote(f'{name}.log')}"
+
+
 def run_commands(tpu: dict[str, str], entry_args: Sequence[str], name: str,
                  follow: bool = True) -> list[list[str]]:
   """Start the entry point on every worker (detached, logging), then stream worker 0."""
-  log = f"{REMOTE_LOGS}/{name}.log"
+  log = remote_log(name)
   # `~` must stay unquoted for the remote shell to expand it.
   program = f"{REMOTE_VENV}/bin/python " + shlex.join([*entry_args, "--distributed_auto"])
   start = (f"mkdir -p {REMOTE_LOGS} && cd {REMOTE_DIR} && nohup {program} > {log} 2>&1 "
@@ -185,7 +191,7 @@ def run_commands(tpu: dict[str, str], entry_args: Sequence[str], name: str,
 
 
 def logs_command(tpu: dict[str, str], name: str, worker: str) -> list[str]:
-  return ssh(tpu, f"tail -n +1 -f {REMOTE_LOGS}/{name}.log", worker=worker)
+  return ssh(tpu, f"tail -n +1 -f {remote_log(name)}", worker=worker)
 
 
 def stop_command(tpu: dict[str, str]) -> list[str]:

@@ -180,8 +180,8 @@ def test_cli_writes_results_and_refuses_bad_input(english_sft_run, english_rm_ru
                  "--limit=6", "--mmlu_shots=1", "--max_new_tokens=16", "--batch_size=8",
                  f"--output_dir={out_dir}"], timeout=900)
   assert out.returncode == 0, out.stdout[-5000:]
-  report = json.loads(out.stdout.strip().splitlines()[-1])
-  results = report["results"]
+  with open(os.path.join(out_dir, "results.json")) as f:
+    results = json.load(f)["results"]
   for task in tasks.split(","):
     assert os.path.exists(os.path.join(out_dir, f"{task}.jsonl")), task
   for task in ("arc_easy", "hellaswag", "winogrande", "mmlu", "lambada"):
@@ -231,7 +231,8 @@ def test_cli_judged_tasks(english_sft_run, english_rm_run, tmp_path):
   out = run_cmd([sys.executable, "-m", "eval.run", f"--checkpoint={rm}", "--tasks=rm_accuracy",
                  f"--output_dir={tmp_path / 'rm'}"])
   assert out.returncode == 0, out.stdout[-5000:]
-  rm_result = json.loads(out.stdout.strip().splitlines()[-1])["results"]["rm_accuracy"]
+  with open(tmp_path / "rm" / "results.json") as f:
+    rm_result = json.load(f)["results"]["rm_accuracy"]
   assert rm_result["num_pairs"] > 0 and 0.0 <= rm_result["accuracy"] <= 1.0
   out = run_cmd([sys.executable, "-m", "eval.run", f"--checkpoint={sft}",
                  "--tasks=winrate,redteam", f"--baseline={sft}", f"--judge={rm}",
@@ -239,10 +240,75 @@ def test_cli_judged_tasks(english_sft_run, english_rm_run, tmp_path):
                  "--max_prompt_tokens=48", "--max_new_tokens=16", "--samples_per_prompt=2",
                  "--redteam_threshold=0.0", f"--output_dir={tmp_path / 'judged'}"])
   assert out.returncode == 0, out.stdout[-5000:]
-  results = json.loads(out.stdout.strip().splitlines()[-1])["results"]
+  with open(tmp_path / "judged" / "results.json") as f:
+    results = json.load(f)["results"]
   n = results["winrate"]["items"]
   assert n >= 2 and results["winrate"]["winrate"] == 0.5
   assert results["winrate"]["wins_ties_losses"] == [0, n, 0]  # the same policy and seed
   red = results["redteam"]
   assert 0.0 <= red["below_threshold"] <= 1.0
   assert red["below_threshold"] == red["baseline_below_threshold"]
+
+
+def test_markdown_table_formats_numbers_and_results_keep_them_whole():
+  from eval.run import markdown_table
+  results = {"wikitext2": {"documents": 2, "tokens": 900, "token_perplexity": 4230122655.5658,
+                           "word_perplexity": 684.71234, "bits_per_byte": 1.80812345,
+                           "seconds": 3.2},
+             "arc_easy": {"items": 6, "acc": 0.25, "acc_stderr": 0.0312345}}
+  table = markdown_table(results)
+  assert "| wikitext2 | token_perplexity | 4,230,122,656 | 2 |" in table
+  assert "| wikitext2 | word_perplexity | 684.7 | 2 |" in table
+  assert "| wikitext2 | bits_per_byte | 1.8081 | 2 |" in table
+  assert "| arc_easy | acc | 0.2500 ± 0.0312 | 6 |" in table
+  assert "seconds" not in table and "tokens" not in table
+
+
+class _FakeScorer:
+  """Rolling log-likelihood: -1 per character (what run_task passes is what is scored)."""
+
+  progress = None
+
+  def rolling_loglikelihood(self, texts):
+    return [(-float(len(t)), len(t)) for t in texts]
+
+
+def test_limit_counts_wikitext2_articles():
+  from types import SimpleNamespace
+  import re
+  from eval import tasks
+  from eval.run import run_task
+  with open(tasks.task_path("wikitext2"), encoding="utf-8") as f:
+    text = f.read()
+  # Articles start at top-level headings: " = Title = " between blank lines (sections are
+  # " = = Title = = "; a table row " = National record " is no heading). The test set has 60.
+  starts = [m.start(1) for m in re.finditer(r"(?:^|\n) \n( = [^=\n].* = \n)(?= \n)", text)]
+  assert len(starts) == 60
+  flags = SimpleNamespace(limit=2, data_dir="", text_field="text")
+  summary, records = run_task("wikitext2", flags, None, _FakeScorer())
+  assert summary["documents"] == len(records) == 2
+  assert summary["bytes"] == len(text[:starts[2]].encode("utf-8"))
+  # Without a limit every article is scored, and together they are the whole file.
+  flags.limit = 0
+  summary, records = run_task("wikitext2", flags, None, _FakeScorer())
+  assert summary["documents"] == 60 and summary["bytes"] == len(text.encode("utf-8"))
+
+
+def test_cli_prints_the_results_once_formatted(hf_pair, tmp_path):
+  _, _, ours = hf_pair
+  out_dir = tmp_path / "eval"
+  out = run_cmd([sys.executable, "-m", "eval.run",
+                 f"--checkpoint={ours.meta['checkpoint_path']}", "--tasks=arc_easy,wikitext2",
+                 "--limit=2", "--batch_size=8", f"--output_dir={out_dir}"], timeout=300)
+  assert out.returncode == 0, out.stdout[-5000:]
+  with open(out_dir / "results.json") as f:
+    results = json.load(f)["results"]
+  # Printed once: the table, no dict or JSON dump of the same results.
+  assert out.stdout.count("| arc_easy | acc |") == 1
+  assert out.stdout.count("| wikitext2 | token_perplexity |") == 1
+  assert "{" not in out.stdout, out.stdout
+  from eval.run import format_metric
+  ppl = results["wikitext2"]["token_perplexity"]
+  assert f"| wikitext2 | token_perplexity | {format_metric(ppl)} |" in out.stdout
+  assert format_metric(ppl) != str(ppl)  # results.json keeps the full value
+  assert results["wikitext2"]["documents"] == 2 and results["arc_easy"]["items"] == 2

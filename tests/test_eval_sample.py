@@ -209,9 +209,91 @@ def test_cli_chat_keeps_history_and_resets(ckpt, loaded):
 def test_cli_errors_are_one_line(ckpt, tmp_path, flags, needle):
   missing = str(tmp_path / "nope")
   out = _cli(*(f.format(missing=missing, ckpt=ckpt[0]) for f in flags))
-  assert out.returncode != 0
+  assert out.returncode == 2
   lines = [line for line in out.stderr.splitlines() if not line.startswith("Loaded ")]
   assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], out.stderr
   if "missing" in flags[0]:
     assert missing in lines[0]
   assert "Traceback" not in out.stderr + out.stdout
+
+
+@pytest.fixture(scope="module")
+def bad_tokenizer_ckpt(ckpt, tmp_path_factory):
+  """A copy of the tiny checkpoint whose tokenizer blob is random bytes."""
+  import glob
+  import os
+  import shutil
+  workdir = str(tmp_path_factory.mktemp("bad_tok") / "run")
+  shutil.copytree(ckpt[0], workdir)
+  blobs = glob.glob(os.path.join(workdir, "checkpoints", "*", "tokenizer", "blob.bin"))
+  assert blobs
+  for blob in blobs:
+    with open(blob, "wb") as f:
+      f.write(np.random.default_rng(0).bytes(300))
+  return workdir
+
+
+def test_unreadable_tokenizer_is_a_checkpoint_error_naming_it(bad_tokenizer_ckpt):
+  from train.checkpoint import CheckpointError
+  with pytest.raises(CheckpointError, match=r"checkpoints/0 holds an unreadable tokenizer"):
+    load_for_sampling(bad_tokenizer_ckpt)
+
+
+@pytest.mark.parametrize("module,flags", [("eval.sample", ("--prompt=hi",)),
+                                          ("eval.run", ("--tasks=arc_easy",))])
+def test_cli_unreadable_tokenizer_is_one_error_line_exit_2(bad_tokenizer_ckpt, tmp_path,
+                                                           module, flags):
+  out = subprocess.run([sys.executable, "-m", module, f"--checkpoint={bad_tokenizer_ckpt}",
+                        *flags, f"--output_dir={tmp_path / 'eval'}" if module == "eval.run"
+                        else f"--output={tmp_path / 's.jsonl'}"],
+                       cwd=REPO_ROOT, env=subprocess_env(), capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 2, out.stderr[-3000:]
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr[-3000:]
+  assert bad_tokenizer_ckpt in lines[0] and "unreadable tokenizer" in lines[0]
+  assert "Traceback" not in out.stderr + out.stdout and not list(tmp_path.iterdir())
+
+
+class _FakeStdin:
+  """Lines for the chat; then an item that is an exception class is raised ("" = EOF)."""
+
+  def __init__(self, items, tty=False):
+    self.items, self.tty = list(items), tty
+
+  def isatty(self):
+    return self.tty
+
+  def readline(self):
+    if not self.items:
+      return ""
+    item = self.items.pop(0)
+    if isinstance(item, type) and issubclass(item, BaseException):
+      raise item()
+    return item
+
+
+def _chat_flags():
+  from types import SimpleNamespace
+  return SimpleNamespace(max_new_tokens=8, temperature=0.0, top_k=0, top_p=1.0, system="",
+                         seed=0)
+
+
+@pytest.mark.parametrize("after", ["exit\n", "quit\n", " /quit \n", "/exit\n",
+                                   KeyboardInterrupt, ""])
+def test_chat_ends_on_exit_quit_ctrl_c_and_eof(loaded, monkeypatch, capsys, after):
+  from eval.sample import run_chat
+  stdin = _FakeStdin(["hello\n", after, "never read\n"])
+  monkeypatch.setattr(sys, "stdin", stdin)
+  run_chat(_chat_flags(), loaded[0], loaded[1], ChatTemplate(loaded[2]))  # no exception
+  assert capsys.readouterr().out.count("assistant> ") == 1
+  assert stdin.items == ["never read\n"]
+
+
+def test_interactive_chat_has_readline_line_editing(loaded, monkeypatch, capsys):
+  from eval.sample import run_chat
+  monkeypatch.delitem(sys.modules, "readline", raising=False)
+  monkeypatch.setattr(sys, "stdin", _FakeStdin(["exit\n"], tty=True))
+  run_chat(_chat_flags(), loaded[0], loaded[1], ChatTemplate(loaded[2]))
+  assert "readline" in sys.modules  # input() then edits lines and keeps a history
+  assert capsys.readouterr().out == "you> "

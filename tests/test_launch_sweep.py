@@ -86,3 +86,17 @@ def test_sweep_expansion_and_tpu_commands():
   assert cmd[:7] == ["python", "-m", "launch.tpu_vm", "run", "--name=v", "--zone=z",
                      "--accelerator_type=v4-8"]
   assert cmd[7:10] == ["--", "-m", "train.pretrain"] and "--workdir=gs://b/p0" in cmd
+
+
+def test_curve_ylim_covers_train_and_eval_points():
+  from launch.sweep import curve_ylim
+  train = [4.2, 3.5, 3.0, 2.8, 2.7, 2.65, 2.6, 2.58, 2.57, 2.56]
+  # Eval below the lowest train loss (e.g. dropout off at eval): it must stay on the chart.
+  evals = [2.9, 2.4, 2.3]
+  lo, hi = curve_ylim(train, evals)
+  assert lo < min(evals) and hi > max(evals)
+  assert lo < min(train) and hi < max(train)  # the first steps are still cut off
+  # An eval series alone (no train loss logged yet), non-finite values ignored.
+  lo, hi = curve_ylim([float("nan")], [3.0, 2.0, float("inf")])
+  assert lo < 2.0 and hi > 3.0
+  assert curve_ylim([], []) is None and curve_ylim([float("nan")], []) is None

@@ -134,3 +134,22 @@ def test_training_entry_point_refuses_a_gs_workdir_without_credentials(tmp_path)
                        timeout=120)
   assert out.returncode != 0
   assert "workdir gs://no-such-bucket/run: no Google Cloud credentials" in out.stderr + out.stdout
+
+
+def _remote_words(line):
+  """The words the remote shell sees in one printed `gcloud ... ssh --command=...` line."""
+  import shlex
+  command = [a for a in shlex.split(line) if a.startswith("--command=")][0]
+  return shlex.split(command[len("--command="):], comments=True)
+
+
+def test_a_run_name_with_shell_characters_stays_one_word_on_the_remote_shell():
+  evil = "x; touch /tmp/pwned #1 $(id)"
+  log = f"~/lmlife-logs/{evil}.log"
+  logs = _dry("logs", run_name_=evil, worker="all")
+  assert len(logs) == 1 and _remote_words(logs[0]) == ["tail", "-n", "+1", "-f", log]
+  start, follow = _dry("run", ENTRY, run_name_=evil, skip_preflight=True)
+  words = _remote_words(start)
+  assert words[words.index(">") + 1] == log and words[-4:] == ["2>&1", "<", "/dev/null", "&"]
+  assert ";" not in words and "touch" not in words
+  assert _remote_words(follow) == ["tail", "-n", "+1", "-f", log]
