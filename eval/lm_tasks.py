@@ -21,6 +21,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from eval import tasks as tasks_lib
+from eval.sample import make_template, respond
+from model.sampling import Sampler, SamplingConfig
 
 MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu")
 LM_TASKS = (*MC_TASKS, "lambada", "wikitext2", "gsm8k")
@@ -137,8 +139,6 @@ def score_perplexity(scorer: Any, task: str, texts: list[str]
 def score_gsm8k(loaded: Any, problems: list[tuple[str, str, str]], max_new_tokens: int,
                 batch_size: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Greedy chat-template answers; exact match of the last number with the gold answer."""
-  from eval.sample import make_template, respond
-  from model.sampling import Sampler, SamplingConfig
   template = make_template("chat", loaded.tokenizer)
   sampler = Sampler(loaded.graphdef, loaded.model_cfg, mesh=loaded.mesh, rules=loaded.rules,
                     param_shardings=loaded.param_shardings)

@@ -42,12 +42,24 @@ import os
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+from absl import app, flags, logging
 
+from data.config import default_preference_data_config
 from eval import tasks as tasks_lib
 from eval.cli import exit_with_error
+from eval.loading import load_checkpoint, parse_mesh
 from eval.lm_tasks import (LM_TASKS, MC_TASKS, read_texts, score_gsm8k,
                            score_multiple_choice, score_perplexity, wikitext_articles)
+from eval.loglik import LoglikScorer
+from eval.reward import evaluate_pairs, select_pairs
+from eval.winrate import compare, held_out_prompts
+from model.heads import RewardModel
+from model.transformer import Transformer
+from train import checkpoint as ckpt_lib
+from train import distributed
+from train.metrics import MetricsWriter
 
 OTHER_TASKS = ("rm_accuracy", "winrate", "redteam")
 
@@ -116,9 +128,6 @@ _COMPARISONS: dict[tuple, tuple[int, dict[str, Any]]] = {}
 def run_judged_task(task: str, flags: Any, loaded: Any
                     ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """rm_accuracy, winrate and redteam (tasks that need a reward model)."""
-  from eval.reward import evaluate_pairs, select_pairs
-  from eval.winrate import compare, held_out_prompts
-  from model.heads import RewardModel
   if task == "rm_accuracy":
     if loaded.model_class is not RewardModel:
       raise ValueError(f"rm_accuracy needs a reward-model checkpoint; {flags.checkpoint} "
@@ -162,7 +171,6 @@ def run_judged_task(task: str, flags: Any, loaded: Any
 
 def redteam_summary(result: dict[str, Any], flags: Any) -> dict[str, Any]:
   """Fraction of responses scored below the threshold (normalised by the judge's stats)."""
-  from train import checkpoint as ckpt_lib
   norm = ckpt_lib.read_metadata(flags.judge).get("reward_norm") or {"mean": 0.0, "std": 1.0}
   threshold = norm["mean"] + flags.redteam_threshold * norm["std"]
   out: dict[str, Any] = {"items": result["num_prompts"] * result["samples_per_prompt"],
@@ -176,57 +184,55 @@ def redteam_summary(result: dict[str, Any], flags: Any) -> dict[str, Any]:
 
 
 def _default_sources() -> str:
-  from data.config import default_preference_data_config
   return default_preference_data_config().sources
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags as absl_flags
-  from absl import logging
-  from eval.loading import load_checkpoint, parse_mesh
-  from eval.loglik import LoglikScorer
-  from model.transformer import Transformer
-  from train import checkpoint as ckpt_lib
-  flags = absl_flags.FLAGS
+  FLAGS = flags.FLAGS
   if len(argv) > 1:
     exit_with_error(f"unexpected arguments {argv[1:]}")
   logging.set_verbosity(logging.ERROR)
-  from train import distributed
-  distributed.initialize("", 0, -1, flags.local_devices)  # CPU: one device per core
+  distributed.initialize("", 0, -1, FLAGS.local_devices)  # CPU: one device per core
   try:
-    names = parse_tasks(flags.tasks)
-    loaded = load_checkpoint(flags.checkpoint, parse_mesh(flags.mesh))
+    names = parse_tasks(FLAGS.tasks)
+    loaded = load_checkpoint(FLAGS.checkpoint, parse_mesh(FLAGS.mesh))
     lm_needed = [t for t in names if t != "rm_accuracy"]
     if lm_needed and loaded.model_class is not Transformer:
-      raise ValueError(f"Tasks {lm_needed} need a language model; {flags.checkpoint} holds a "
+      raise ValueError(f"Tasks {lm_needed} need a language model; {FLAGS.checkpoint} holds a "
                        f"{loaded.model_class.__name__}")
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
-    exit_with_error(e, flags.verbose)
-  out_dir = flags.output_dir or os.path.join(
+    exit_with_error(e, FLAGS.verbose)
+  out_dir = FLAGS.output_dir or os.path.join(
       os.path.dirname(os.path.dirname(loaded.meta["checkpoint_path"])), "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  scorer = LoglikScorer(loaded, flags.batch_size) if loaded.model_class is Transformer else None
-  results = previous_results(out_dir, loaded.meta["checkpoint_path"], flags.limit)
-  from train.metrics import MetricsWriter
-  writer = MetricsWriter(out_dir)
+  # Several processes (launch.local): all compute, process 0 alone writes and prints.
+  primary = jax.process_index() == 0
+  if primary:
+    os.makedirs(out_dir, exist_ok=True)
+  scorer = LoglikScorer(loaded, FLAGS.batch_size) if loaded.model_class is Transformer else None
+  results = previous_results(out_dir, loaded.meta["checkpoint_path"], FLAGS.limit)
+  writer = MetricsWriter(out_dir, enabled=primary)
   for task in names:
     start = time.perf_counter()
-    print(f"{task}: ...", flush=True)
+    if primary:
+      print(f"{task}: ...", flush=True)
     try:
       summary, records = run_task(task, flags, loaded, scorer)
     except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
       writer.close()
-      exit_with_error(e, flags.verbose, where=f"task {task}")
+      exit_with_error(e, FLAGS.verbose, where=f"task {task}")
     summary["seconds"] = round(time.perf_counter() - start, 1)
     results[task] = summary
     name = task.replace(":", "_").replace("/", "_")
-    with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
-      f.writelines(json.dumps(r) + "\n" for r in records)
     writer.write(int(loaded.meta.get("step", 0)),
                  {f"eval/{name}/{k}": v for k, v in summary.items() if isinstance(v, float)})
-    write_report(out_dir, loaded.meta, flags.limit, results)  # after every task
-    print(f"{task}: done in {summary['seconds']} s", flush=True)
+    if primary:
+      with open(os.path.join(out_dir, f"{name}.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+      write_report(out_dir, loaded.meta, FLAGS.limit, results)  # after every task
+      print(f"{task}: done in {summary['seconds']} s", flush=True)
   writer.close()
+  if not primary:
+    return
   # The results, once: the table (with tasks kept from earlier invocations) and where the
   # full-precision figures are.
   print(markdown_table(results), end="")
@@ -264,7 +270,6 @@ def write_report(out_dir: str, meta: dict[str, Any], limit: int,
 
 
 def define_flags() -> None:
-  from absl import flags
   flags.DEFINE_string("checkpoint", None, "Checkpoint to evaluate.", required=True)
   flags.DEFINE_string("tasks", "all_lm", "Comma-separated task names (module doc).")
   flags.DEFINE_string("output_dir", "", "Where results go (default <workdir>/eval).")
@@ -292,6 +297,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   define_flags()
   app.run(main)

@@ -37,11 +37,13 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from absl import app, flags, logging
 
 from data.chat import ASSISTANT, SYSTEM, TEMPLATES, USER, get_template
 from data.tokenizer import Tokenizer
 from eval.cli import exit_with_error
 from eval.loading import load_checkpoint, parse_mesh
+from eval.tasks import field, read_jsonl
 from model import sharding as msharding
 from model.sampling import Sampler, SamplingConfig, respond
 from model.transformer import Transformer
@@ -142,7 +144,6 @@ def truncate_history(template: Any, system: Sequence[Mapping[str, str]],
 def read_prompts(path: str) -> list[str]:
   """`.jsonl`: the "prompt" field of each record; any other file: one prompt per line."""
   if path.endswith(".jsonl"):
-    from eval.tasks import field, read_jsonl
     return [field(r, "prompt", str, f"{path}:{n}") for n, r in read_jsonl(path)]
   with open(path) as f:
     return [line.rstrip("\n") for line in f if line.strip()]
@@ -199,7 +200,7 @@ def _line_reader(interactive: bool) -> Callable[[], str]:
   the end of the input."""
   if interactive:
     try:
-      import readline  # noqa: F401 - importing it gives input() line editing and history
+      import readline  # noqa: F401 - optional module (not on every platform); importing it gives input() line editing and history
     except ImportError:  # e.g. Windows: plain input() still works
       pass
   prompt = "you> " if interactive else ""
@@ -261,9 +262,7 @@ def _chat_turn(flags: Any, sampler: Sampler, params: Any, template: Any,
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags as absl_flags
-  from absl import logging
-  flags = absl_flags.FLAGS
+  FLAGS = flags.FLAGS
   if len(argv) > 1:
     exit_with_error(f"unexpected arguments {argv[1:]}")
   # Orbax logs every file operation at INFO and read-only restores at WARNING; the console
@@ -271,32 +270,31 @@ def main(argv: Sequence[str]) -> None:
   logging.set_verbosity(logging.ERROR)
   try:
     # Cheap checks first: a typo should not wait for the checkpoint to load.
-    if flags.template not in TEMPLATE_NAMES:
-      raise ValueError(f"Unknown template {flags.template!r}; known: {list(TEMPLATE_NAMES)}")
-    if not (flags.chat or flags.prompt or flags.prompts_file):
+    if FLAGS.template not in TEMPLATE_NAMES:
+      raise ValueError(f"Unknown template {FLAGS.template!r}; known: {list(TEMPLATE_NAMES)}")
+    if not (FLAGS.chat or FLAGS.prompt or FLAGS.prompts_file):
       raise ValueError("nothing to sample: give --prompt, --prompts_file or --chat")
-    if flags.chat and (flags.prompt or flags.prompts_file):
+    if FLAGS.chat and (FLAGS.prompt or FLAGS.prompts_file):
       raise ValueError("--chat reads prompts from stdin; drop --prompt / --prompts_file")
-    if (flags.system or flags.chat) and flags.template == RAW_TEMPLATE:
+    if (FLAGS.system or FLAGS.chat) and FLAGS.template == RAW_TEMPLATE:
       raise ValueError("--system and --chat need a chat template, not --template=none")
-    if flags.local_devices:
-      jax.config.update("jax_num_cpu_devices", flags.local_devices)
-    mesh_shape = parse_mesh(flags.mesh)
-    sampler, params, tokenizer, meta = load_for_sampling(flags.checkpoint, mesh_shape)
+    if FLAGS.local_devices:
+      jax.config.update("jax_num_cpu_devices", FLAGS.local_devices)
+    mesh_shape = parse_mesh(FLAGS.mesh)
+    sampler, params, tokenizer, meta = load_for_sampling(FLAGS.checkpoint, mesh_shape)
     print(f"Loaded {meta['checkpoint_path']} (stage {meta.get('stage')}, "
           f"{sampler.model_cfg.num_params():,} parameters, mesh "
           f"{dict(sampler.mesh.shape)})", file=sys.stderr, flush=True)
-    template = make_template(flags.template, tokenizer)
-    (run_chat if flags.chat else run_prompts)(flags, sampler, params, template)
+    template = make_template(FLAGS.template, tokenizer)
+    (run_chat if FLAGS.chat else run_prompts)(flags, sampler, params, template)
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
-    exit_with_error(e, flags.verbose)
+    exit_with_error(e, FLAGS.verbose)
   except KeyboardInterrupt:  # Ctrl-C while the checkpoint loads: no traceback
     sys.exit(130)
 
 
 def define_flags() -> None:
   """The command-line flags (defined only when this module is the program)."""
-  from absl import flags
   flags.DEFINE_string("checkpoint", None, "Workdir, checkpoints dir or step dir.",
                       required=True)
   flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
@@ -318,6 +316,5 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   define_flags()
   app.run(main)

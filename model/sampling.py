@@ -265,18 +265,21 @@ class Sampler:
 
   def _fn(self, cfg: SamplingConfig):
     if cfg not in self._compiled:
-      def run(params, prompt_tokens, prompt_lengths, rng):
+      def run(params, prompt_tokens, prompt_lengths, key_data):
         generate = _generate if cfg.use_cache else _generate_uncached
-        return generate(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths, rng,
-                        cfg)
+        return generate(nnx.merge(self.graphdef, params), prompt_tokens, prompt_lengths,
+                        jax.random.wrap_key_data(key_data), cfg)
       if self.mesh is None:
         self._compiled[cfg] = jax.jit(run)
       else:
         batch = NamedSharding(self.mesh, P(dict(self.rules).get("batch")))
         replicated = NamedSharding(self.mesh, P())
+        # Several processes: outputs replicated, so every process reads every row (the
+        # rows were given whole to every process).
+        out = replicated if jax.process_count() > 1 else batch
         self._compiled[cfg] = jax.jit(
             run, in_shardings=(self.param_shardings, batch, batch, replicated),
-            out_shardings=batch)
+            out_shardings=out)
     return self._compiled[cfg]
 
   def generate(self, params: Any, prompts: Sequence[Sequence[int]] | np.ndarray,
@@ -286,7 +289,8 @@ class Sampler:
 
     Args:
       params: Model parameters (pure dict, as the Trainer holds them).
-      prompts: Token lists, or an already left-padded [B, P] array with `prompt_lengths`.
+      prompts: Token lists, or an already left-padded [B, P] array with `prompt_lengths`;
+        with several processes every process passes all rows.
       cfg: How to sample.
       seed: An int or a JAX PRNG key.
       prompt_lengths: [B] real lengths when `prompts` is a padded array.
@@ -296,14 +300,26 @@ class Sampler:
     else:
       tokens, lengths = np.asarray(prompts, np.int32), np.asarray(prompt_lengths, np.int32)
     rng = jax.random.key(seed) if isinstance(seed, int) else seed
+    key_data = np.asarray(jax.device_get(jax.random.key_data(rng)))
     fn = self._fn(cfg)
     if self.mesh is None:
-      out = fn(params, tokens, lengths, rng)
+      out = fn(params, tokens, lengths, key_data)
     else:
       with jax.set_mesh(self.mesh), nnx.logical_axis_rules(self.rules):
-        out = fn(params, tokens, lengths, rng)
+        out = fn(params, *self._global((tokens, lengths, key_data)))
     out = jax.device_get(out)
     return SampleOutput(prompt_lengths=lengths, **{k: np.asarray(v) for k, v in out.items()})
+
+  def _global(self, arrays: Sequence[np.ndarray]) -> list[Any]:
+    """Host arrays every process holds whole -> global arrays (rows over the batch axes,
+    the key replicated); with one process numpy goes to jit as it is."""
+    if jax.process_count() == 1:
+      return list(arrays)
+    batch = NamedSharding(self.mesh, P(dict(self.rules).get("batch")))
+    replicated = NamedSharding(self.mesh, P())
+    shardings = [batch] * (len(arrays) - 1) + [replicated]
+    return [jax.make_array_from_callback(a.shape, sh, lambda i, a=a: a[i])
+            for a, sh in zip(arrays, shardings)]
 
 
 def token_logprobs(model: nnx.Module, out: SampleOutput | dict, temperature: float = 1.0

@@ -218,7 +218,8 @@ class PPO:
       order = rng.permutation(p.rollout_batch_size)
       for m in range(p.minibatches):
         rows = order[m * size:(m + 1) * size]
-        mb = self.policy.stage([{k: batch[k][rows] for k in UPDATE_KEYS}])
+        # Every process holds the whole rollout: stage the minibatch as global rows.
+        mb = self.policy.runtime.replicated_rows({k: batch[k][rows] for k in UPDATE_KEYS})
         p_state, pm = self.policy.step(p_state, mb)
         v_state, vm = self.value.step(v_state, mb)
         metrics.append((pm, vm))
