@@ -41,7 +41,8 @@ class ModelConfig:
     norm_eps: RMSNorm epsilon.
     tie_embeddings: output projection is the transposed token embedding.
     attention_impl: "xla" (reference einsum softmax) or "dot_product"
-      (`jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU).
+      (`jax.nn.dot_product_attention` with its default implementation: XLA's in the
+      pinned JAX, not cuDNN flash attention).
     scan_layers: stack block parameters on a leading `layers` axis and run them with
       `lax.scan` (one compiled block: faster compiles for deep models).
     remat_policy: what to keep for the backward pass: "none" (keep everything), "full"

@@ -103,7 +103,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
                           ) -> jax.Array:
-  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when it applies)."""
+  """`jax.nn.dot_product_attention` with its default implementation, which in the pinned JAX
+  is XLA's (materialised scores; cuDNN flash attention needs implementation="cudnn")."""
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
 
 
