@@ -216,7 +216,7 @@ def main(argv: Sequence[str]) -> None:
     if primary:
       print(f"{task}: ...", flush=True)
     try:
-      summary, records = run_task(task, flags, loaded, scorer)
+      summary, records = run_task(task, FLAGS, loaded, scorer)
     except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
       writer.close()
       exit_with_error(e, FLAGS.verbose, where=f"task {task}")

@@ -286,7 +286,7 @@ def main(argv: Sequence[str]) -> None:
           f"{sampler.model_cfg.num_params():,} parameters, mesh "
           f"{dict(sampler.mesh.shape)})", file=sys.stderr, flush=True)
     template = make_template(FLAGS.template, tokenizer)
-    (run_chat if FLAGS.chat else run_prompts)(flags, sampler, params, template)
+    (run_chat if FLAGS.chat else run_prompts)(FLAGS, sampler, params, template)
   except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
     exit_with_error(e, FLAGS.verbose)
   except KeyboardInterrupt:  # Ctrl-C while the checkpoint loads: no traceback

@@ -84,18 +84,12 @@ def test_sft_from_the_base(chain, tmp_path):
   _compare_runs(one, two)
 
 
-def test_reward_model_from_sft(chain, tmp_path):
+@pytest.mark.parametrize("name,module,config", [
+    ("rm", "rlhf.reward", "configs/reward/hh.py:runlocal=true"),
+    ("dpo", "rlhf.dpo", "configs/dpo/hh.py:runlocal=true")])
+def test_preference_stages_from_sft(chain, tmp_path, name, module, config):
   _, sft, _, pairs = chain
-  one, two = _both(tmp_path, "rm", "rlhf.reward", "configs/reward/hh.py:runlocal=true",
-                   f"--config.init_from={sft}", f"--config.data.sources={pairs}",
-                   "--config.data.val_fraction=0.25", "--config.train.num_steps=4",
-                   "--config.train.log_every=1", "--config.train.steps_per_call=1")
-  _compare_runs(one, two)
-
-
-def test_dpo_from_sft(chain, tmp_path):
-  _, sft, _, pairs = chain
-  one, two = _both(tmp_path, "dpo", "rlhf.dpo", "configs/dpo/hh.py:runlocal=true",
+  one, two = _both(tmp_path, name, module, config,
                    f"--config.init_from={sft}", f"--config.data.sources={pairs}",
                    "--config.data.val_fraction=0.25", "--config.train.num_steps=4",
                    "--config.train.log_every=1", "--config.train.steps_per_call=1")

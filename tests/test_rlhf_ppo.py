@@ -90,7 +90,7 @@ def test_ppo_cli_from_sft_and_reward_checkpoints_and_resume(english_sft_run, eng
               "ppo/non_score_reward", "ppo/approxkl", "ppo/clipfrac",
               "ppo/ratio_mean", "ppo/ratio_var", "value/clipfrac",
               "value/explained_variance", "value/loss", "ppo/eos_fraction", "ppo/response_length",
-              "time/rollout", "time/scoring", "time/update", "time/rollout_mfu"):
+              "time/rollout_s", "time/scoring_s", "time/update_s", "time/rollout_mfu"):
     assert all(np.isfinite(r[key]) for r in records), key
   assert records[0]["ppo/first_ratio_max_dev"] < 1e-5
   assert os.path.getsize(os.path.join(workdir, "ppo_curves.png")) > 1000

@@ -93,7 +93,10 @@ def test_init_from_an_sft_checkpoint_keeps_the_trunk_and_adds_a_fresh_head(engli
   parent.pop("lm_head")
   jax.tree.map(np.testing.assert_array_equal, params["trunk"], jax.device_get(parent))
   fresh = score_head_params(trainer.model_cfg, trainer.config.seed)
-  jax.tree.map(np.testing.assert_array_equal, params["head"], fresh)
+  # The head is initialised inside the jitted init adapter: equal to an eager init up to the
+  # last bit of float32 rounding.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               params["head"], fresh)
   assert np.abs(params["head"]["kernel"]).sum() > 0 and params["head"]["bias"].tolist() == [0]
   trainer.close()
 

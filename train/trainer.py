@@ -221,6 +221,7 @@ class Trainer:
 
   # ------------------------------------------------------------------ checkpoints (Saver)
   def save(self, state: TrainState) -> None:
+    self.open()
     step = int(jax.device_get(state.step))
     meta = {"stage": self.config.stage, "config": self.config.to_dict(),
             "model_config": self.model_cfg.to_dict(), "parent": self.parent,
