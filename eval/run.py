@@ -5,7 +5,7 @@
 
 Tasks (names for --tasks; `all_lm` = every language-model task):
   hellaswag, arc_easy, arc_challenge, piqa, winogrande, mmlu   multiple choice by
-        log-likelihood (eval.tasks formats; lm-eval's acc and acc_norm; mmlu and
+        log-likelihood (data.benchmarks formats; lm-eval's acc and acc_norm; mmlu and
         winogrande report acc only, as lm-eval does)
   lambada        last-word accuracy (greedy) and perplexity of the last word
   wikitext2      rolling log-likelihood of the WikiText-2 test file: token perplexity,
@@ -39,7 +39,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from eval import tasks as tasks_lib
+from data import benchmarks as tasks_lib
+from data.readers import read_text
 
 MC_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "mmlu")
 LM_TASKS = (*MC_TASKS, "lambada", "wikitext2", "gsm8k")
@@ -113,8 +114,7 @@ def read_texts(path: str, text_field: str) -> list[str]:
             for n, r in tasks_lib.read_jsonl(path)]
   if not os.path.exists(path):
     raise ValueError(f"{path} does not exist")
-  with open(path, encoding="utf-8") as f:
-    return [f.read()]
+  return [read_text(path)]  # not UTF-8: an error naming the file and line
 
 
 def score_perplexity(scorer: Any, task: str, texts: list[str]

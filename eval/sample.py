@@ -26,6 +26,7 @@ not fit one device. The batch dimension is split over the mesh's batch axes.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -34,7 +35,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import numpy as np
 
+from data.benchmarks import field, read_jsonl
 from data.chat import ASSISTANT, SYSTEM, TEMPLATES, USER, get_template
+from data.readers import read_text
 from data.tokenizer import Tokenizer
 from eval.loading import load_checkpoint, parse_mesh
 from model import sharding as msharding
@@ -196,10 +199,10 @@ def truncate_history(template: Any, system: Sequence[Mapping[str, str]],
 def read_prompts(path: str) -> list[str]:
   """`.jsonl`: the "prompt" field of each record; any other file: one prompt per line."""
   if path.endswith(".jsonl"):
-    from eval.tasks import field, read_jsonl
     return [field(r, "prompt", str, f"{path}:{n}") for n, r in read_jsonl(path)]
-  with open(path) as f:
-    return [line.rstrip("\n") for line in f if line.strip()]
+  # newline=None: lines end as in a file opened in text mode; read_text names a bad byte.
+  return [line.rstrip("\n") for line in io.StringIO(read_text(path), newline=None)
+          if line.strip()]
 
 
 def _fit_max_new_tokens(requested: int, longest_prompt: int, context: int,

@@ -1,4 +1,4 @@
-"""Tests for data/curate.py: each stage removes what it should on a hand-made corpus, bad input
+"""Tests for data/curate/: each stage removes what it should on a hand-made corpus, bad input
 is counted per file, output is byte-identical across runs and worker counts, and a killed
 run completes without duplicates."""
 
@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from data.sources import resolve_data_path
+from data.readers import resolve_data_path
 
 
 def _paragraphs(n):
