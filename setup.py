@@ -37,7 +37,9 @@ setup(
         # Cloud TPU VMs (launch/tpu_vm.py setup): JAX with its TPU runtime (libtpu).
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         # The tests include the transformers parity checks, so they need the hf extra.
-        "test": ["pytest>=8,<10", *HF],
+        # import-linter: tests/test_layering.py checks the import layers in .importlinter
+        # (2.17 tested; its acyclic_siblings contract is recent).
+        "test": ["pytest>=8,<10", "import-linter>=2.17,<3", *HF],
         # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.
         "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0"],
     },

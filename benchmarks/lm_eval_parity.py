@@ -6,7 +6,7 @@
 1. exports the checkpoint to a Hugging Face LlamaForCausalLM directory (train/hf_convert.py);
 2. writes the shared HellaSwag file's first `--hellaswag_items` items and the ARC-Easy file
    as local jsonl, and lm-eval task YAMLs (`dataset_path: json` + `data_files`) with the
-   prompt formats of eval/tasks.py;
+   prompt formats of data/benchmarks.py;
 3. runs `lm_eval --model hf` on CPU in float32, offline (HF_DATASETS_OFFLINE=1,
    HF_HUB_OFFLINE=1, --include_path), with --log_samples;
 4. scores the same items with eval.run (our checkpoint, our JAX model and tokenizer);
@@ -64,7 +64,7 @@ TASKS = {  # our task -> (lm-eval task name, doc_to_text, target field, choices 
 
 def write_tasks(out: str) -> dict[str, str]:
   """Local jsonl copies and the YAMLs; returns {our task: its jsonl path}."""
-  from eval import tasks as tasks_lib
+  from data import benchmarks as tasks_lib
   paths = {}
   for task in TASKS:
     src = tasks_lib.task_path(task)
@@ -116,7 +116,7 @@ def main(argv):
   import numpy as np
   from absl import logging
   logging.set_verbosity(logging.ERROR)
-  from eval import tasks as tasks_lib
+  from data import benchmarks as tasks_lib
   from eval.loading import load_checkpoint
   from eval.loglik import LoglikScorer
   from eval.lm_tasks import score_multiple_choice

@@ -1,9 +1,19 @@
 """Data: documents -> SentencePiece ids -> tf.data batches of numpy arrays.
 
 Modules (import them directly; this package imports nothing so that importing
-`data.sources` or `data.tokenizer` does not pull in TensorFlow):
-  sources      text / jsonl / TFDS readers, data path resolution, train/val split.
+`data.readers` or `data.tokenizer` does not pull in TensorFlow; their layers are in
+.importlinter, checked by tests/test_layering.py):
+  readers      leaf readers: data path resolution, UTF-8 text, the one jsonl reader
+               (`jsonl_records`, raising or counting bad lines); imports no project code.
+  benchmarks   the evaluation files (HellaSwag, ARC, ..., GSM8K) as scored items.
+  tfds_builders / tfds_readers  TFDS builders of the local files; `load_tfds`,
+               `tfds_records`, `read_tfds`.
   corpus       a multi-source pretraining corpus with held-out rules (source="corpus").
+  documents    a data config -> (train, val) documents: one loader per `data.source`
+               (`SOURCE_KINDS`: text, jsonl, tfds, corpus).
+  tokenized    token-id corpora, `tokenize_documents`, `load_tokenized` (curated output).
+  curate/      the curation pipeline (`python -m data.curate`).
+  sources      only `load_split_documents` for train/pretrain.py (to be removed).
   tokenizer    lossless SentencePiece training and the `Tokenizer` wrapper (+ CLI).
   config       `default_data_config()`, `default_sft_data_config()` and
                `get_or_train_tokenizer`.

@@ -31,7 +31,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   """Returns the data config for nanoGPT-style char-level tinyshakespeare."""
   c = ml_collections.ConfigDict()
   # Where documents come from: "text" | "jsonl" | "tfds" | "corpus" (data/corpus.py) |
-  # "curated" (tokenized shards of data/curate.py; see curated_dir).
+  # "curated" (tokenized shards of data/curate/; see curated_dir).
   c.source = "text"
   # text/jsonl file; relative paths resolve under $LM_DATA_DIR, else ../shared/data.
   c.path = "pretrain/tinyshakespeare.txt"
@@ -41,8 +41,10 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tfds_data_dir = ""        # "" = the TFDS default directory.
   c.tfds_train_split = "train"
   c.tfds_val_split = "validation"
-  # Used when source="text" and the file is missing (needs internet or prepared data).
-  c.fallback_tfds = "tiny_shakespeare"
+  # A TFDS text dataset (e.g. "tiny_shakespeare") read when source="text" and the file is
+  # missing. "" (default): a missing file is an error at once; a download attempt offline
+  # takes minutes to fail and leaves partial files, so it happens only when asked for.
+  c.fallback_tfds = ""
   # text: last fraction of characters (nanoGPT's 90/10); jsonl: last fraction of records;
   # corpus: documents whose content hash falls below it.
   c.val_fraction = 0.1
@@ -56,7 +58,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # HH preference pairs the reward model holds out (split_preference_prefixes) are left out.
   c.corpus_pref_val_fraction = 0.1
   c.corpus_pref_seed = 0
-  # source="curated": a data/curate.py workdir; its tokenized shards are the corpus (train
+  # source="curated": a data/curate/ workdir; its tokenized shards are the corpus (train
   # and validation split, mixture and eos included) and its tokenizer.model the tokenizer.
   c.curated_dir = ""
   c.seq_len = 64              # Tokens per row (nanoGPT's block_size).

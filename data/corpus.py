@@ -1,7 +1,7 @@
 """A multi-source pretraining corpus with held-out rules (`config.data.source = "corpus"`).
 
 `data.corpus_sources` is a comma-separated list of `path[:kind]` entries, resolved
-under the data dir (`sources.resolve_data_path`). Kinds (`KINDS`):
+under the data dir (`readers.resolve_data_path`). Kinds (`KINDS`):
 
   text        plain UTF-8 text. WikiText-style files are split into articles at
               their title lines (` = Title = `, one "=" on each side; section
@@ -52,22 +52,23 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from typing import Any, NamedTuple, Sequence
 
-from data import sft_sources, sources
+from data import readers, sft_sources
 from data.chat import ASSISTANT, SYSTEM, USER, Message
+from data.config import default_sft_data_config
+from data.readers import split_wikitext_articles
 
 KINDS = ("text", "sft", "transcript")
 # Evaluation data: refused as training sources (paths relative to the data dir).
 HELD_OUT_FILES = ("pretrain/wikitext2_tokens_test.txt",)
 HELD_OUT_DIRS = ("eval",)
-# A WikiText article title line (section titles have "= =" and do not match).
-_TITLE_RE = re.compile(r"^ = [^=].* = $", re.MULTILINE)
 # The final assistant turn of an HH transcript starts here; what precedes is the prefix.
 PREFERENCE_ASSISTANT_TURN = "\n\nAssistant:"
 DIALOGUE_NAMES = {SYSTEM: "System", USER: "User", ASSISTANT: "Assistant"}
-_VAL_SALT = "corpus-val"  # Fixed: the pretraining split does not move with data.seed.
+# Salts the validation hash (`is_validation_document`); fixed, so the pretraining split
+# does not move with data.seed. data/curate/ splits its tokenized output with it too.
+VAL_SALT = "corpus-val"
 
 
 class CorpusSource(NamedTuple):
@@ -116,7 +117,7 @@ def parse_corpus_sources(spec: str | Sequence[str]) -> list[CorpusSource]:
       raise ValueError(f"Corpus source {entry!r}: unknown kind {kind!r}; "
                        f"expected one of {KINDS}")
     check_not_held_out(path)
-    out.append(CorpusSource(path, kind or infer_kind(sources.resolve_data_path(path))))
+    out.append(CorpusSource(path, kind or infer_kind(readers.resolve_data_path(path))))
   if not out:
     raise ValueError(f"No corpus sources in {spec!r} (set data.corpus_sources)")
   return out
@@ -124,23 +125,23 @@ def parse_corpus_sources(spec: str | Sequence[str]) -> list[CorpusSource]:
 
 def check_not_held_out(path: str) -> None:
   """Raises ValueError if `path` is an evaluation file (`HELD_OUT_*`)."""
-  resolved = os.path.realpath(sources.resolve_data_path(path))
+  resolved = os.path.realpath(readers.resolve_data_path(path))
   for held in HELD_OUT_FILES:
-    if (resolved == os.path.realpath(sources.resolve_data_path(held))
+    if (resolved == os.path.realpath(readers.resolve_data_path(held))
         or os.path.basename(resolved) == os.path.basename(held)):
       raise ValueError(
           f"Corpus source {path!r} is {held}, the held-out evaluation set; it must "
           "never be trained on (use pretrain/wikitext2_tokens_valid.txt instead)")
   for held in HELD_OUT_DIRS:
-    directory = os.path.realpath(sources.resolve_data_path(held))
+    directory = os.path.realpath(readers.resolve_data_path(held))
     if resolved.startswith(directory + os.sep):
       raise ValueError(f"Corpus source {path!r} is under {held}/, which holds "
                        "evaluation sets; they must never be trained on")
 
 
 def _first_record(path: str) -> Any:
-  sources._check_file(path)  # pylint: disable=protected-access
-  for _, record in sources._jsonl_records(path):  # pylint: disable=protected-access
+  readers.check_file(path)
+  for _, record in readers.jsonl_records(path):
     return record
   raise ValueError(f"No records in {path}")
 
@@ -154,20 +155,6 @@ def infer_kind(path: str) -> str:
   if path.endswith(".txt"):
     return "text"
   return "transcript" if _is_preference_record(_first_record(path)) else "sft"
-
-
-def split_wikitext_articles(text: str) -> list[str]:
-  """Cuts text into articles starting at title lines (paragraphs if there are none).
-
-  Articles are kept verbatim, title line included; whitespace-only pieces (the blank
-  line before the first title) are dropped.
-  """
-  starts = [m.start() for m in _TITLE_RE.finditer(text)]
-  if not starts:
-    return [p for p in re.split(r"\n\s*\n", text) if p.strip()]
-  bounds = [0, *starts, len(text)]
-  pieces = (text[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
-  return [p for p in pieces if p.strip()]
 
 
 def render_dialogue(messages: Sequence[Message]) -> str:
@@ -213,7 +200,7 @@ def split_preference_prefixes(prefixes: Sequence[str], val_fraction: float,
 
 def read_text_documents(path: str) -> SourceDocuments:
   """A text source: articles (or paragraphs) of the file."""
-  docs = split_wikitext_articles(next(sources.read_text_file(path)))
+  docs = split_wikitext_articles(next(readers.read_text_file(path)))
   return SourceDocuments(CorpusSource(path, "text"), docs, 0, 0)
 
 
@@ -239,11 +226,11 @@ def read_transcript_documents(path: str, val_fraction: float,
 
   Raises:
     ValueError: A record without a string "chosen" field (naming path:line), or no
-      records (see `sources`).
+      records (see `readers`).
   """
-  sources._check_file(path)  # pylint: disable=protected-access
+  readers.check_file(path)
   chosen: dict[str, None] = {}
-  for line_no, record in sources._jsonl_records(path):  # pylint: disable=protected-access
+  for line_no, record in readers.jsonl_records(path):
     if not isinstance(record, dict) or not isinstance(record.get("chosen"), str):
       raise ValueError(f"{path}:{line_no}: transcript records need a string 'chosen' "
                        "field (HH-RLHF preference format)")
@@ -271,7 +258,7 @@ def read_transcript_documents(path: str, val_fraction: float,
 def read_source(source: CorpusSource, data_cfg: Any) -> SourceDocuments:
   """Reads one source with its held-out rule (`data_cfg` supplies the fractions)."""
   check_not_held_out(source.path)
-  path = sources.resolve_data_path(source.path)
+  path = readers.resolve_data_path(source.path)
   if source.kind == "text":
     result = read_text_documents(path)
   elif source.kind == "sft":
@@ -291,7 +278,6 @@ def read_source(source: CorpusSource, data_cfg: Any) -> SourceDocuments:
 
 def _sft_split(data_cfg: Any) -> tuple[float, int]:
   """(corpus_sft_val_fraction, corpus_sft_seed), else the SFT data config's values."""
-  from data.config import default_sft_data_config  # pylint: disable=g-import-not-at-top
   sft_cfg = default_sft_data_config()
   fraction = float(getattr(data_cfg, "corpus_sft_val_fraction", sft_cfg.val_fraction))
   seed = int(getattr(data_cfg, "corpus_sft_seed", sft_cfg.seed))
@@ -304,8 +290,13 @@ def split_documents(docs: Sequence[str],
   _check_fraction("val_fraction", val_fraction)
   train, val = [], []
   for doc in docs:
-    (val if unit_hash(_VAL_SALT, doc) < val_fraction else train).append(doc)
+    (val if is_validation_document(doc, val_fraction) else train).append(doc)
   return train, val
+
+
+def is_validation_document(text: str, val_fraction: float) -> bool:
+  """Whether a document is held out for validation: a salted hash of its text < fraction."""
+  return unit_hash(VAL_SALT, text) < val_fraction
 
 
 def load_corpus(data_cfg: Any) -> list[SourceDocuments]:

@@ -60,6 +60,13 @@ def words(text: str) -> list[str]:
   return _WORD.findall(text.lower())
 
 
+def word_tail(text: str, k: int) -> str:
+  """The suffix of `text` that starts at its k-th last word (`words` token): its words are
+  exactly the last k words of `text` (all of `text` if it has k words or fewer)."""
+  starts = [m.start() for m in _WORD.finditer(text)]
+  return text[starts[-k]:] if len(starts) > k else text
+
+
 # ---------------------------------------------------------------------------- MinHash + LSH
 _PRIME = np.uint64((1 << 61) - 1)
 _MASK32 = np.uint64(0xFFFFFFFF)

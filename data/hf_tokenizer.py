@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sentencepiece import sentencepiece_model_pb2
+
 SPACE = "\u2581"
 
 
@@ -21,9 +23,11 @@ def hf_tokenizer(tokenizer: Any):
   Supports the models `data.tokenizer` trains (BPE, identity normalisation, no dummy
   prefix, optional byte fallback); other model types are refused.
   """
-  from sentencepiece import sentencepiece_model_pb2
+  # Imported here: the Hugging Face packages are heavy and only this export needs them.
+  # pylint: disable=g-import-not-at-top
   from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, normalizers
   from transformers import PreTrainedTokenizerFast
+  # pylint: enable=g-import-not-at-top
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(tokenizer.to_bytes())
   spec, norm = proto.trainer_spec, proto.normalizer_spec

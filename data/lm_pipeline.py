@@ -9,7 +9,7 @@ Entry point:
 
 `data_cfg` is the ConfigDict of `data.config.default_data_config()` (reads
 `seq_len, seed, add_eos, random_offset, prefetch` and, when `documents` is None,
-the source fields via `data.sources.load_split_documents`).
+the source fields via `data.documents.load_split_documents`).
 
 Batch (per host; every array is [per_host_batch, seq_len]):
   tokens      int32   model inputs
@@ -21,11 +21,12 @@ Rows are built as described in `data/packing.py`: every slot of a row holds an
 (input, target) pair of one document, so the loss mask is 0 only on padding.
 
 Decisions:
-- Tokenization happens once, up front, in Python (`Tokenizer.encode_batch`) into
-  one int32 numpy array that tf.data indexes; for a 1 MB corpus this takes well
+- Tokenization happens once, up front, in Python (`data.tokenized.tokenize_documents`)
+  into one int32 numpy array that tf.data indexes; for a 1 MB corpus this takes well
   under a second. A curated corpus (`data.source = "curated"`) arrives already
-  tokenized from `data/curate.py`'s shards (`corpora=`), loaded into the same arrays;
-  corpora larger than host memory would need a streaming reader (not built).
+  tokenized from `data/curate/`'s shards (`corpora=`, `data.tokenized.load_tokenized`),
+  loaded into the same arrays; corpora larger than host memory would need a streaming
+  reader (not built).
 - Randomness is stateless: epoch e's offsets, chunk order and row order are pure
   functions of (seed, e), so the tf.data iterator state is a few counters plus the
   prefetch buffer, and `get_state`/`set_state` resume exactly.
@@ -47,19 +48,19 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
 import tarfile
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import numpy as np
 import tensorflow as tf
 
 from data import packing
-from data import sources
+from data.documents import load_split_documents
+from data.tokenized import TokenizedCorpus, tokenize_documents
 from data.tokenizer import Tokenizer
 
 # The pipeline is CPU work; TF must not grab the accelerator that JAX trains on.
@@ -69,7 +70,6 @@ except (RuntimeError, ValueError):  # Devices already initialised: nothing to hi
   pass
 
 Batch = dict[str, np.ndarray]
-_ENCODE_CHUNK_DOCS = 4096  # Bounds the Python lists alive during tokenization.
 _SLOTS_PER_FETCH = 65536  # Token slots per tf.data call (see module doc).
 _MAX_STEPS_PER_FETCH = 16
 _STATE_META = "meta.json"
@@ -77,45 +77,8 @@ _STATE_PENDING = "pending.npz"  # Fetched steps not yet served.
 _STATE_PREFIX = "ckpt"
 
 
-@dataclasses.dataclass(frozen=True)
-class TokenizedCorpus:
-  """Documents' token ids concatenated, with per-document start and length."""
-  tokens: np.ndarray       # int32 [N]
-  doc_starts: np.ndarray   # int64 [D]
-  doc_lengths: np.ndarray  # int64 [D], every length >= 2 (at least one target)
-
-  @property
-  def num_tokens(self) -> int:
-    return int(self.tokens.size)
-
-  @property
-  def num_targets(self) -> int:
-    """Next-token targets (pairs) in the corpus: sum of (length - 1)."""
-    return int(np.sum(self.doc_lengths - 1))
-
-
-def tokenize_documents(docs: Sequence[str], tokenizer: Tokenizer,
-                       add_eos: bool) -> TokenizedCorpus:
-  """Tokenizes documents (eos appended if `add_eos`) into one array.
-
-  Documents with fewer than 2 tokens have no next-token target and are dropped.
-  """
-  pieces, lengths = [], []
-  for begin in range(0, len(docs), _ENCODE_CHUNK_DOCS):
-    for ids in tokenizer.encode_batch(docs[begin:begin + _ENCODE_CHUNK_DOCS]):
-      if add_eos:
-        ids.append(tokenizer.eos_id)
-      if len(ids) >= 2:
-        pieces.append(np.asarray(ids, np.int32))
-        lengths.append(len(ids))
-  tokens = np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
-  doc_lengths = np.asarray(lengths, np.int64)
-  doc_starts = np.concatenate([[0], np.cumsum(doc_lengths)[:-1]]).astype(np.int64)
-  return TokenizedCorpus(tokens, doc_starts[:len(lengths)], doc_lengths)
-
-
-def _check_sharding(batch_size: int, process_index: int, process_count: int,
-                    what: str) -> int:
+def check_sharding(batch_size: int, process_index: int, process_count: int,
+                   what: str) -> int:
   """Returns the per-host batch size, or raises naming the numbers."""
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} must be in "
@@ -210,7 +173,7 @@ class LMPipeline:
       raise ValueError("The training split has no tokens to predict")
     if seq_len <= 0:
       raise ValueError(f"seq_len={seq_len} must be positive")
-    self.per_host_batch_size = _check_sharding(
+    self.per_host_batch_size = check_sharding(
         global_batch_size, process_index, process_count, "global_batch_size")
     self.global_batch_size = global_batch_size
     self.seq_len = seq_len
@@ -324,8 +287,8 @@ class ValidationSet:
     return -(-self.num_rows // eval_batch_size)
 
   def __call__(self, eval_batch_size: int) -> Iterator[Batch]:
-    per_host = _check_sharding(eval_batch_size, self._process_index,
-                               self._process_count, "eval_batch_size")
+    per_host = check_sharding(eval_batch_size, self._process_index,
+                              self._process_count, "eval_batch_size")
     if self._layout is None:
       return iter(())
     # Rows past num_rows materialize as padding (loss_mask 0).
@@ -355,7 +318,7 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
     process_index: This host's index (`jax.process_index()`).
     process_count: Number of hosts (`jax.process_count()`).
     documents: (train_docs, val_docs) if already loaded (e.g. to train the
-      tokenizer); None loads them with `sources.load_split_documents`.
+      tokenizer); None loads them with `load_split_documents`.
     corpora: (train, val) already tokenized (the shards of `data.curate`, whose
       documents end in eos already); overrides `documents`.
 
@@ -365,7 +328,7 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
   """
   if corpora is None:
     train_docs, val_docs = (documents if documents is not None
-                            else sources.load_split_documents(data_cfg))
+                            else load_split_documents(data_cfg))
     add_eos = bool(data_cfg.add_eos)
     corpora = (tokenize_documents(train_docs, tokenizer, add_eos),
                tokenize_documents(val_docs, tokenizer, add_eos))

@@ -42,9 +42,9 @@ from __future__ import annotations
 import collections
 from typing import Any, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
-from data import corpus, sources
+from data import corpus, readers, tfds_readers
 from data.chat import ASSISTANT, SYSTEM, USER, render
-from data.sft_sources import _TURN_RE  # pylint: disable=protected-access
+from data.sft_sources import TURN_RE
 
 FORMAT_FIELDS: Mapping[str, tuple[str, ...]] = {
     "sharegpt": ("conversations", "chosen", "rejected"),
@@ -106,7 +106,7 @@ def parse_prompt_turns(prefix: str) -> list[dict[str, str]]:
   Raises _Skip("malformed") unless turns alternate from Human, end with Human, and none is
   empty.
   """
-  headers = list(_TURN_RE.finditer(prefix))
+  headers = list(TURN_RE.finditer(prefix))
   if not headers or prefix[:headers[0].start()].strip() or len(headers) % 2 == 0:
     raise _Skip("malformed")
   messages = []
@@ -251,7 +251,7 @@ def read_records(where: str, records: Iterable[tuple[int, Any]],
 
 
 def _tfds_records(name: str, split: str, data_dir: str | None) -> Iterator[tuple[int, Any]]:
-  return sources.tfds_records(name, split, data_dir)
+  return tfds_readers.tfds_records(name, split, data_dir)
 
 
 def read_source(spec: str, tfds_data_dir: str = "") -> PreferenceFile:
@@ -263,9 +263,9 @@ def read_source(spec: str, tfds_data_dir: str = "") -> PreferenceFile:
   path, _, fmt = spec.rpartition(":")
   if not path or fmt not in FORMATS + ("auto",):
     path, fmt = spec, "auto"
-  path = sources.resolve_data_path(path)
-  sources._check_file(path)  # pylint: disable=protected-access
-  return read_records(path, sources._jsonl_records(path), fmt)  # pylint: disable=protected-access
+  path = readers.resolve_data_path(path)
+  readers.check_file(path)
+  return read_records(path, readers.jsonl_records(path), fmt)
 
 
 def read_sources(spec: str | Sequence[str], tfds_data_dir: str = ""

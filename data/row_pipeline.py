@@ -26,7 +26,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import tensorflow as tf
 
-from data.lm_pipeline import _check_sharding, serve_next_step  # pylint: disable=protected-access
+from data.lm_pipeline import check_sharding, serve_next_step
 
 Batch = dict[str, np.ndarray]
 _SLOTS_PER_FETCH = 65536  # Token slots per tf.data call, as in lm_pipeline.
@@ -72,7 +72,7 @@ class RowPipeline:
     """
     if rows.num_rows == 0:
       raise ValueError("The training split has no rows (every example dropped?)")
-    self.per_host_batch_size = _check_sharding(
+    self.per_host_batch_size = check_sharding(
         global_batch_size, process_index, process_count, "global_batch_size")
     self.global_batch_size = global_batch_size
     self.seq_len = rows.seq_len
@@ -165,8 +165,8 @@ class RowValidationSet:
     return -(-self.num_rows // eval_batch_size)
 
   def __call__(self, eval_batch_size: int) -> Iterator[Batch]:
-    per_host = _check_sharding(eval_batch_size, self._host, self._hosts,
-                               "eval_batch_size")
+    per_host = check_sharding(eval_batch_size, self._host, self._hosts,
+                              "eval_batch_size")
     if self._materialize is None:
       return iter(())
     padded_rows = self.num_batches(eval_batch_size) * eval_batch_size

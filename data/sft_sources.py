@@ -41,7 +41,7 @@ import hashlib
 import re
 from typing import Any, Mapping, NamedTuple, Sequence
 
-from data import sources
+from data import readers, tfds_readers
 from data.chat import ASSISTANT, USER, Message, render
 
 Conversation = list[dict[str, str]]
@@ -60,7 +60,7 @@ ALPACA_PROMPT_PREFIX = (
     "appropriately completes the request.\n\n### Instruction:\n")
 ALPACA_PROMPT_SUFFIX = "\n\n### Response:\n"
 # A turn header at the start of the transcript or after a blank line.
-_TURN_RE = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+TURN_RE = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 
 class SFTFile(NamedTuple):
@@ -107,7 +107,7 @@ def parse_transcript(text: str) -> Conversation | None:
   the first turn, no turns, turns out of order, an empty turn, or a last turn
   that is not the assistant's.
   """
-  headers = list(_TURN_RE.finditer(text))
+  headers = list(TURN_RE.finditer(text))
   if not headers or text[:headers[0].start()].strip():
     return None
   messages = []
@@ -141,7 +141,7 @@ def record_to_conversation(record: Mapping[str, Any], fmt: str) -> Conversation 
   raise ValueError(f"Unknown SFT format {fmt!r}; expected one of {FORMATS}")
 
 
-def _check_record(path: str, line_no: int, record: Any, fmt: str) -> None:
+def check_record(path: str, line_no: int, record: Any, fmt: str) -> None:
   """Raises ValueError naming path:line unless `record` has `fmt`'s string fields."""
   if not isinstance(record, dict):
     raise ValueError(f"{path}:{line_no}: record is a {type(record).__name__}, not a "
@@ -167,7 +167,7 @@ def read_sft_file(path: str, format: str = "auto") -> SFTFile:  # pylint: disabl
   """Reads a jsonl (`.gz`: gzip) file of SFT records into conversations.
 
   Args:
-    path: The file (not resolved; see `sources.resolve_data_path`).
+    path: The file (not resolved; see `readers.resolve_data_path`).
     format: One of `FORMATS`, or "auto" to detect it from the first record.
 
   Returns:
@@ -182,8 +182,8 @@ def read_sft_file(path: str, format: str = "auto") -> SFTFile:  # pylint: disabl
   if format != "auto" and format not in FORMATS:
     raise ValueError(f"Unknown SFT format {format!r}; expected 'auto' or one of {FORMATS}")
   # The same checks, line numbers and JSON errors as the pretraining jsonl reader.
-  sources._check_file(path)  # pylint: disable=protected-access
-  return read_sft_records(path, sources._jsonl_records(path), format)  # pylint: disable=protected-access
+  readers.check_file(path)
+  return read_sft_records(path, readers.jsonl_records(path), format)
 
 
 def read_sft_records(path: str, records: Any, format: str = "auto") -> SFTFile:  # pylint: disable=redefined-builtin
@@ -199,7 +199,7 @@ def read_sft_records(path: str, records: Any, format: str = "auto") -> SFTFile: 
         known = "; ".join(_expected(f) for f in FORMATS)
         raise ValueError(f"{path}:{line_no}: cannot detect the SFT format from the "
                          f"record's fields {keys} ({known})")
-    _check_record(path, line_no, record, fmt)
+    check_record(path, line_no, record, fmt)
     conversation = record_to_conversation(record, fmt)
     if conversation is None:
       skipped += 1
@@ -249,10 +249,10 @@ def read_sft_sources(spec: str | Sequence[str], tfds_data_dir: str = ""
   for path, fmt in parse_source_specs(spec):
     if path.startswith("tfds:"):  # "tfds:name[/config][:split]" (data/tfds_builders.py)
       name, _, split = path[len("tfds:"):].partition(":")
-      files.append(read_sft_records(f"tfds:{name}[{split or 'train'}]", sources.tfds_records(
+      files.append(read_sft_records(f"tfds:{name}[{split or 'train'}]", tfds_readers.tfds_records(
           name, split or "train", tfds_data_dir), fmt))
     else:
-      files.append(read_sft_file(sources.resolve_data_path(path), fmt))
+      files.append(read_sft_file(readers.resolve_data_path(path), fmt))
   return [c for f in files for c in f.conversations], files
 
 

@@ -1,10 +1,10 @@
 """TFDS builders for the project's local datasets (the files under the data dir).
 
-  import data.tfds_builders  # registers the names below
+  import data.tfds_builders  # registers the names below (data.tfds_readers imports it)
   ds = tfds.load("lm_tiny_shakespeare", split="train", data_dir="~/tfds")
 
 The first `tfds.load` (or `python -m data.tfds_prepare --data_dir=DIR`, which prepares all
-of them) reads the local files (`sources.resolve_data_path`: $LM_DATA_DIR, else
+of them) reads the local files (`readers.resolve_data_path`: $LM_DATA_DIR, else
 ../shared/data) and writes TFRecord shards under `data_dir/<name>/<config>/<version>`;
 later loads read those. Nothing is downloaded.
 
@@ -20,7 +20,7 @@ Examples keep the files' order (`disable_shuffling`). Names carry an `lm_` prefi
 (`tiny_shakespeare` there downloads the same text from the internet). The Shakespeare split
 is nanoGPT's character split, so `data.source="tfds", tfds_name="lm_tiny_shakespeare"` gives
 the same documents as the default `data.source="text"`. The evaluation sets hold exactly the
-(context, continuation) requests `eval/tasks.py` scores (MMLU with its 5 dev examples in
+(context, continuation) requests `data/benchmarks.py` gives `eval/` (MMLU with its 5 dev examples in
 the context), so a TFDS copy is scored like the file; GSM8K's continuation is the reference
 solution and its single choice the final number.
 
@@ -36,17 +36,14 @@ from typing import Any, Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data import sources
+from data import benchmarks, readers
 
 _HOMEPAGE = "https://github.com/ (see shared/data/README.md for each file's origin)"
 
 
 def _jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-  """`sources._jsonl_records` (gzip, line numbers, malformed-JSON errors), objects only."""
-  for number, record in sources._jsonl_records(path):  # pylint: disable=protected-access
-    if not isinstance(record, dict):
-      raise ValueError(f"{path}:{number}: expected a JSON object")
-    yield number, record
+  """(line number, JSON object) of a jsonl[.gz] file; bad lines are errors naming them."""
+  return readers.jsonl_records(path, objects_only=True)
 
 
 class LmTinyShakespeare(tfds.core.GeneratorBasedBuilder):
@@ -69,8 +66,9 @@ class LmTinyShakespeare(tfds.core.GeneratorBasedBuilder):
             "validation": self._generate_examples("validation")}
 
   def _generate_examples(self, split: str):
-    text = next(sources.read_text_file(sources.resolve_data_path(self.FILE)))
-    cut = int(len(text) * (1.0 - self.VAL_FRACTION))  # as sources._split_fraction
+    text = next(readers.read_text_file(readers.resolve_data_path(self.FILE)))
+    # The split of `data.source="text"` (data/documents.py), so both give the same documents.
+    cut = readers.train_end_index(len(text), self.VAL_FRACTION)
     yield 0, {"text": text[:cut] if split == "train" else text[cut:]}
 
 
@@ -94,9 +92,8 @@ class LmWikitext2(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(path) for split, path in self.FILES.items()}
 
   def _generate_examples(self, path: str):
-    from data.corpus import split_wikitext_articles
-    text = next(sources.read_text_file(sources.resolve_data_path(path)))
-    for n, article in enumerate(split_wikitext_articles(text)):
+    text = next(readers.read_text_file(readers.resolve_data_path(path)))
+    for n, article in enumerate(readers.split_wikitext_articles(text)):
       first = article.strip().split("\n", 1)[0]
       yield n, {"title": first.strip(" ="), "text": article}
 
@@ -125,7 +122,7 @@ class LmInstructions(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self):
     path, fields = self.FILES[self.builder_config.name]
-    path = sources.resolve_data_path(path)
+    path = readers.resolve_data_path(path)
     for number, record in _jsonl(path):
       values = {f: record.get(f, "" if f == "input" else None) for f in fields}
       if values.get("input", "") is None:  # Alpaca's optional input: absent or null = ""
@@ -155,7 +152,7 @@ class LmHhPreferences(tfds.core.GeneratorBasedBuilder):
     return {"train": self._generate_examples()}
 
   def _generate_examples(self):
-    path = sources.resolve_data_path(self.FILE)
+    path = readers.resolve_data_path(self.FILE)
     for number, record in _jsonl(path):
       if not all(isinstance(record.get(k), str) for k in ("chosen", "rejected")):
         raise ValueError(f"{path}:{number}: expected string fields 'chosen' and 'rejected'")
@@ -167,7 +164,7 @@ EVAL_TASKS = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "l
 
 
 class LmEvalSets(tfds.core.GeneratorBasedBuilder):
-  """The shared evaluation sets as the (context, continuation) requests eval/tasks.py scores."""
+  """The shared evaluation sets as the (context, continuation) requests eval/ scores."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First version."}
@@ -188,17 +185,16 @@ class LmEvalSets(tfds.core.GeneratorBasedBuilder):
     return {"test": self._generate_examples()}
 
   def _generate_examples(self):
-    from eval import tasks
     task = self.builder_config.name
-    path = tasks.task_path(task)
+    path = benchmarks.task_path(task)
     if task == "gsm8k":
       for n, record in _jsonl(path):
-        number = tasks.GSM8K_ANSWER.search(record["answer"])
+        number = benchmarks.GSM8K_ANSWER.search(record["answer"])
         yield n, {"doc_id": str(n), "contexts": [record["question"]],
                   "continuations": [record["answer"]], "gold": 0,
-                  "choices": [tasks.normalize_number(number.group(1)) if number else ""]}
+                  "choices": [benchmarks.normalize_number(number.group(1)) if number else ""]}
       return
-    for k, item in enumerate(tasks.MC_READERS[task](path)):
+    for k, item in enumerate(benchmarks.MC_READERS[task](path)):
       yield k, {"doc_id": item.doc_id, "contexts": item.contexts,
                 "continuations": item.continuations, "gold": item.gold,
                 "choices": item.choices}

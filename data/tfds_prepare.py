@@ -10,6 +10,8 @@ import os
 
 from absl import app, flags
 
+from data import tfds_builders
+
 flags.DEFINE_string("data_dir", os.path.expanduser("~/tensorflow_datasets"),
                     "TFDS data directory to prepare into.")
 
@@ -17,7 +19,6 @@ flags.DEFINE_string("data_dir", os.path.expanduser("~/tensorflow_datasets"),
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from data import tfds_builders
   for name in tfds_builders.prepare_all(os.path.expanduser(flags.FLAGS.data_dir)):
     print(f"prepared {name} in {flags.FLAGS.data_dir}", flush=True)
 

@@ -26,13 +26,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import sys
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
+from absl import app
+from absl import flags as absl_flags
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from data import sources
+from data import readers
 
 MODEL_TYPES = ("bpe", "unigram", "char", "word")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -93,7 +96,7 @@ def train_tokenizer(input_files: Sequence[str],
 
   Raises:
     ValueError: Bad model_type or vocab_size, or unreadable inputs (see
-      `data.sources`).
+      `data.readers`).
     FileNotFoundError: An input file does not exist.
   """
   if model_type not in MODEL_TYPES:
@@ -109,7 +112,7 @@ def train_tokenizer(input_files: Sequence[str],
   spm.set_random_generator_seed(_SAMPLING_SEED)
   spm.SentencePieceTrainer.train(
       sentence_iterator=_training_sentences(
-          sources.documents_from_files(input_files, jsonl_field)),
+          readers.documents_from_files(input_files, jsonl_field)),
       model_writer=model,
       model_type=model_type,
       # With use_all_vocab the char trainer sizes the vocab itself; it only
@@ -271,15 +274,17 @@ class Tokenizer:
 
 def _main(argv: Sequence[str]) -> None:
   del argv  # Everything comes from flags.
-  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
   flags = absl_flags.FLAGS
   inputs = [p for p in flags.input.split(",") if p]
-  path = train_tokenizer(inputs, flags.output, flags.vocab_size, flags.model_type,
-                         byte_fallback=flags.byte_fallback,
-                         jsonl_field=flags.jsonl_field)
+  try:
+    path = train_tokenizer(inputs, flags.output, flags.vocab_size, flags.model_type,
+                           byte_fallback=flags.byte_fallback,
+                           jsonl_field=flags.jsonl_field)
+  except (ValueError, OSError) as e:  # bad input files: one line naming the file
+    sys.exit("error: " + " ".join(str(e).split()))
   tok = Tokenizer.from_file(path)
   print(f"Wrote {path}: vocab_size={tok.vocab_size} fingerprint={tok.fingerprint}")
-  sample = next(sources.documents_from_files(inputs[:1], flags.jsonl_field))[:300]
+  sample = next(readers.documents_from_files(inputs[:1], flags.jsonl_field))[:300]
   ids = tok.encode(sample)
   print(f"Sample ({len(sample)} chars -> {len(ids)} tokens), round trip exact: "
         f"{tok.decode(ids) == sample}")
@@ -287,10 +292,7 @@ def _main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  # absl is only needed for the command line, so library users never parse flags.
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
-
+  # Flags are defined only when run, so library users never see (or parse) them.
   absl_flags.DEFINE_string("input", None, "Comma-separated text/jsonl files.",
                            required=True)
   absl_flags.DEFINE_string("output", None, "Path of the .model file to write.",

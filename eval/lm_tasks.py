@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from eval import tasks as tasks_lib
+from data import benchmarks as tasks_lib
+from data.readers import read_text
 from eval.sample import make_template, respond
 from model.sampling import Sampler, SamplingConfig
 
@@ -97,8 +98,7 @@ def read_texts(path: str, text_field: str) -> list[str]:
             for n, r in tasks_lib.read_jsonl(path)]
   if not os.path.exists(path):
     raise ValueError(f"{path} does not exist")
-  with open(path, encoding="utf-8") as f:
-    return [f.read()]
+  return [read_text(path)]  # not UTF-8: an error naming the file and line
 
 
 def wikitext_articles(text: str) -> list[str]:

@@ -5,7 +5,7 @@
 
 Tasks (names for --tasks; `all_lm` = every language-model task):
   hellaswag, arc_easy, arc_challenge, piqa, winogrande, mmlu   multiple choice by
-        log-likelihood (eval.tasks formats; lm-eval's acc and acc_norm; mmlu and
+        log-likelihood (data.benchmarks formats; lm-eval's acc and acc_norm; mmlu and
         winogrande report acc only, as lm-eval does)
   lambada        last-word accuracy (greedy) and perplexity of the last word
   wikitext2      rolling log-likelihood of the WikiText-2 test articles (60 documents, as
@@ -47,7 +47,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from data.config import default_preference_data_config
-from eval import tasks as tasks_lib
+from data import benchmarks as tasks_lib
 from eval.cli import exit_with_error
 from eval.loading import load_checkpoint, parse_mesh
 from eval.lm_tasks import (LM_TASKS, MC_TASKS, read_texts, score_gsm8k,

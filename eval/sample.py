@@ -30,6 +30,7 @@ anything is written; `--verbose` adds the traceback.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import sys
@@ -39,11 +40,12 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
+from data.benchmarks import field, read_jsonl
 from data.chat import ASSISTANT, SYSTEM, TEMPLATES, USER, get_template
+from data.readers import read_text
 from data.tokenizer import Tokenizer
 from eval.cli import exit_with_error
 from eval.loading import load_checkpoint, parse_mesh
-from eval.tasks import field, read_jsonl
 from model import sharding as msharding
 from model.sampling import Sampler, SamplingConfig, respond
 from model.transformer import Transformer
@@ -145,8 +147,9 @@ def read_prompts(path: str) -> list[str]:
   """`.jsonl`: the "prompt" field of each record; any other file: one prompt per line."""
   if path.endswith(".jsonl"):
     return [field(r, "prompt", str, f"{path}:{n}") for n, r in read_jsonl(path)]
-  with open(path) as f:
-    return [line.rstrip("\n") for line in f if line.strip()]
+  # newline=None: lines end as in a file opened in text mode; read_text names a bad byte.
+  return [line.rstrip("\n") for line in io.StringIO(read_text(path), newline=None)
+          if line.strip()]
 
 
 def _fit_max_new_tokens(requested: int, longest_prompt: int, context: int,

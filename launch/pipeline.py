@@ -151,7 +151,7 @@ def stage_command(s: dict[str, Any], stages_by_name: dict[str, Any]) -> list[str
 
 # --------------------------------------------------------------------------- evaluation
 def eval_plan(config: Any, stages: list[dict[str, Any]], workdir: str) -> list[dict[str, Any]]:
-  """The evaluation commands: eval.run per language model (`eval.tasks`) and per reward model
+  """The evaluation commands: eval.run per language model (`data.benchmarks`) and per reward model
   (`eval.reward_tasks`), then eval.winrate once (if `eval.winrate_policies` is set)."""
   by_name = {s["name"]: s for s in stages}
   e = config.eval

@@ -232,7 +232,7 @@ def english_sft_run(tmp_path_factory):
 def _subset_file(path, n=48):
   """The first n HH pairs with short transcripts (they fit 128 tokens whole)."""
   import gzip
-  from data.sources import resolve_data_path
+  from data.readers import resolve_data_path
   with gzip.open(resolve_data_path("preference/hh_rlhf_harmless_base_test_shared.jsonl.gz"),
                  "rt") as f:
     records = [json.loads(line) for line in f]

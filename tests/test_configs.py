@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO_ROOT
-from data.sources import resolve_data_path
+from data.readers import resolve_data_path
 from model import sharding
 from train import distributed
 from model.config import ModelConfig
@@ -21,7 +21,7 @@ ALL_CONFIG_FILES = sorted(
     os.path.relpath(p, REPO_ROOT)
     for p in glob.glob(os.path.join(REPO_ROOT, "configs", "**", "*.py"), recursive=True)
     if "def get_config" in open(p).read())
-# Data-curation configs (data/curate.py) describe no model or training run.
+# Data-curation configs (data/curate/) describe no model or training run.
 DATA_CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p.startswith(os.path.join("configs", "data"))]
 # Launcher configs (launch/pipeline.py, launch/sweep.py) name run configs; they are not runs.
 LAUNCH_CONFIG_FILES = [p for p in ALL_CONFIG_FILES

@@ -14,7 +14,7 @@ import pytest
 from data import sft_sources
 from data.chat import (ASSISTANT, CHAT_MARKERS, END_OF_TURN, ROLE_TOKENS, SYSTEM, USER,
                        ChatTemplate, get_template, render)
-from data.sources import resolve_data_path
+from data.readers import resolve_data_path
 from data.tokenizer import Tokenizer, train_tokenizer
 
 ALPACA = resolve_data_path("sft/alpaca_subset.jsonl")

@@ -14,7 +14,7 @@ import os
 import pytest
 
 from conftest import REPO_ROOT, pretrain_cmd, read_metrics, run_cmd
-from data import corpus, sources
+from data import corpus, documents, readers
 from data.chat import CHAT_MARKERS, ChatTemplate
 from data.config import default_data_config, default_sft_data_config, get_or_train_tokenizer
 from data.sft_sources import parse_transcript, read_sft_file, split_examples
@@ -43,7 +43,7 @@ def per_source(data_cfg):
 
 @pytest.fixture(scope="module")
 def split(data_cfg):
-  return sources.load_split_documents(data_cfg)
+  return documents.load_split_documents(data_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def train_text(split):
 
 
 def _hh_chosen():
-  with gzip.open(sources.resolve_data_path(HH), "rt", encoding="utf-8") as f:
+  with gzip.open(readers.resolve_data_path(HH), "rt", encoding="utf-8") as f:
     return list(dict.fromkeys(json.loads(line)["chosen"] for line in f if line.strip()))
 
 
@@ -64,12 +64,12 @@ def test_every_source_is_read_and_counted(data_cfg, per_source, split, capsys):
   assert len(per_source["pretrain/wikitext2_tokens_valid.txt"].docs) == 60  # articles
   for path in SFT_FILES:
     result = per_source[path]
-    total = len(read_sft_file(sources.resolve_data_path(path)).conversations)
+    total = len(read_sft_file(readers.resolve_data_path(path)).conversations)
     assert result.held_out > 0 and len(result.docs) + result.held_out == total, path
   hh = per_source[HH]
   assert hh.held_out > 0 and hh.skipped == 4
   assert len(hh.docs) + hh.held_out + hh.skipped == len(_hh_chosen()) == 1313
-  sources.load_split_documents(data_cfg)
+  documents.load_split_documents(data_cfg)
   log = capsys.readouterr().out
   train, val = split
   assert f"Corpus: {len(train)} train docs" in log
@@ -110,12 +110,12 @@ def test_kinds_are_parsed_and_inferred():
   cfg = default_data_config()
   cfg.source, cfg.corpus_sources = "corpus", f"{HH}:sft"
   with pytest.raises(ValueError, match=":transcript"):
-    sources.load_split_documents(cfg)
+    documents.load_split_documents(cfg)
 
 
 def test_evaluation_files_are_refused(tmp_path):
   for spec in ("pretrain/wikitext2_tokens_test.txt", "pretrain/wikitext2_tokens_test.txt:text",
-               sources.resolve_data_path("pretrain/wikitext2_tokens_test.txt"),
+               readers.resolve_data_path("pretrain/wikitext2_tokens_test.txt"),
                f"pretrain/wikitext2_tokens_valid.txt,{tmp_path}/wikitext2_tokens_test.txt"):
     with pytest.raises(ValueError, match="held-out evaluation set"):
       corpus.parse_corpus_sources(spec)
@@ -124,7 +124,7 @@ def test_evaluation_files_are_refused(tmp_path):
   cfg = default_data_config()
   cfg.source, cfg.corpus_sources = "corpus", "pretrain/wikitext2_tokens_test.txt"
   with pytest.raises(ValueError, match="wikitext2_tokens_test"):
-    sources.load_split_documents(cfg)
+    documents.load_split_documents(cfg)
 
 
 # ------------------------------------------------------------------------------ held out
@@ -134,7 +134,7 @@ def test_no_held_out_sft_conversation_in_the_training_text(data_cfg, split, trai
       (sft_cfg.val_fraction, sft_cfg.seed)
   train_docs = set(split[0])
   for path in SFT_FILES:
-    conversations = read_sft_file(sources.resolve_data_path(path)).conversations
+    conversations = read_sft_file(readers.resolve_data_path(path)).conversations
     train, held = split_examples(conversations, sft_cfg.val_fraction, sft_cfg.seed)
     assert held, path
 
@@ -196,7 +196,7 @@ def test_validation_split_is_disjoint_deterministic_and_covers_every_source(
   # By content hash, not position: reordering the sources or the documents moves nothing.
   reordered = data_cfg.copy_and_resolve_references()
   reordered.corpus_sources = ",".join(reversed(data_cfg.corpus_sources.split(",")))
-  train2, val2 = sources.load_split_documents(reordered)
+  train2, val2 = documents.load_split_documents(reordered)
   assert set(train2) == set(train) and set(val2) == set(val)
   docs = per_source[HH].docs
   val_hh = set(corpus.split_documents(docs, 0.05)[1])
@@ -209,7 +209,7 @@ def test_duplicates_are_dropped_across_sources(tmp_path, capsys):
   cfg = default_data_config()
   cfg.source, cfg.val_fraction = "corpus", 0.0
   cfg.corpus_sources = f"{tmp_path}/a.txt,{tmp_path}/b.txt:text"
-  assert sources.load_split_documents(cfg) == (["p1", "p2", "p3"], [])
+  assert documents.load_split_documents(cfg) == (["p1", "p2", "p3"], [])
   assert "1 train / 0 val docs, 2 / 0 chars; 0 held out, 1 duplicates" in capsys.readouterr().out
 
 

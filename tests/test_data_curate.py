@@ -1,4 +1,4 @@
-"""Tests for data/curate.py: each stage removes what it should on a hand-made corpus, bad input
+"""Tests for data/curate/: each stage removes what it should on a hand-made corpus, bad input
 is counted per file, output is byte-identical across runs and worker counts, and a killed
 run completes without duplicates."""
 
@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from data.sources import resolve_data_path
+from data.readers import resolve_data_path
 
 
 def _paragraphs(n):
@@ -201,7 +201,8 @@ def test_mixture_shares_follow_the_temperature_rule_and_are_realised():
 
 def test_tokenized_mixture_feeds_pretraining_and_cluster_mode_matches(corpus, tmp_path):
   from conftest import pretrain_cmd, run_cmd, read_metrics
-  from data.curate import Curator, load_tokenized, PHASES
+  from data.curate import Curator, PHASES
+  from data.tokenized import load_tokenized
   cfg = _config(corpus)
   cfg.tokenize.vocab_size = 400
   cfg.tokenize.val_fraction = 0.2

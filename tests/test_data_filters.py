@@ -8,7 +8,7 @@ import random
 import pytest
 
 from data import filters
-from data.sources import resolve_data_path
+from data.readers import resolve_data_path
 
 
 def _wikitext_paragraphs(n):
@@ -124,15 +124,14 @@ def test_eval_index_texts_have_exactly_the_requests_ngrams():
   # n-1 words; the n-gram set must equal that of every full request text.
   import numpy as np
   from data.curate import eval_texts
-  from eval import tasks
+  from data import benchmarks as tasks
   items = tasks.hellaswag(tasks.task_path("hellaswag"))[:300]
   full = np.unique(np.concatenate([filters.ngram_hashes(c + x, 13)
                                    for item in items for c, x in item.requests()]))
-  from data import curate
   short = []
   for item in items:
     for c, x in item.requests():
-      short += [c, curate._tail(c, 12) + x]
+      short += [c, filters.word_tail(c, 12) + x]
   assert np.array_equal(np.unique(np.concatenate([filters.ngram_hashes(t, 13)
                                                   for t in short])), full)
   assert len(eval_texts(["arc_challenge"], 13)) > 922

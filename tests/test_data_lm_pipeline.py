@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from data import packing
-from data import sources
+from data import documents
 from data.config import default_data_config, get_or_train_tokenizer
 from data.lm_pipeline import (LMPipeline, ValidationSet, build_lm_pipelines,
                               tokenize_documents)
@@ -43,7 +43,7 @@ def jsonl_setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
   cfg = default_data_config()
-  train_docs, val_docs = sources.load_split_documents(cfg)
+  train_docs, val_docs = documents.load_split_documents(cfg)
   out = tmp_path_factory.mktemp("run") / "tokenizer.model"
   tok = get_or_train_tokenizer(cfg, train_docs, str(out))
   return cfg, tok, train_docs, val_docs
@@ -74,7 +74,7 @@ def _doc_streams(docs, tok):
 
 def test_batch_contract_on_short_documents(jsonl_setup):
   cfg, tok = jsonl_setup
-  train_docs, _ = sources.load_split_documents(cfg)
+  train_docs, _ = documents.load_split_documents(cfg)
   train, _ = build_lm_pipelines(cfg, tok, global_batch_size=8)
   # Every segment must be a contiguous slice of one document: encode streams as text.
   streams = [",".join(map(str, s)) + "," for s in _doc_streams(train_docs, tok)]
@@ -109,7 +109,7 @@ def test_batch_contract_on_short_documents(jsonl_setup):
 
 def test_epoch_uses_every_pair_once_with_random_offsets(jsonl_setup):
   cfg, tok = jsonl_setup
-  train_docs, _ = sources.load_split_documents(cfg)
+  train_docs, _ = documents.load_split_documents(cfg)
   corpus = tokenize_documents(train_docs + ["to be or not " * 20], tok, add_eos=True)
   # One row per batch: the first num_rows rows are exactly epoch 0.
   layout = packing.train_layout(tf.constant(corpus.doc_starts),
@@ -201,7 +201,7 @@ def test_exact_resume_across_epoch_boundary(jsonl_setup):
 
 def test_two_hosts_make_up_the_global_batch(jsonl_setup):
   cfg, tok = jsonl_setup
-  train_docs, _ = sources.load_split_documents(cfg)
+  train_docs, _ = documents.load_split_documents(cfg)
   docs = (train_docs[:20], [])
   corpus = tokenize_documents(docs[0], tok, add_eos=True)
   rows_per_epoch = [int(packing.num_rows(
@@ -242,7 +242,7 @@ def test_validation_covers_every_target_once(shakespeare):
 
 def test_validation_is_sharded_and_padded_per_host(jsonl_setup):
   cfg, tok = jsonl_setup
-  _, val_docs = sources.load_split_documents(cfg)
+  _, val_docs = documents.load_split_documents(cfg)
   corpus = tokenize_documents(val_docs, tok, add_eos=True)
   single = list(ValidationSet(corpus, seq_len=16)(6))
   per_host = [list(ValidationSet(corpus, seq_len=16, process_index=h, process_count=2)(6))

@@ -15,7 +15,7 @@ from data.chat import ChatTemplate, render
 from data.preference_pipeline import build_rows, encode_pair
 from data.preferences import PreferencePair, read_source, split_pairs
 from data.row_pipeline import RowPipeline, RowValidationSet
-from data.sources import resolve_data_path
+from data.readers import resolve_data_path
 from data.tokenizer import Tokenizer
 
 HH = "preference/hh_rlhf_harmless_base_test_shared.jsonl.gz"

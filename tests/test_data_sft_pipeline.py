@@ -17,7 +17,7 @@ from data.config import default_sft_data_config
 from data.row_pipeline import RowPipeline, RowValidationSet
 from data.sft_pipeline import build_sft_pipelines
 from data.sft_rows import build_rows, first_fit, fit_example
-from data.sources import resolve_data_path
+from data.readers import resolve_data_path
 from data.tokenizer import Tokenizer, train_tokenizer
 
 KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")

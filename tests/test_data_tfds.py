@@ -4,7 +4,7 @@ sources ("tfds:..."), curation sources."""
 
 import pytest
 
-from data import sources
+from data import documents, readers, tfds_readers
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +19,14 @@ def test_shakespeare_via_tfds_equals_the_text_file(tfds_dir):
   tfds_cfg.source = "tfds"
   tfds_cfg.tfds_name = "lm_tiny_shakespeare"
   tfds_cfg.tfds_data_dir = tfds_dir
-  assert sources.load_split_documents(tfds_cfg) == sources.load_split_documents(text_cfg)
+  assert documents.load_split_documents(tfds_cfg) == documents.load_split_documents(text_cfg)
 
 
 def test_wikitext_articles_and_curation_source(tfds_dir):
-  from data.corpus import split_wikitext_articles
   from data.curate import read_source
-  path = sources.resolve_data_path("pretrain/wikitext2_tokens_valid.txt")
-  articles = split_wikitext_articles(next(sources.read_text_file(path)))
-  via_tfds = [r["text"] for _, r in sources.tfds_records("lm_wikitext2", "validation",
+  path = readers.resolve_data_path("pretrain/wikitext2_tokens_valid.txt")
+  articles = readers.split_wikitext_articles(next(readers.read_text_file(path)))
+  via_tfds = [r["text"] for _, r in tfds_readers.tfds_records("lm_wikitext2", "validation",
                                                          tfds_dir)]
   assert via_tfds == articles and len(articles) == 60
   docs, _ = read_source({"name": "w", "path": "tfds:lm_wikitext2:validation"}, {},
@@ -48,9 +47,9 @@ def test_instruction_and_preference_names_feed_the_sft_and_preference_readers(tf
 
 
 def test_eval_sets_hold_the_scored_requests(tfds_dir):
-  from eval import tasks
+  from data import benchmarks as tasks
   items = tasks.arc(tasks.task_path("arc_challenge"))
-  records = [r for _, r in sources.tfds_records("lm_eval_sets/arc_challenge", "test",
+  records = [r for _, r in tfds_readers.tfds_records("lm_eval_sets/arc_challenge", "test",
                                                 tfds_dir)]
   assert len(records) == len(items) == 922
   for item, r in zip(items, records):
@@ -60,4 +59,4 @@ def test_eval_sets_hold_the_scored_requests(tfds_dir):
 
 def test_unknown_tfds_name_is_refused(tfds_dir):
   with pytest.raises(Exception, match="lm_no_such_set"):
-    sources.load_tfds("lm_no_such_set", "train", tfds_dir)
+    tfds_readers.load_tfds("lm_no_such_set", "train", tfds_dir)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from data import sources
+from data import readers
 from data.tokenizer import Tokenizer, train_tokenizer
 
 SHAKESPEARE = "pretrain/tinyshakespeare.txt"
@@ -17,7 +17,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def shakespeare_path():
-  return sources.resolve_data_path(SHAKESPEARE)
+  return readers.resolve_data_path(SHAKESPEARE)
 
 
 @pytest.fixture(scope="module")

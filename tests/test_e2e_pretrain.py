@@ -12,7 +12,7 @@ import pytest
 
 from conftest import eval_records, pretrain_cmd, run_cmd, train_losses
 from configs.pretrain import shakespeare_char
-from data.sources import load_split_documents
+from data.documents import load_split_documents
 
 STEPS = 300
 

@@ -1,4 +1,4 @@
-"""Tests for the evaluation harness (eval/loglik.py, eval/tasks.py, eval/run.py).
+"""Tests for the evaluation harness (eval/loglik.py, data/benchmarks.py, eval/run.py).
 
 Log-likelihoods are checked against transformers' LlamaForCausalLM on the same random
 weights and our exported tokenizer, with the pairs encoded the way lm-eval does; task readers
@@ -22,13 +22,13 @@ from conftest import run_cmd
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
   """A random Llama in transformers and the same model imported as our checkpoint."""
-  from data import sources
+  from data import readers
   from data.tokenizer import Tokenizer, train_tokenizer
   from eval.loading import load_checkpoint
   from data.hf_tokenizer import hf_tokenizer
   from train.hf_convert import import_hf
   tmp = tmp_path_factory.mktemp("hf")
-  path = train_tokenizer([sources.resolve_data_path("pretrain/tinyshakespeare.txt")],
+  path = train_tokenizer([readers.resolve_data_path("pretrain/tinyshakespeare.txt")],
                          str(tmp / "t.model"), vocab_size=500)
   tokenizer = Tokenizer.from_file(path)
   config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
@@ -65,7 +65,7 @@ def _hf_loglik(model, tok, context, continuation, max_len):
 def test_logliks_match_transformers_on_lm_eval_encoding(hf_pair):
   from eval.loglik import LoglikScorer
   from eval.loglik import encode_pair
-  from eval.tasks import arc, mmlu, task_path
+  from data.benchmarks import arc, mmlu, task_path
   model, tok, ours = hf_pair
   requests = [r for item in arc(task_path("arc_easy"))[:6] for r in item.requests()]
   # One-token continuations of one prompt (MMLU's " A".." D"; the shared-forward path).
@@ -123,12 +123,12 @@ def _write_jsonl(path, rows):
 
 
 def test_malformed_rows_name_the_file_line_and_field(tmp_path):
-  from eval import tasks
+  from data import benchmarks as tasks
   good = {"query": "Question: ?", "choices": ["a", "b"], "gold": 1}
   cases = [
       (tasks.arc, [good, {"query": "Question: ?", "choices": ["a", "b"]}], ":2: missing field 'gold'"),
       (tasks.arc, [good, {**good, "gold": 2}], ":2: field 'gold' is 2, expected an index"),
-      (tasks.arc, [good, "{not json"], ":2: not valid JSON"),
+      (tasks.arc, [good, "{not json"], ":2: malformed JSON line"),
       (tasks.arc, [{**good, "choices": []}], ":1: field 'choices' is [], expected a non-empty"),
       (tasks.hellaswag, [{"activity_label": "x", "ctx": "y", "label": 0, "endings": ["a", 3]}],
        ":1: field 'endings' must be a list of strings"),
@@ -152,7 +152,7 @@ def test_malformed_rows_name_the_file_line_and_field(tmp_path):
 
 
 def test_readers_build_lm_eval_prompts_from_the_shared_files():
-  from eval import tasks
+  from data import benchmarks as tasks
   items = tasks.hellaswag(tasks.task_path("hellaswag"))
   assert len(items) == 9046
   first = items[0]
@@ -276,7 +276,7 @@ class _FakeScorer:
 def test_limit_counts_wikitext2_articles():
   from types import SimpleNamespace
   import re
-  from eval import tasks
+  from data import benchmarks as tasks
   from eval.run import run_task
   with open(tasks.task_path("wikitext2"), encoding="utf-8") as f:
     text = f.read()

@@ -120,10 +120,10 @@ def test_bad_hf_inputs_are_named():
 
 
 def test_exported_tokenizer_encodes_like_ours(tmp_path):
-  from data import sources
+  from data import readers
   from data.chat import CHAT_MARKERS
   from data.tokenizer import Tokenizer, train_tokenizer
-  text = sources.resolve_data_path("pretrain/tinyshakespeare.txt")
+  text = readers.resolve_data_path("pretrain/tinyshakespeare.txt")
   path = train_tokenizer([text], str(tmp_path / "t.model"), vocab_size=600)
   ours = Tokenizer.from_file(path).with_pieces(CHAT_MARKERS)
   from data.hf_tokenizer import hf_tokenizer

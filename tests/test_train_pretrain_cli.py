@@ -194,7 +194,7 @@ def restored_on_one_device(reference_run, tmp_path_factory):
   """The reference run (data=2 over 2 devices) resumed by a Trainer on one device, and its
   validation metrics recomputed from the restored parameters."""
   from data.lm_pipeline import build_lm_pipelines
-  from data.sources import load_split_documents
+  from data.documents import load_split_documents
   from data.tokenizer import Tokenizer
   workdir = _copy_run(reference_run, tmp_path_factory.mktemp("one") / "run")
   trainer = _trainer_on(workdir, (1, 1, 1), jax.devices()[:1], reference_run)

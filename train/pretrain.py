@@ -20,9 +20,9 @@ import jax
 import numpy as np
 
 from data.config import get_or_train_tokenizer
-from data.curate import load_tokenized
+from data.tokenized import load_tokenized
 from data.lm_pipeline import build_lm_pipelines
-from data.sources import load_split_documents
+from data.documents import load_split_documents
 from data.tokenizer import Tokenizer
 from model.config import ModelConfig
 from model.transformer import Transformer

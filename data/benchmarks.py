@@ -1,5 +1,8 @@
 """Benchmark readers: the shared evaluation files as log-likelihood requests.
 
+(Data, not evaluation: `eval/` scores these items, `data/curate/` decontaminates against
+them and `data/tfds_builders.py` serves them as TFDS datasets. No jax here.)
+
 Every multiple-choice task becomes a list of `Item`s: one document with one or more
 contexts, the continuations to score, and the gold index. The prompt formats are
 lm-evaluation-harness's (the `default` configs of its hellaswag, arc_easy, piqa,
@@ -26,13 +29,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import gzip
-import json
+import io
 import os
 import re
 from typing import Any, Callable, Iterator
 
-from data.sources import resolve_data_path
+from data.readers import jsonl_records, read_text, resolve_data_path
 
 EVAL_FILES = {
     "hellaswag": "eval/hellaswag_val_shared.jsonl.gz",
@@ -63,25 +65,10 @@ class Item:
     return list(zip(ctx, cont))
 
 
-def _open(path: str):
-  return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else \
-      open(path, encoding="utf-8")
-
-
 def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-  """(line number, record) of a .jsonl[.gz] file; a bad line names the file and line."""
-  with _open(path) as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{number}: expected a JSON object, got "
-                         f"{type(record).__name__}")
-      yield number, record
+  """(line number, record) of a .jsonl[.gz] file of JSON objects; a bad line names the file
+  and line (`data.readers.jsonl_records`)."""
+  return jsonl_records(path, objects_only=True)
 
 
 def field(record: dict, name: str, kind: type | tuple, where: str) -> Any:
@@ -142,8 +129,8 @@ def piqa(path: str) -> list[Item]:
   labels_path = path.replace(".jsonl", "-labels.lst")
   if not os.path.exists(labels_path):
     raise ValueError(f"{path}: the labels file {labels_path} is missing")
-  with open(labels_path) as f:
-    labels = [line.strip() for line in f]
+  # newline=None: lines end as in a file opened in text mode (\n, \r\n or \r).
+  labels = [line.strip() for line in io.StringIO(read_text(labels_path), newline=None)]
   items = []
   for n, r in read_jsonl(path):
     where = f"{path}:{n}"
@@ -185,7 +172,8 @@ LETTERS = ("A", "B", "C", "D")
 
 
 def _mmlu_rows(path: str) -> list[tuple[int, dict[str, str]]]:
-  with open(path, newline="", encoding="utf-8") as f:
+  # newline="": the csv module sees line ends as written (as `open(newline="")` would).
+  with io.StringIO(read_text(path), newline="") as f:
     reader = csv.DictReader(f)
     if tuple(reader.fieldnames or ()) != MMLU_COLUMNS:
       raise ValueError(f"{path}:1: header {reader.fieldnames}, expected {list(MMLU_COLUMNS)}")
@@ -269,5 +257,6 @@ MC_READERS: dict[str, Callable[..., list[Item]]] = {
 
 
 def task_path(task: str, data_dir: str | None = None) -> str:
+  """The file (or directory, for mmlu) of `task`: under `data_dir`, else the data dir."""
   rel = EVAL_FILES[task]
   return os.path.join(data_dir, rel) if data_dir else resolve_data_path(rel)
