@@ -264,6 +264,20 @@ def english_rm_run(english_sft_run, tmp_path_factory):
   return workdir, data, out.stdout
 
 
+# ---------------------------------------------------------------------------------- tiers
+# Fixtures that run entry points as subprocesses: a test that uses one (directly or through
+# another fixture) is in the `cli` tier (pytest.ini).
+CLI_FIXTURES = {"reference_run", "english_sft_run", "english_rm_run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if CLI_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.cli)
+
+
 # ---------------------------------------------------------------------------------- goldens
 def pytest_addoption(parser):
   parser.addoption("--regen-golden", action="store_true", default=False,

@@ -237,6 +237,7 @@ def test_runlocal_variant_is_small():
   assert config.model.num_layers <= 2 and config.model.max_seq_len >= config.data.seq_len
 
 
+@pytest.mark.cli
 def test_runlocal_trains(tmp_path):
   workdir = str(tmp_path / "run")
   out = run_cmd(pretrain_cmd(workdir, config=f"{CONFIG}:runlocal=true"))

@@ -112,6 +112,7 @@ def test_stages_remove_what_they_should_and_count_bad_input(corpus, tmp_path):
   assert os.path.getsize(os.path.join(workdir, "report.png")) > 1000
 
 
+@pytest.mark.cli
 def test_rerun_is_byte_identical_and_a_killed_run_completes(corpus, tmp_path):
   from data.curate import Curator
   one = str(tmp_path / "one")
@@ -199,6 +200,7 @@ def test_mixture_shares_follow_the_temperature_rule_and_are_realised():
   assert len(set(picked["a"])) == len(picked["a"])  # a is subsampled: no repeats
 
 
+@pytest.mark.cli
 def test_tokenized_mixture_feeds_pretraining_and_cluster_mode_matches(corpus, tmp_path):
   from conftest import pretrain_cmd, run_cmd, read_metrics
   from data.curate import Curator, PHASES

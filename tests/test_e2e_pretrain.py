@@ -25,6 +25,7 @@ def unigram_entropy_nats(docs):
   return -sum(c / n * math.log(c / n) for c in counts.values())
 
 
+@pytest.mark.cli
 def test_shakespeare_char_beats_the_unigram_entropy(tmp_path):
   config = shakespeare_char.get_config()
   train_docs, _ = load_split_documents(config.data)

@@ -294,6 +294,7 @@ def test_limit_counts_wikitext2_articles():
   assert summary["documents"] == 60 and summary["bytes"] == len(text.encode("utf-8"))
 
 
+@pytest.mark.cli
 def test_cli_prints_the_results_once_formatted(hf_pair, tmp_path):
   _, _, ours = hf_pair
   out_dir = tmp_path / "eval"

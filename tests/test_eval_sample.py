@@ -176,6 +176,7 @@ def _cli(*flags, stdin=None):
                         timeout=120)
 
 
+@pytest.mark.cli
 def test_cli_writes_jsonl_equal_to_respond(ckpt, loaded, tmp_path):
   out_path = tmp_path / "samples.jsonl"
   out = _cli(f"--checkpoint={ckpt[0]}", *(f"--prompt={p}" for p in PROMPTS[:4]),
@@ -188,6 +189,7 @@ def test_cli_writes_jsonl_equal_to_respond(ckpt, loaded, tmp_path):
   assert "=== prompt 4/4 ===" in out.stdout
 
 
+@pytest.mark.cli
 def test_cli_chat_keeps_history_and_resets(ckpt, loaded):
   out = _cli(f"--checkpoint={ckpt[0]}", "--chat", "--temperature=0", "--max_new_tokens=8",
              stdin="hello\n/reset\nhi\n/quit\nnever read\n")
@@ -206,6 +208,7 @@ def test_cli_chat_keeps_history_and_resets(ckpt, loaded):
     (("--checkpoint={ckpt}", "--prompt=hi", "--template=chatml"), "Unknown template 'chatml'"),
     (("--checkpoint={ckpt}", "--prompt=" + "a" * 80, "--template=none"), "model context is 64"),
 ])
+@pytest.mark.cli
 def test_cli_errors_are_one_line(ckpt, tmp_path, flags, needle):
   missing = str(tmp_path / "nope")
   out = _cli(*(f.format(missing=missing, ckpt=ckpt[0]) for f in flags))
@@ -239,6 +242,7 @@ def test_unreadable_tokenizer_is_a_checkpoint_error_naming_it(bad_tokenizer_ckpt
     load_for_sampling(bad_tokenizer_ckpt)
 
 
+@pytest.mark.cli
 @pytest.mark.parametrize("module,flags", [("eval.sample", ("--prompt=hi",)),
                                           ("eval.run", ("--tasks=arc_easy",))])
 def test_cli_unreadable_tokenizer_is_one_error_line_exit_2(bad_tokenizer_ckpt, tmp_path,

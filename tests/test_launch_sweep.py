@@ -31,6 +31,7 @@ def _sweep(config_path, workdir, *flags):
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.cli
 def test_two_point_sweep_runs_and_writes_table_and_plot(tmp_path):
   config = tmp_path / "tiny.py"
   config.write_text(TINY_SWEEP)

@@ -125,6 +125,7 @@ def test_remote_preflight_output_is_checked():
                                             "gs://b/x is not writable"), 8, rev, "gs://b/x")
 
 
+@pytest.mark.cli
 def test_training_entry_point_refuses_a_gs_workdir_without_credentials(tmp_path):
   from conftest import pretrain_cmd, subprocess_env
   env = subprocess_env(HOME=str(tmp_path))

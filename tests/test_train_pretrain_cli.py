@@ -285,6 +285,7 @@ def test_init_from_refuses_a_checkpoint_of_a_different_model_naming_the_field(re
   trainer.close()
 
 
+@pytest.mark.cli
 def test_unknown_config_field_on_the_command_line_names_it(tmp_path):
   # Failure 3: 18 traceback frames for the README's own example.
   out = run_cmd(pretrain_cmd(str(tmp_path / "run"), "--config.optim.lrr=1"), timeout=120)

@@ -145,6 +145,7 @@ def test_response_only_loss_on_a_two_turn_conversation_matches_a_hand_computatio
   assert float(loss) == pytest.approx(nll[mask].mean(), rel=1e-5)
 
 
+@pytest.mark.cli
 def test_sft_refuses_a_missing_init_from_and_an_architecture_override(base_run, tmp_path):
   out = run_cmd(sft_cmd(str(tmp_path / "a"), ""))
   assert out.returncode != 0 and "starts from a checkpoint: set --config.init_from" in out.stdout
