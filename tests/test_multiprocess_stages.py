@@ -6,8 +6,7 @@ both processes (no process holds the whole model): init_from through the stages'
 (vocabulary growth, a scalar head on an LM trunk), DPO's reference pass, PPO's sampling and
 scoring and the evaluation scorers all run on arrays that are not fully addressable.
 Tolerance: the same programs on the same mesh, so only the order of the cross-process
-reductions differs: losses and metrics agree to 2e-4 (absolute; the runs measured here agree
-to ~1e-6).
+reductions differs: losses and metrics must agree to 2e-4 (absolute).
 """
 
 from __future__ import annotations
