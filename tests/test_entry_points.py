@@ -61,3 +61,12 @@ def test_a_training_run_prints_only_its_own_lines(tmp_path):
   noise = [line for line in out.stdout.splitlines() if not OWN_LINE.match(line)]
   assert not noise, noise
   assert os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_hf_export_prints_one_line(english_sft_run, tmp_path):
+  # Failure 13 also counted 73 library lines of 83 in `train.hf_convert export`.
+  out = run_cmd([sys.executable, "-m", "train.hf_convert", "export",
+                 f"--checkpoint={english_sft_run[0]}", f"--out={tmp_path / 'hf'}"], timeout=300)
+  assert out.returncode == 0, out.stdout[-3000:]
+  assert out.stdout.strip().splitlines() == [
+      f"Wrote {tmp_path / 'hf'}: LlamaForCausalLM 2 layers x 64, vocab 1024"], out.stdout
