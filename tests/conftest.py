@@ -266,8 +266,10 @@ def english_rm_run(english_sft_run, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------- tiers
 # Fixtures that run entry points as subprocesses: a test that uses one (directly or through
-# another fixture) is in the `cli` tier (pytest.ini).
-CLI_FIXTURES = {"reference_run", "english_sft_run", "english_rm_run"}
+# another fixture) is in the `cli` tier (pytest.ini). Module-level ones too: base_run
+# (test_train_sft.py), interrupted_run (test_train_pretrain_cli.py).
+CLI_FIXTURES = {"reference_run", "english_sft_run", "english_rm_run", "base_run",
+                "interrupted_run"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own -m deselection

@@ -34,6 +34,7 @@ def test_pairwise_wins_and_length_baselines_count_ties_as_half():
   assert longer.mean() + shorter.mean() == 1.0
 
 
+@pytest.mark.cli
 def test_cli_names_a_missing_or_wrong_kind_of_checkpoint(tmp_path):
   out = run_cmd([sys.executable, "-m", "eval.reward", f"--checkpoint={tmp_path / 'none'}"])
   assert out.returncode != 0 and "does not exist" in out.stdout

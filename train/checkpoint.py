@@ -226,8 +226,11 @@ class Checkpointer:
                             f"{type(e).__name__}: {e}") from e
 
   def close(self) -> None:
-    self._mngr.wait_until_finished()
-    self._mngr.close()
+    """Waits for pending saves (CheckpointSaveError if one failed), then closes."""
+    try:
+      self.wait()
+    finally:
+      self._mngr.close()
 
 
 def absolute_path(path: str) -> epath.Path:

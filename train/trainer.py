@@ -308,13 +308,24 @@ class Trainer:
     self.preemption.install()
     try:
       self.train(state, batches)
-    finally:
+    except BaseException:
+      # The run's own error is the one to report: closing must not replace it (e.g. a
+      # failed save raises again when the checkpointer waits for it).
       self.preemption.uninstall()
-      self.close()
+      self.close(raise_errors=False)
+      raise
+    self.preemption.uninstall()
+    self.close()
     return {f"run/{k}": v for k, v in self.run_stats.items()}
 
-  def close(self) -> None:
-    if self.checkpointer is not None:
-      self.checkpointer.close()
-    self.writer.close()
+  def close(self, raise_errors: bool = True) -> None:
+    """Waits for pending saves and closes the checkpointer and the writer."""
+    try:
+      if self.checkpointer is not None:
+        self.checkpointer.close()
+    except Exception:  # noqa: BLE001
+      if raise_errors:
+        raise
+    finally:
+      self.writer.close()
 
