@@ -28,8 +28,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from model.config import ModelConfig
 from model import layout
+from model.config import ModelConfig
 
 # ------------------------------------------------------------------------------- weights
 def _per_layer(params: Mapping[str, Any], cfg: ModelConfig) -> list[dict]:

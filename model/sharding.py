@@ -18,8 +18,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, Mesh, PartitionSpec as P
 from flax.core import spmd
+from jax.sharding import AxisType, Mesh, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

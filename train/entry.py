@@ -24,12 +24,12 @@ import traceback
 from typing import Any
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from train import checkpoint as ckpt_lib
 from train import distributed, quiet, storage
 from train.loop import PREEMPTED_EXIT_CODE, NonFiniteError
 from train.stage import Stage, run_stage
-from ml_collections import config_flags
 
 BAD_INPUT_EXIT_CODE = 2
 # Errors that mean "the input (config, data, checkpoint, workdir) is not usable".

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 import socket
-import uuid
 import sys
+import uuid
 
 
 class WorkdirError(OSError):
