@@ -98,12 +98,13 @@ class Stage:
   build: Callable[[Any, str], Run]
 
 
-def write_config(config: Any, workdir: str) -> None:
-  """`<workdir>/config.json`: the resolved config of the run (process 0 only)."""
-  import tensorflow as tf  # gfile: local paths and gs:// alike
+def write_files(workdir: str, files: Mapping[str, bytes]) -> None:
+  """Writes `files` (name -> bytes) into `workdir`, local or gs://."""
+  import tensorflow as tf  # gfile: local paths and gs:// alike; heavy, so imported here
   tf.io.gfile.makedirs(workdir)
-  with tf.io.gfile.GFile(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+  for name, data in files.items():
+    with tf.io.gfile.GFile(os.path.join(workdir, name), "wb") as f:
+      f.write(data)
 
 
 def refuse_incompatible_resume(trainer: Trainer) -> None:
@@ -115,15 +116,12 @@ def refuse_incompatible_resume(trainer: Trainer) -> None:
 
 
 def write_run_files(run: Run, config: Any, workdir: str) -> None:
-  """config.json and the stage's own files, on process 0, once everything is validated."""
+  """config.json (the resolved config) and the stage's own files, on process 0, once
+  everything is validated."""
   storage.check_workdir(workdir)  # the write probe (credentials were checked at launch)
-  if jax.process_index() != 0:
-    return
-  write_config(config, workdir)
-  import tensorflow as tf
-  for name, data in run.files.items():
-    with tf.io.gfile.GFile(os.path.join(workdir, name), "wb") as f:
-      f.write(data)
+  if jax.process_index() == 0:
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+    write_files(workdir, {"config.json": text.encode(), **run.files})
 
 
 def run_stage(stage: Stage, config: Any, workdir: str) -> Any:
