@@ -9,6 +9,7 @@ where it came from and the fields that do exist.
 
 from __future__ import annotations
 
+import ast
 import copy
 import difflib
 import importlib.util
@@ -82,7 +83,6 @@ def override_flags(overrides: Mapping[str, Any]) -> list[str]:
 def parse_assignments(values: list[str], flag: str) -> dict[str, Any]:
   """["a.b=1", "c=x"] from the command line -> {"a.b": 1, "c": "x"} (Python literals where
   they parse, strings otherwise)."""
-  import ast
   out: dict[str, Any] = {}
   for item in values:
     key, sep, raw = item.partition("=")

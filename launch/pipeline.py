@@ -35,6 +35,7 @@ from typing import Any, Sequence
 from absl import app, flags
 
 from launch import overrides as ov
+from launch import report as report_lib
 from launch.stages import Chain, StageFailed, finished
 
 ENTRIES = ("train.pretrain", "train.sft", "rlhf.reward", "rlhf.ppo", "rlhf.dpo")
@@ -257,7 +258,6 @@ def run(config: Any, workdir: str, selected: Sequence[str] = (),
         os.replace(tmp, out)
       else:
         print(f"{item['name']}: finished", flush=True)
-  from launch import report as report_lib
   return report_lib.write(config, workdir, stages, chain.minutes)
 
 

@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any
 
+import numpy as np
+
 # Metrics shown per stage in the stage table (the first of each group that the stage logs).
 STAGE_METRICS = (("train loss", ("train/loss", "loss/policy")),
                  ("eval loss", ("eval/loss",)),
@@ -171,7 +173,6 @@ def plot_eval(data: dict[str, Any], config: Any, path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  import numpy as np
   models = [m for m, r in data["eval"].items() if "rm_accuracy" not in r]
   rows = [(t, m) for t, m in EVAL_ROWS if m in ("acc", "acc_norm")
           and any(t in data["eval"][x] for x in models)]

@@ -43,6 +43,8 @@ from typing import Any, Sequence
 from absl import app, flags
 
 from launch import overrides as ov
+from launch import tpu_vm
+from launch.report import last_value, read_metrics
 from launch.stages import Chain, StageFailed, finished
 
 FLAGS = flags.FLAGS
@@ -126,7 +128,6 @@ def command(config: Any, point: dict[str, Any], workdir: str) -> list[str]:
 
 # --------------------------------------------------------------------------- results
 def point_results(workdir: str, metric: str) -> dict[str, Any]:
-  from launch.report import last_value, read_metrics
   records = read_metrics(workdir)
   evals = [(r["step"], r[metric]) for r in records if isinstance(r.get(metric), (int, float))]
   best = min(evals, key=lambda x: x[1]) if evals else (None, None)
@@ -230,7 +231,6 @@ def plot(workdir: str, points: list[dict[str, Any]], metric: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from launch.report import read_metrics
   settings = list(dict.fromkeys(p["setting"] for p in points))
   colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
   styles = ["-", "--", ":", "-."]
@@ -269,7 +269,6 @@ def run(config: Any, workdir: str, extra: dict[str, Any] | None = None,
   workdir = os.path.abspath(workdir)
   points = expand(config, extra)
   if tpu:
-    from launch import tpu_vm
     for p in points:
       remote = f"{tpu['bucket'].rstrip('/')}/{os.path.basename(point_dir(workdir, p))}"
       print(shlex.join(tpu_vm.sweep_point_command(tpu, command(config, p, remote))))

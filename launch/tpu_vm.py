@@ -44,6 +44,9 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
+from launch import overrides as ov
+from launch.stages import REPO
+
 REMOTE_DIR = "~/lmlife"
 REMOTE_VENV = "~/lmlife-venv"
 REMOTE_LOGS = "~/lmlife-logs"
@@ -219,7 +222,6 @@ def _flag(args: Sequence[str], name: str) -> str:
 
 def entry_config(entry_args: Sequence[str]) -> Any:
   """The run config the entry point will see: --config plus its --config.x=y overrides."""
-  from launch import overrides as ov
   config = ov.load_config(_flag(entry_args, "config"))
   extra = ov.parse_assignments([a[len("--config."):] for a in entry_args
                                 if a.startswith("--config.")], "config.")
@@ -258,14 +260,12 @@ def check_layout(config: Any, hosts: int, devices_per_host: int, where: str) -> 
 
 
 def local_revision() -> str:
-  from launch.stages import REPO
   rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
                        text=True, check=True).stdout.strip()
   return rev
 
 
 def local_tree_dirty() -> bool:
-  from launch.stages import REPO
   out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                        capture_output=True, text=True, check=True).stdout
   return bool(out.strip())
