@@ -47,9 +47,22 @@ def _logged_step_count(log_path):
   return max([int(m) for m in re.findall(r"^step (\d+)/", read_log(log_path), re.M)] or [0])
 
 
+def _signal_after_progress(cmd, log, step, sig):
+  """Starts `cmd` (a resume), sends `sig` once it logged `step`; returns its exit code."""
+  proc = start_cmd(cmd, log)
+  try:
+    wait_for(lambda: _logged_step_count(log) >= step, proc, 300, "progress after resuming",
+             log)
+    proc.send_signal(sig)
+    return proc.wait(timeout=120)
+  finally:
+    kill_if_running(proc)
+
+
 @pytest.fixture(scope="module")
 def interrupted_run(tmp_path_factory):
-  """SIGKILL after the first finalized checkpoint, resume + SIGTERM, resume to the end."""
+  """SIGKILL after the first finalized checkpoint, resume + SIGTERM, resume + Ctrl-C
+  (SIGINT), resume to the end."""
   root = tmp_path_factory.mktemp("interrupted")
   workdir = str(root / "run")
   ckdir = os.path.join(workdir, "checkpoints")
@@ -67,29 +80,13 @@ def interrupted_run(tmp_path_factory):
   info["killed_rc"] = proc.returncode
   info["steps_after_kill"] = finalized_steps(ckdir)
 
-  log = info["logs"][1]
-  proc = start_cmd(cmd, log)
-  try:
-    resumed_at = info["steps_after_kill"][-1]
-    wait_for(lambda: _logged_step_count(log) >= resumed_at + 3, proc, 300,
-             "progress after resuming", log)
-    proc.send_signal(signal.SIGTERM)
-    info["sigterm_rc"] = proc.wait(timeout=120)
-  finally:
-    kill_if_running(proc)
+  info["sigterm_rc"] = _signal_after_progress(
+      cmd, info["logs"][1], info["steps_after_kill"][-1] + 3, signal.SIGTERM)
   info["steps_after_sigterm"] = finalized_steps(ckdir)
 
-  log = str(root / "attempt_sigint.log")  # Ctrl-C: the same save-and-stop as SIGTERM
-  info["sigint_log"] = log
-  proc = start_cmd(cmd, log)
-  try:
-    resumed_at = info["steps_after_sigterm"][-1]
-    wait_for(lambda: _logged_step_count(log) >= resumed_at + 2, proc, 300,
-             "progress after resuming", log)
-    proc.send_signal(signal.SIGINT)
-    info["sigint_rc"] = proc.wait(timeout=120)
-  finally:
-    kill_if_running(proc)
+  info["sigint_log"] = str(root / "attempt_sigint.log")  # Ctrl-C: the same as SIGTERM
+  info["sigint_rc"] = _signal_after_progress(
+      cmd, info["sigint_log"], info["steps_after_sigterm"][-1] + 2, signal.SIGINT)
   info["steps_after_sigint"] = finalized_steps(ckdir)
 
   out = run_cmd(cmd)

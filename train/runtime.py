@@ -131,16 +131,9 @@ class Runtime:
     if total == 0:
       raise ValueError("Runtime.apply got no rows")
     size = self.padded_batch_size(batch_size)
-    run = self.compiled(fn)
-    parts = []
-    with self.mesh_context():
-      for start in range(0, total, size):
-        index = np.arange(start, start + size) % total  # pad by wrapping around
-        out = run(params, self.replicated_rows({k: np.asarray(v)[index]
-                                                for k, v in rows.items()}))
-        real = min(size, total - start)
-        parts.append(jax.tree.map(lambda x: np.asarray(x)[:real], jax.device_get(out)))
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *parts)
+    batches = ({k: np.asarray(v)[np.arange(start, start + size) % total]  # wrap to pad
+                for k, v in rows.items()} for start in range(0, total, size))
+    return jax.tree.map(lambda x: x[:total], self.apply_batches(fn, params, batches))
 
   def apply_batches(self, fn: ApplyFn, params: Any,
                     batches: Iterator[Mapping[str, np.ndarray]]) -> Any:

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from train.state import TrainState
 
@@ -120,7 +120,3 @@ class Steps:
                         out_shardings=replicated),
     }
 
-
-def micro_batch_sharding(mesh: Any, batch_axes: Any) -> NamedSharding:
-  """Micro-batches stay split over the batch axes like whole batches."""
-  return NamedSharding(mesh, P(batch_axes))
