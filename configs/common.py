@@ -68,6 +68,10 @@ def optim_config(**overrides: Any) -> ml_collections.ConfigDict:
   # Clip + Adam on one concatenated vector: much faster for tiny models on CPU; only valid
   # when parameters are replicated (mesh fsdp = tensor = 1). See train/optim.py.
   c.flatten_update = False
+  # "float32": keep a float32 master copy of the parameters in the optimizer state and
+  # update it (mixed precision with model.param_dtype="bfloat16"; see train/optim.py).
+  # "" = update the parameters in their own dtype.
+  c.master_dtype = ""
   c.update(overrides)
   return c
 
