@@ -243,3 +243,40 @@ def test_sliding_window_shorter_than_the_context_is_refused():
   with pytest.raises(ValueError, match=r"ModelConfig.sliding_window=64: expected >= "
                      r"max_seq_len=128 or 0: sliding-window attention is not implemented"):
     ModelConfig(vocab_size=8, max_seq_len=128, sliding_window=64)
+
+
+# ------------------------------------------------------------------- init_from=hf:<dir>
+@pytest.mark.cli
+def test_stages_start_from_an_hf_directory(tmp_path):
+  """SFT and the reward model start from `hf:<dir>` (a tiny Qwen2 with a SentencePiece
+  tokenizer) directly: the LM adapter grows the vocabulary, the reward adapter drops the
+  output projection, both through the streaming reader."""
+  import shutil
+  import sys
+  from conftest import SHAKESPEARE, reward_cmd, run_cmd, sft_cmd
+  from data import readers
+  from data.tokenizer import train_tokenizer
+  from train import checkpoint as ckpt_lib
+  sp = train_tokenizer([readers.resolve_data_path(SHAKESPEARE)], str(tmp_path / "t.model"),
+                       vocab_size=600)
+  config = transformers.Qwen2Config(**{**COMMON, "vocab_size": 600,
+                                       "max_position_embeddings": 512},
+                                    tie_word_embeddings=True)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config)
+  hf_dir = tmp_path / "qwen2"
+  model.save_pretrained(hf_dir)
+  shutil.copy(sp, hf_dir / "tokenizer.model")
+  steps = ("--config.train.num_steps=2", "--config.train.eval_every=2")
+  out = run_cmd(sft_cmd(str(tmp_path / "sft"), f"hf:{hf_dir}", *steps,
+                        "--config.sample_every=0"))
+  assert out.returncode == 0, out.stdout[-3000:]
+  meta = ckpt_lib.read_metadata(str(tmp_path / "sft"))
+  assert meta["parent"]["stage"] == "hf_import" and meta["parent"]["path"].startswith("hf:")
+  assert meta["model_config"]["family"] == "qwen2" and meta["model_config"]["qkv_bias"]
+  out = run_cmd(reward_cmd(str(tmp_path / "rm"), f"hf:{hf_dir}", *steps))
+  assert out.returncode == 0, out.stdout[-3000:]
+  out = run_cmd([sys.executable, "-m", "train.hf_convert", "import",
+                 f"--hf_dir={tmp_path / 'missing'}", f"--workdir={tmp_path / 'x'}"])
+  assert out.returncode == 2 and "error: " in out.stdout and "config.json does not exist" \
+      in out.stdout, out.stdout[-2000:]

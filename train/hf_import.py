@@ -9,10 +9,11 @@ A directory holds `config.json` (model_type llama / qwen2 / qwen3 / mistral,
 `model.safetensors.index.json` (float32, bfloat16 or float16), and the tokenizer
 (`load_hf_tokenizer`, the one call that reads it).
 
-Weights never exist as one host copy: every parameter is made with
-`jax.make_array_from_callback`, whose callback builds one device's shard from only the rows
-of the Hugging Face tensors that shard needs (`safe_open(...).get_slice`, one file mapping
-open at a time), so the host holds one shard at a time next to the device arrays. All
+Weights never exist as one host copy: every device's shard of every parameter is built from
+only the rows of the Hugging Face tensors it needs (`safe_open(...).get_slice`, in blocks,
+one file mapping open at a time), copied to its device, and freed before the next is read;
+`jax.make_array_from_single_device_arrays` then assembles the sharded array. The host holds
+one shard of one parameter at a time next to the device arrays. All
 names and shapes are checked against config.json from the safetensors headers before any
 tensor is read.
 """
@@ -41,6 +42,7 @@ HF_PREFIX = "hf:"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = ("F32", "BF16", "F16")
+READ_BLOCK_BYTES = 32 * 2**20  # largest slice of a file mapped at once
 
 
 def hf_dir_of(init_from: str) -> str | None:
@@ -101,10 +103,29 @@ class HFWeights:
                          "not hold it")
 
   def fetch(self, name: str, box: tuple[slice, ...]) -> np.ndarray:
-    """One box of one tensor (only those bytes are copied out of the file)."""
+    """One box of one tensor, copied out of the file in blocks of rows.
+
+    Each block maps the file anew and unmaps it after the copy: the pages a read touches
+    count in the process's RSS while mapped, so a whole-tensor mapping would add the
+    tensor's size (not just the box's) to the peak.
+    """
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-    with safe_open(self.file_of[name], framework="numpy") as f:
-      return f.get_slice(name)[tuple(box)]
+    shape = self.shapes[name]
+    box = tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, shape))
+    rows = box[0] if box else slice(0, 1)
+    out = None
+    row_bytes = max(1, int(np.prod([s.stop - s.start for s in box[1:]], dtype=np.int64))) * 4
+    step = max(1, READ_BLOCK_BYTES // row_bytes)
+    for r in range(rows.start, max(rows.stop, rows.start + 1), step):
+      block = (slice(r, min(r + step, rows.stop)), *box[1:]) if box else ()
+      with safe_open(self.file_of[name], framework="numpy") as f:
+        part = f.get_slice(name)[block]
+      if out is None:
+        if not box or rows.stop - rows.start <= step:
+          return part
+        out = np.empty((rows.stop - rows.start, *part.shape[1:]), part.dtype)
+      out[r - rows.start:r - rows.start + part.shape[0]] = part
+    return out
 
 
 def read_hf_config(hf_dir: str) -> ModelConfig:
@@ -174,9 +195,14 @@ def load_hf_params(hf_dir: str, cfg: ModelConfig, target: Any) -> Any:
                        "Face counterpart of that shape")
     used.add(key)
     source = sources[key]
-    return jax.make_array_from_callback(
-        spec.shape, spec.sharding,
-        lambda box: np.asarray(source.read(weights.fetch, box), spec.dtype))
+    # One device's shard at a time, each copied to its device before the next is read
+    # (make_array_from_callback reads every shard before transferring any).
+    shards = []
+    for device, box in spec.sharding.addressable_devices_indices_map(spec.shape).items():
+      host = np.asarray(source.read(weights.fetch, box), spec.dtype)
+      shards.append(jax.device_put(host, device).block_until_ready())
+      del host
+    return jax.make_array_from_single_device_arrays(spec.shape, spec.sharding, shards)
 
   params = jax.tree_util.tree_map_with_path(leaf, target)
   if set(sources) - used:
