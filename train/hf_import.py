@@ -165,8 +165,8 @@ def load_hf_parent(hf_dir: str) -> tuple[ModelConfig, Tokenizer, dict[str, Any]]
   """(ModelConfig, Tokenizer, parent metadata) of a directory, as `load_parent` returns for
   a checkpoint. The weights' names and shapes are checked here, before a run starts."""
   cfg = read_hf_config(hf_dir)
-  check_hf_tensors(HFWeights(hf_dir).shapes, cfg, hf_dir)
   tokenizer = load_hf_tokenizer(hf_dir, cfg)
+  check_hf_tensors(HFWeights(hf_dir).shapes, cfg, hf_dir)
   meta = {"stage": "hf_import", "step": 0, "checkpoint_path": HF_PREFIX + os.path.abspath(hf_dir),
           "model_config": cfg.to_dict(), "model_class": "Transformer",
           "tokenizer_fingerprint": tokenizer.fingerprint, "parent": None}
