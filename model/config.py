@@ -6,9 +6,15 @@ in its metadata, and what `init_from` compares when a later stage loads a trunk)
 
 Presets (`ModelConfig.preset(name, **overrides)`):
   tiny              2 layers, 64 wide: unit tests.
+  qwen2_5_0_5b      Qwen2.5-0.5B (24 x 896, GQA 14/2, q/k/v biases, tied, vocab 151936).
+  qwen3_0_6b        Qwen3-0.6B (28 x 1024, GQA 16/8, head_dim 128, q/k norm, tied).
+  llama3_2_1b       Llama-3.2-1B (16 x 2048, GQA 32/8, llama3 rope scaling x32, tied).
+  llama3_1_8b       Llama-3.1-8B (32 x 4096, GQA 32/8, llama3 rope scaling x8).
+  mistral_7b        Mistral-7B-v0.3 (32 x 4096, GQA 32/8, vocab 32768, no sliding window).
   shakespeare_char  nanoGPT's CPU "baby GPT" size (4 layers, 4 heads, 128 wide, ~0.8M params).
   gpt_125m          GPT-2 small shape with Llama blocks (12 x 768).
-  llama_1b          Llama-3.2-1B shape (16 x 2048, GQA 32/8, tied embeddings).
+  llama_1b          Llama-3.2-1B's shape for pretraining from scratch (no rope scaling,
+                    2048 context, scanned and rematerialised).
   llama2_7b         Llama-2-7B shape (32 x 4096, MHA, vocab 32000).
   llama3_8b         Llama-3-8B shape (32 x 4096, GQA 32/8, vocab 128256).
 """
@@ -21,6 +27,9 @@ from typing import Any, Mapping
 ATTENTION_IMPLS = ("xla", "dot_product")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
+# Which Hugging Face architecture a model is (export writes it; import reads model_type).
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+ROPE_SCALING_TYPES = ("none", "llama3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +68,20 @@ class ModelConfig:
       as one matmul. Fewer, larger matmuls are faster on CPU and in decoding; it is a
       parameter layout, so checkpoints of the two layouts are converted with
       `model.layout.fuse_params` / `unfuse_params` (HF interop uses the unfused one).
+    family: the Hugging Face architecture this model is (one of FAMILIES): what export
+      writes as `model_type`; the function itself is set by the fields below.
+    qkv_bias: query/key/value projections have biases (Qwen2).
+    qk_norm: queries and keys are RMS-normalised per head (learned [D] scales) before the
+      rotary embedding (Qwen3).
+    rope_scaling_type: "none" or "llama3" (Llama 3.1/3.2's frequency-dependent rescaling of
+      the rotary frequencies, with the four rope_scaling_* fields below).
+    rope_scaling_factor: llama3 `factor` (low frequencies are divided by it).
+    rope_scaling_low_freq_factor: llama3 `low_freq_factor`.
+    rope_scaling_high_freq_factor: llama3 `high_freq_factor`.
+    rope_scaling_original_max_len: llama3 `original_max_position_embeddings`.
+    sliding_window: 0 (none) or the Mistral attention window. Sliding-window attention is
+      not implemented: a window is accepted only when max_seq_len <= sliding_window, where
+      it masks nothing (so the model is exact), and kept so that export writes it back.
   """
 
   vocab_size: int = 0
@@ -80,6 +103,15 @@ class ModelConfig:
   init_std: float = 0.02
   one_hot_embed: bool = False
   fuse_projections: bool = False
+  family: str = "llama"
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  rope_scaling_type: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_scaling_low_freq_factor: float = 1.0
+  rope_scaling_high_freq_factor: float = 4.0
+  rope_scaling_original_max_len: int = 8192
+  sliding_window: int = 0
 
   def __post_init__(self):
     def bad(field, expected):
@@ -105,6 +137,24 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         bad(name, f"one of {DTYPES}")
+    if self.family not in FAMILIES:
+      bad("family", f"one of {FAMILIES}")
+    if self.rope_scaling_type not in ROPE_SCALING_TYPES:
+      bad("rope_scaling_type", f"one of {ROPE_SCALING_TYPES}")
+    if self.rope_scaling_type == "llama3":
+      if self.rope_scaling_factor < 1:
+        bad("rope_scaling_factor", ">= 1")
+      if not 0 < self.rope_scaling_low_freq_factor < self.rope_scaling_high_freq_factor:
+        bad("rope_scaling_low_freq_factor",
+            f"in (0, rope_scaling_high_freq_factor={self.rope_scaling_high_freq_factor})")
+      if self.rope_scaling_original_max_len <= 0:
+        bad("rope_scaling_original_max_len", "a positive integer")
+    if self.sliding_window < 0:
+      bad("sliding_window", "0 (no window) or a positive integer")
+    if 0 < self.sliding_window < self.max_seq_len:
+      bad("sliding_window", f">= max_seq_len={self.max_seq_len} or 0: sliding-window "
+          "attention is not implemented, so the context must fit in the window (lower "
+          "max_seq_len)")
 
   @property
   def resolved_head_dim(self) -> int:
@@ -136,6 +186,10 @@ class ModelConfig:
     """Parameter count from shapes alone (matches the built model exactly)."""
     d, hd = self.embed_dim, self.resolved_head_dim
     attn = d * hd * (2 * self.num_heads + 2 * self.num_kv_heads)
+    if self.qkv_bias:
+      attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+    if self.qk_norm:
+      attn += 2 * hd
     mlp = 3 * d * self.mlp_dim
     per_layer = attn + mlp + 2 * d  # two RMSNorm scales
     total = self.num_layers * per_layer + d  # final norm
@@ -162,6 +216,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama2_7b": dict(vocab_size=32000, embed_dim=4096, num_layers=32, num_heads=32,
                       num_kv_heads=32, mlp_dim=11008, max_seq_len=4096, scan_layers=True,
                       remat_policy="dots_no_batch"),
+    # The real shapes of Hugging Face models (`init_from=hf:<dir>` derives the same config
+    # from their config.json; these are for sizing, sharding goldens and benchmarks).
+    "qwen2_5_0_5b": dict(family="qwen2", vocab_size=151936, embed_dim=896, num_layers=24,
+                         num_heads=14, num_kv_heads=2, mlp_dim=4864, max_seq_len=32768,
+                         rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True,
+                         qkv_bias=True),
+    "qwen3_0_6b": dict(family="qwen3", vocab_size=151936, embed_dim=1024, num_layers=28,
+                       num_heads=16, num_kv_heads=8, head_dim=128, mlp_dim=3072,
+                       max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6,
+                       tie_embeddings=True, qk_norm=True),
+    "llama3_2_1b": dict(vocab_size=128256, embed_dim=2048, num_layers=16, num_heads=32,
+                        num_kv_heads=8, mlp_dim=8192, max_seq_len=131072,
+                        rope_theta=500000.0, tie_embeddings=True, rope_scaling_type="llama3",
+                        rope_scaling_factor=32.0, rope_scaling_original_max_len=8192),
+    "llama3_1_8b": dict(vocab_size=128256, embed_dim=4096, num_layers=32, num_heads=32,
+                        num_kv_heads=8, mlp_dim=14336, max_seq_len=131072,
+                        rope_theta=500000.0, rope_scaling_type="llama3",
+                        rope_scaling_factor=8.0, rope_scaling_original_max_len=8192,
+                        scan_layers=True, remat_policy="dots_no_batch"),
+    "mistral_7b": dict(family="mistral", vocab_size=32768, embed_dim=4096, num_layers=32,
+                       num_heads=32, num_kv_heads=8, mlp_dim=14336, max_seq_len=32768,
+                       rope_theta=1000000.0, scan_layers=True, remat_policy="dots_no_batch"),
     "llama3_8b": dict(vocab_size=128256, embed_dim=4096, num_layers=32, num_heads=32,
                       num_kv_heads=8, mlp_dim=14336, max_seq_len=8192, rope_theta=500000.0,
                       scan_layers=True, remat_policy="dots_no_batch"),

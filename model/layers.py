@@ -32,11 +32,16 @@ def _param(rngs: nnx.Rngs, init, shape, dtype, names) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-  """Root-mean-square norm with a learned scale (no bias, no mean subtraction)."""
+  """Root-mean-square norm with a learned scale (no bias, no mean subtraction).
 
-  def __init__(self, dim: int, cfg: ModelConfig):
+  `axis_name` is the logical name of the normalised dimension: "embed" for the residual
+  stream, "head_dim" for Qwen3's per-head query/key norms.
+  """
+
+  def __init__(self, dim: int, cfg: ModelConfig, axis_name: str = "embed"):
     self.eps = cfg.norm_eps
-    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)), out_sharding=("embed",))
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)),
+                           out_sharding=(axis_name,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     # Statistics in float32 even for bf16 activations: the mean of squares underflows otherwise.
@@ -45,10 +50,36 @@ class RMSNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float
-                ) -> tuple[jax.Array, jax.Array]:
-  """cos/sin tables for rotary embeddings at integer `positions` [B, T] -> two [B, T, D/2]."""
+def llama3_inv_freq(inv_freq: jax.Array, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_len: int) -> jax.Array:
+  """Llama 3.1's rescaled rotary frequencies (transformers' `_compute_llama3_parameters`).
+
+  Wavelengths shorter than original_max_len / high_freq_factor keep their frequency, longer
+  than original_max_len / low_freq_factor are divided by `factor`, and those in between
+  interpolate smoothly. Same float32 operations and comparisons as transformers.
+  """
+  low_freq_wavelen = original_max_len / low_freq_factor
+  high_freq_wavelen = original_max_len / high_freq_factor
+  wavelen = 2 * math.pi / inv_freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+  smooth = (original_max_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                cfg: ModelConfig | None = None) -> tuple[jax.Array, jax.Array]:
+  """cos/sin tables for rotary embeddings at integer `positions` [B, T] -> two [B, T, D/2].
+
+  `cfg` (optional) brings its rope scaling (`rope_scaling_type`); without it, plain RoPE.
+  """
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if cfg is not None and cfg.rope_scaling_type == "llama3":
+    inv_freq = llama3_inv_freq(inv_freq, cfg.rope_scaling_factor,
+                               cfg.rope_scaling_low_freq_factor,
+                               cfg.rope_scaling_high_freq_factor,
+                               cfg.rope_scaling_original_max_len)
   angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
   return jnp.cos(angles), jnp.sin(angles)
 
@@ -121,10 +152,20 @@ class Attention(nnx.Module):
       # Query head n = k * G + g is wqkv[:, k, g]; the same head order as wq's.
       self.wqkv = _param(rngs, init, (e, k, n // k + 2, d), pd,
                          ("embed", "kv_heads", None, "head_dim"))
+      if cfg.qkv_bias:  # grouped like wqkv's last three axes
+        self.bqkv = _param(rngs, nnx.initializers.zeros, (k, n // k + 2, d), pd,
+                           ("kv_heads", None, "head_dim"))
     else:
       self.wq = _param(rngs, init, (e, n, d), pd, ("embed", "heads", "head_dim"))
       self.wk = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
       self.wv = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
+      if cfg.qkv_bias:
+        self.bq = _param(rngs, nnx.initializers.zeros, (n, d), pd, ("heads", "head_dim"))
+        self.bk = _param(rngs, nnx.initializers.zeros, (k, d), pd, ("kv_heads", "head_dim"))
+        self.bv = _param(rngs, nnx.initializers.zeros, (k, d), pd, ("kv_heads", "head_dim"))
+    if cfg.qk_norm:  # Qwen3: one [D] scale shared by all heads, applied before RoPE
+      self.q_norm = RMSNorm(d, cfg, "head_dim")
+      self.k_norm = RMSNorm(d, cfg, "head_dim")
     self.wo = _param(rngs, out_init, (n, d, e), pd, ("heads", "head_dim", "embed"))
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -142,6 +183,8 @@ class Attention(nnx.Module):
     if self.cfg.fuse_projections:
       b, t, _ = x.shape
       qkv = jnp.einsum("bte,ekhd->btkhd", x, self.wqkv[...].astype(dt))  # [B,T,K,G+2,D]
+      if self.cfg.qkv_bias:
+        qkv = qkv + self.bqkv[...].astype(dt)
       g = qkv.shape[3] - 2
       q = qkv[:, :, :, :g].reshape(b, t, -1, qkv.shape[-1])  # [B, T, N, D]
       k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # [B, T, K, D]
@@ -149,6 +192,12 @@ class Attention(nnx.Module):
       q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
       k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
       v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+      if self.cfg.qkv_bias:
+        q = q + self.bq[...].astype(dt)
+        k = k + self.bk[...].astype(dt)
+        v = v + self.bv[...].astype(dt)
+    if self.cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
       k_all, v_all, layer = kv_cache

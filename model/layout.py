@@ -8,7 +8,9 @@
 (a dict of blocks, or scanned blocks with a leading `layers` axis): only the last axes are
 touched. Arrays may be numpy or JAX. The fused query/key/value matrix is grouped per kv
 head, `wqkv[e, k, :G]` = the G query heads n = k * G + g that share kv head k, then that
-head's key and value, so `wq[e, n] == wqkv[e, n // G, n % G]`.
+head's key and value, so `wq[e, n] == wqkv[e, n // G, n % G]`. Query/key/value biases
+(`qkv_bias`) are grouped the same way: `bq[n] == bqkv[n // G, n % G]`, `bk[k] == bqkv[k, G]`.
+Per-head q/k norms (`qk_norm`) have one layout and pass through.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def fuse_params(params: dict, cfg: ModelConfig) -> dict:
       e, n, d = wq.shape[-3:]
       wq = wq.reshape(*wq.shape[:-3], e, k, n // k, d)
       p["wqkv"] = xp.concatenate([wq, wk[..., None, :], wv[..., None, :]], axis=-2)
+    if name == "attn" and "bq" in p:
+      bq, bk, bv = p.pop("bq"), p.pop("bk"), p.pop("bv")
+      n, d = bq.shape[-2:]
+      bq = bq.reshape(*bq.shape[:-2], k, n // k, d)
+      p["bqkv"] = _xp(bq).concatenate([bq, bk[..., None, :], bv[..., None, :]], axis=-2)
     if name == "mlp" and "w_gate" in p:
       gate, up = p.pop("w_gate"), p.pop("w_up")
       p["w_gate_up"] = _xp(gate).stack([gate, up], axis=-2)
@@ -69,6 +76,11 @@ def unfuse_params(params: dict, cfg: ModelConfig) -> dict:
       e, kh, _, d = w.shape[-4:]
       p["wq"] = w[..., :g, :].reshape(*w.shape[:-4], e, kh * g, d)
       p["wk"], p["wv"] = w[..., g, :], w[..., g + 1, :]
+    if name == "attn" and "bqkv" in p:
+      b = p.pop("bqkv")  # [..., K, G + 2, D]
+      kh, _, d = b.shape[-3:]
+      p["bq"] = b[..., :g, :].reshape(*b.shape[:-3], kh * g, d)
+      p["bk"], p["bv"] = b[..., g, :], b[..., g + 1, :]
     if name == "mlp" and "w_gate_up" in p:
       w = p.pop("w_gate_up")  # [..., E, 2, F]
       p["w_gate"], p["w_up"] = w[..., 0, :], w[..., 1, :]

@@ -126,7 +126,7 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta)  # [B, T, D/2]
+    cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg)  # [B,T,D/2]
     if cache is None:
       mask = attention_mask(segment_ids)  # [B, T, T]
     else:

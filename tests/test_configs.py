@@ -133,6 +133,12 @@ def test_big_presets_are_counted_not_built():
   assert ModelConfig.preset("llama_1b").num_params() == pytest.approx(1.236e9, rel=0.01)
   assert ModelConfig.preset("llama2_7b").num_params() == pytest.approx(6.738e9, rel=0.01)
   assert ModelConfig.preset("llama3_8b").num_params() == pytest.approx(8.030e9, rel=0.01)
+  # The Hugging Face presets, against the published parameter counts.
+  assert ModelConfig.preset("qwen2_5_0_5b").num_params() == 494_032_768
+  assert ModelConfig.preset("qwen3_0_6b").num_params() == 596_049_920
+  assert ModelConfig.preset("llama3_2_1b").num_params() == 1_235_814_400
+  assert ModelConfig.preset("llama3_1_8b").num_params() == 8_030_261_248
+  assert ModelConfig.preset("mistral_7b").num_params() == 7_248_023_552
   assert ModelConfig.preset("shakespeare_char", vocab_size=65).num_params() == \
       pytest.approx(0.81e6, rel=0.02)
 

@@ -1,4 +1,5 @@
-"""Tests for model/hf.py, data/hf_tokenizer.py and train/hf_convert.py: logits parity with transformers' LlamaForCausalLM both ways (float32,
+"""Tests for model/hf.py, data/hf_tokenizer.py and train/hf_convert.py (Llama layout; the other
+families and the streaming reader are tests/test_model_hf_families.py): logits parity with transformers' LlamaForCausalLM both ways (float32,
 max abs diff <= 1e-4) for GQA / MHA, tied / untied embeddings, fused and scanned layouts; the
 exported tokenizer encodes real text exactly as ours; a checkpoint exports and re-imports.
 
@@ -17,6 +18,7 @@ import transformers
 
 from model import hf
 from model.config import ModelConfig
+from model.hf_config import hf_config, model_config_from_hf
 from model.transformer import Transformer
 
 CASES = {
@@ -43,7 +45,7 @@ def _logits(graphdef, params, tokens):
 
 
 def _hf_model(cfg, state_dict):
-  config = transformers.LlamaConfig(**{k: v for k, v in hf.hf_config(cfg).items()
+  config = transformers.LlamaConfig(**{k: v for k, v in hf_config(cfg).items()
                                        if k not in ("architectures", "model_type",
                                                     "torch_dtype")})
   model = transformers.LlamaForCausalLM(config).eval()
@@ -76,7 +78,7 @@ def test_ours_to_hf_logits_match(case):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_hf_to_ours_logits_match(case):
   cfg = _cfg(**CASES[case])
-  config = transformers.LlamaConfig(**{k: v for k, v in hf.hf_config(cfg).items()
+  config = transformers.LlamaConfig(**{k: v for k, v in hf_config(cfg).items()
                                        if k not in ("architectures", "model_type",
                                                     "torch_dtype")})
   torch.manual_seed(0)
@@ -84,7 +86,7 @@ def test_hf_to_ours_logits_match(case):
   for p in model.parameters():  # norms start at 1: randomise them too
     torch.nn.init.normal_(p, std=0.1) if p.ndim == 1 else None
   state = {k: v.numpy() for k, v in model.state_dict().items()}
-  assert hf.model_config_from_hf(config.to_dict()) == cfg.replace(
+  assert model_config_from_hf(config.to_dict()) == cfg.replace(
       fuse_projections=False, scan_layers=False)
   params = hf.from_hf_state_dict(state, cfg)
   graphdef, abstract = _ours(cfg)
@@ -114,9 +116,11 @@ def test_bad_hf_inputs_are_named():
   with pytest.raises(ValueError, match="q_proj.bias"):
     hf.from_hf_state_dict(state, cfg)
   with pytest.raises(ValueError, match="model_type='gpt2'"):
-    hf.model_config_from_hf({"model_type": "gpt2"})
-  with pytest.raises(ValueError, match="rope_scaling"):
-    hf.model_config_from_hf({**hf.hf_config(cfg), "rope_scaling": {"type": "linear"}})
+    model_config_from_hf({"model_type": "gpt2"})
+  with pytest.raises(ValueError, match="rope_scaling.rope_type='linear'"):
+    config = hf_config(cfg)
+    del config["rope_parameters"]
+    model_config_from_hf({**config, "rope_scaling": {"type": "linear"}})
 
 
 def test_exported_tokenizer_encodes_like_ours(tmp_path):
@@ -146,7 +150,8 @@ def test_checkpoint_exports_and_imports(english_sft_run, tmp_path):
   from eval.loading import load_checkpoint
   sft = english_sft_run[0]
   out = str(tmp_path / "hf")
-  from train.hf_convert import export_checkpoint, import_hf
+  from train.hf_export import export_checkpoint
+  from train.hf_import import import_hf
   export_checkpoint(sft, out)
   for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer.model"):
     assert os.path.exists(os.path.join(out, name)), name
@@ -190,7 +195,7 @@ def test_cli_refuses_what_cannot_convert(english_rm_run, tmp_path):
   cfg = _cfg(num_heads=4, num_kv_heads=2)
   (tmp_path / "llama3").mkdir()
   with open(tmp_path / "llama3" / "config.json", "w") as f:
-    json.dump(hf.hf_config(cfg), f)
+    json.dump(hf_config(cfg), f)
   out = run_cmd([sys.executable, "-m", "train.hf_convert", "import",
                  f"--hf_dir={tmp_path / 'llama3'}", f"--workdir={tmp_path / 'y'}"])
   assert out.returncode != 0 and "tokenizer.model does not exist" in out.stdout, \

@@ -244,6 +244,7 @@ def test_rope_matches_hugging_face_rotate_half_formula():
 
 @pytest.mark.parametrize("overrides", [
     {}, {"tie_embeddings": True}, {"scan_layers": True}, {"head_dim": 32, "num_kv_heads": 1},
+    {"qkv_bias": True, "fuse_projections": True}, {"qk_norm": True, "scan_layers": True},
 ])
 def test_num_params_matches_the_built_model(tiny_cfg, overrides):
   cfg = tiny_cfg.replace(**overrides)

@@ -6,6 +6,11 @@ tokenizer come from there (`config.model` holds only execution overrides, `MODEL
 the chat markers are appended to a tokenizer that lacks them (new ids at the end, every
 existing id unchanged), and the vocabulary of the model grows to match
 (`model.layout.extend_vocab`, applied by the stage's init adapter).
+
+The parent is a checkpoint of the shared format or a Hugging Face model directory
+(`init_from=hf:<dir>`: config.json gives the model, `train/hf_import.py` the tokenizer and
+the streamed weights). A Hugging Face parent is read into any parameter layout, so its
+children may also set the `LAYOUT_FIELDS`.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from data.tokenizer import Tokenizer
 from model import layout
 from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
+from train.hf_import import hf_dir_of, load_hf_parent
 from train.restore import InitAdapter
 
 # Fields of ModelConfig a child run may change relative to its parent (not the parameters).
 MODEL_OVERRIDES = ("dtype", "param_dtype", "remat_policy", "attention_impl", "max_seq_len")
+# Parameter layouts a Hugging Face parent can be read into directly (a checkpoint parent
+# keeps its own).
+LAYOUT_FIELDS = ("scan_layers", "fuse_projections")
 
 
 class Parent(NamedTuple):
@@ -45,18 +54,24 @@ class Parent(NamedTuple):
                                      if k != "max_seq_len"})
 
 
-def child_model_config(parent_cfg: Any, overrides: Any, vocab_size: int):
-  """The run's ModelConfig: the parent's, with a vocabulary >= the tokenizer's and overrides."""
-  unknown = sorted(set(overrides.keys()) - set(MODEL_OVERRIDES))
+def child_model_config(parent_cfg: Any, overrides: Any, vocab_size: int,
+                       allowed: tuple[str, ...] = MODEL_OVERRIDES):
+  """The run's ModelConfig: the parent's, with a vocabulary >= the tokenizer's and overrides
+  (of the `allowed` fields)."""
+  unknown = sorted(set(overrides.keys()) - set(allowed))
   if unknown:
     raise ValueError(f"config.model.{unknown[0]} cannot be changed here (the architecture "
-                     f"comes from the init_from checkpoint); allowed: {list(MODEL_OVERRIDES)}")
+                     f"comes from the init_from checkpoint); allowed: {list(allowed)}")
   changes = {k: v for k, v in overrides.items() if v not in ("", 0, None)}
   return parent_cfg.replace(vocab_size=max(parent_cfg.vocab_size, vocab_size), **changes)
 
 
 def load_parent(init_from: str) -> tuple[Any, Any, dict[str, Any]]:
-  """(parent ModelConfig, parent Tokenizer, parent metadata) of an `init_from` checkpoint."""
+  """(parent ModelConfig, parent Tokenizer, parent metadata) of an `init_from` checkpoint or
+  `hf:<dir>` Hugging Face directory."""
+  hf_dir = hf_dir_of(init_from)
+  if hf_dir is not None:
+    return load_hf_parent(hf_dir)
   meta = ckpt_lib.read_metadata(init_from)
   tokenizer = Tokenizer.from_bytes(ckpt_lib.read_tokenizer(init_from))
   return ModelConfig.from_dict(meta["model_config"]), tokenizer, meta
@@ -73,9 +88,14 @@ def setup_child(config: Any, what: str) -> Parent:
   if not config.init_from:
     raise ValueError(f"This stage starts from a checkpoint: set --config.init_from to {what}")
   parent_cfg, parent_tok, meta = load_parent(config.init_from)
+  allowed = MODEL_OVERRIDES
+  if hf_dir_of(config.init_from) is not None:  # read straight into the run's layout
+    allowed += LAYOUT_FIELDS
+    parent_cfg = parent_cfg.replace(**{k: bool(config.model[k]) for k in LAYOUT_FIELDS
+                                       if k in config.model})
   tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
   template = get_template(config.data.template, tokenizer)
-  child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size)
+  child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size, allowed)
   if child.max_seq_len < config.data.seq_len:
     raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model context "
                      f"({child.max_seq_len}); lower it or set config.model.max_seq_len")

@@ -11,6 +11,10 @@ A parent of another shape (a grown vocabulary, a scalar head on an LM trunk) is 
 `InitAdapter`, run under jit on the sharded arrays (no host gather, so it works when no
 process holds the whole model); otherwise the parent's model config must equal this run's up
 to the `EXECUTION_FIELDS`, which change how a model runs but not its parameters.
+
+A parent is an Orbax checkpoint of the shared format or a Hugging Face directory
+(`init_from=hf:<dir>`, streamed onto the mesh by `train/hf_import.py`): both go through
+`restore_params`, so adapters, references and value models start from either the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import jax
 
 from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
+from train.hf_import import hf_dir_of, load_hf_parent, load_hf_params
 from train.runtime import Runtime
 from train.state import ModelFactory, TrainState, abstract_model, mesh_shardings, with_shardings
 
@@ -48,10 +53,12 @@ EXECUTION_FIELDS = ("attention_impl", "remat_policy", "dtype", "param_dtype", "o
 
 
 def model_config_diff(saved: Mapping[str, Any], current: ModelConfig) -> dict[str, tuple]:
-  """Parameter-relevant fields that differ between a checkpoint and `current`."""
+  """Parameter-relevant fields that differ between a checkpoint and `current` (a field the
+  checkpoint predates counts as its default)."""
   now = current.to_dict()
-  return {k: (saved.get(k), now[k]) for k in now
-          if k not in EXECUTION_FIELDS and saved.get(k) != now[k]}
+  default = ModelConfig().to_dict()
+  return {k: (saved.get(k, default[k]), now[k]) for k in now
+          if k not in EXECUTION_FIELDS and saved.get(k, default[k]) != now[k]}
 
 
 def check_model_config(meta: Mapping[str, Any], where: Any, expected: ModelConfig) -> None:
@@ -76,6 +83,22 @@ def check_resume(meta: Mapping[str, Any], where: Any, model_cfg: ModelConfig,
         "with the same setting or start a new workdir with init_from")
 
 
+def restore_params(path: str, model_cfg: ModelConfig, target: Any,
+                   validate: Callable[[Mapping[str, Any]], None]
+                   ) -> tuple[Any, dict[str, Any]]:
+  """(params onto `target`'s shardings, metadata) of a checkpoint or an `hf:<dir>` parent.
+
+  A Hugging Face directory is read as `model_cfg` in any layout (its names and shapes are
+  checked against the files; `validate`, a comparison of saved configs, does not apply).
+  """
+  hf_dir = hf_dir_of(path)
+  if hf_dir is None:
+    params, meta, _ = ckpt_lib.load_params(path, target, validate=validate)
+    return params, meta
+  _, _, meta = load_hf_parent(hf_dir)
+  return load_hf_params(hf_dir, model_cfg, target), meta
+
+
 def load_init_params(path: str, *, model_cfg: ModelConfig, model_factory: ModelFactory,
                      abstract_params: Any, runtime: Runtime,
                      adapter: InitAdapter | None) -> tuple[Any, dict[str, Any]]:
@@ -86,15 +109,14 @@ def load_init_params(path: str, *, model_cfg: ModelConfig, model_factory: ModelF
   `adapter.adapt` under jit with this model's shardings as outputs.
   """
   if adapter is None:
-    params, meta, _ = ckpt_lib.load_params(
-        path, abstract_params, validate=lambda m: check_model_config(m, path, model_cfg))
-    return params, meta
+    return restore_params(path, model_cfg, abstract_params,
+                          lambda m: check_model_config(m, path, model_cfg))
   _, abstract, logical = abstract_model(adapter.parent_factory or model_factory,
                                         adapter.parent_model_cfg)
   shardings = mesh_shardings(logical, runtime.mesh, runtime.rules)
-  params, meta, _ = ckpt_lib.load_params(
-      path, with_shardings(abstract, shardings),
-      validate=lambda m: check_model_config(m, path, adapter.parent_model_cfg))
+  params, meta = restore_params(
+      path, adapter.parent_model_cfg, with_shardings(abstract, shardings),
+      lambda m: check_model_config(m, path, adapter.parent_model_cfg))
   with runtime.mesh_context():
     params = jax.jit(adapter.adapt, out_shardings=runtime.param_shardings)(params)
   return params, meta
