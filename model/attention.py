@@ -215,11 +215,16 @@ def select_kernel(opts: Options, *, backend: str, dtype, head_dim: int,
   return impl, None
 
 
-def describe(opts: Options, *, dtype, head_dim: int, backend: str | None = None) -> str:
+def describe(opts: Options, *, dtype, head_dim: int, seq_len: int | None = None,
+             backend: str | None = None) -> str:
   """One line for the startup log, e.g. "attention: cudnn (fallback to xla: backend is cpu,
-  cuDNN needs a GPU)"; length-dependent fallbacks are logged again at trace time."""
+  cuDNN needs a GPU)". With `seq_len` (training rows) the length rules are checked too;
+  a different length at trace time (eval, decoding prefill) is logged when it changes the
+  kernel."""
   backend = backend or jax.default_backend()
-  kernel, reason = select_kernel(opts, backend=backend, dtype=dtype, head_dim=head_dim)
+  lengths = None if not seq_len else (seq_len, seq_len)
+  kernel, reason = select_kernel(opts, backend=backend, dtype=dtype, head_dim=head_dim,
+                                 lengths=lengths)
   return _message(opts.impl, kernel, reason, f"on {backend}")
 
 
