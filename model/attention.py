@@ -45,7 +45,8 @@ from model.sharding import DEFAULT_RULES, logical_to_spec
 
 KERNELS = ("xla", "chunked", "cudnn", "splash")
 IMPLS = KERNELS + ("auto",)
-AUTO_CHUNKED_MIN_LEN = 2048
+# CPU: from 1024 key slots on, chunked is faster than xla too (benchmarks/attention_kernels.py).
+AUTO_CHUNKED_MIN_LEN = 1024
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 

@@ -26,6 +26,13 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from model.sharding import constrain
+
+# Under a mesh, chunks keep the activations' sharding (batch, kv heads); without these
+# constraints the partitioner reshards the chunked copies and replicates whole activations.
+_AXES = {5: ("batch", None, "kv_heads", None, None), 4: ("batch", None, "kv_heads", None),
+         2: ("batch", None)}
+
 # Padding segment ids: a padded query matches no key and a padded key matches no query.
 _PAD_Q, _PAD_KV = -1, -2
 
@@ -80,7 +87,10 @@ def _pad_to(x: jax.Array, axis: int, multiple: int, value) -> jax.Array:
 def _chunks(x: jax.Array, axis: int, size: int) -> jax.Array:
   """Splits `axis` into chunks of `size` and moves the chunk index to the front."""
   shape = x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:]
-  return jnp.moveaxis(x.reshape(shape), axis, 0)
+  out = jnp.moveaxis(x.reshape(shape), axis, 0)
+  if axis == 1 and x.ndim in _AXES:  # [B, L, ...] -> [n, B, c, ...]
+    out = constrain(out, (None, *_AXES[x.ndim][:1], None, *_AXES[x.ndim][2:]))
+  return out
 
 
 def _scores(qi, kj, qpos_i, kpos_j, qseg_i, kseg_j, spec):
@@ -128,7 +138,7 @@ def _forward(q, k, v, q_seg, kv_seg, q_pos, kv_pos, spec):
     return jnp.einsum("bkgqd->bqkgd", out).astype(v.dtype), lse
 
   out, lse = jax.lax.map(q_block, (qc, qsegc, qposc))  # [nq, B, cq, ...], [nq, B, K, G, cq]
-  out = jnp.moveaxis(out, 0, 1).reshape(q.shape[:-1] + (v.shape[-1],))
+  out = constrain(jnp.moveaxis(out, 0, 1).reshape(q.shape[:-1] + (v.shape[-1],)), _AXES[5])
   lse = jnp.moveaxis(lse, 0, 3).reshape(lse.shape[1:4] + (-1,))
   return out, lse
 
@@ -191,7 +201,10 @@ def _attention_bwd(spec, res, dout):
 
   dq = jax.lax.map(dq_block, q_side)  # [nq, B, cq, K, G, D]
   dk, dv = jax.lax.map(dkv_block, kv_side)  # [nk, B, ck, K, D]
-  unchunk = lambda x, like: jnp.moveaxis(x, 0, 1).reshape(like.shape).astype(like.dtype)
+  def unchunk(x, like):  # [n, B, c, ...] -> like's [B, L, ...], dtype and sharding
+    x = jnp.moveaxis(x, 0, 1).reshape(like.shape).astype(like.dtype)
+    return constrain(x, _AXES[like.ndim])
+
   return unchunk(dq, q), unchunk(dk, k), unchunk(dv, v), None, None, None, None
 
 
@@ -224,4 +237,4 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: j
   q_pos = q_offset + jnp.arange(qg.shape[1], dtype=jnp.int32)
   kv_pos = jnp.arange(kp.shape[1], dtype=jnp.int32)
   out = _attention(qg, kp, vp, q_seg, kv_seg, q_pos, kv_pos, spec)
-  return out[:, :t].reshape(b, t, n, v.shape[-1])
+  return constrain(out[:, :t].reshape(b, t, n, v.shape[-1]), ("batch", None, "heads", None))
