@@ -24,7 +24,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-ATTENTION_IMPLS = ("xla", "dot_product")
+from absl import logging
+
+ATTENTION_IMPLS = ("xla", "chunked", "cudnn", "splash", "auto")  # model/attention.py
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16")
 # Which Hugging Face architecture a model is (export writes it; import reads model_type).
@@ -49,9 +51,13 @@ class ModelConfig:
     rope_theta: rotary embedding base.
     norm_eps: RMSNorm epsilon.
     tie_embeddings: output projection is the transposed token embedding.
-    attention_impl: "xla" (reference einsum softmax) or "dot_product"
-      (`jax.nn.dot_product_attention` with its default implementation: XLA's in the
-      pinned JAX, not cuDNN flash attention).
+    attention_impl: the attention kernel (`model/attention.py`): "xla" (reference einsum
+      softmax, materialises [T, S] scores), "chunked" (online softmax over chunks, O(T)
+      memory, any backend), "cudnn" (cuDNN flash attention, GPU), "splash" (Pallas splash
+      attention, TPU) or "auto" (cudnn on GPU, splash on TPU, xla/chunked on CPU). A kernel
+      whose constraints fail falls back, logged once. The old "dot_product" (which ran XLA
+      attention) is read as "xla" from saved configs, with a warning.
+    attention_block_size: chunk size of "chunked" and block size of "splash".
     scan_layers: stack block parameters on a leading `layers` axis and run them with
       `lax.scan` (one compiled block: faster compiles for deep models).
     remat_policy: what to keep for the backward pass: "none" (keep everything), "full"
@@ -96,6 +102,7 @@ class ModelConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   attention_impl: str = "xla"
+  attention_block_size: int = 512
   scan_layers: bool = False
   remat_policy: str = "none"
   dtype: str = "float32"
@@ -130,8 +137,14 @@ class ModelConfig:
       bad("num_heads", f"a divisor of embed_dim={self.embed_dim} (or set head_dim)")
     if self.resolved_head_dim % 2:
       bad("head_dim", "an even number (rotary embeddings rotate pairs)")
+    if self.attention_impl == "dot_product":
+      bad("attention_impl", f"one of {ATTENTION_IMPLS}; 'dot_product' ran XLA attention (no "
+          "cuDNN), so it is gone: use 'cudnn' or 'auto' on GPU, 'splash' on TPU, 'xla' to keep "
+          "the old behaviour")
     if self.attention_impl not in ATTENTION_IMPLS:
       bad("attention_impl", f"one of {ATTENTION_IMPLS}")
+    if self.attention_block_size <= 0:
+      bad("attention_block_size", "a positive integer")
     if self.remat_policy not in REMAT_POLICIES:
       bad("remat_policy", f"one of {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):
@@ -173,7 +186,13 @@ class ModelConfig:
     unknown = sorted(set(values) - known)
     if unknown:
       raise ValueError(f"Unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-    return cls(**dict(values))
+    values = dict(values)
+    if values.get("attention_impl") == "dot_product":
+      # Checkpoints saved before the kernel registry: "dot_product" always ran XLA attention.
+      logging.warning("ModelConfig.attention_impl='dot_product' is read as 'xla' (what it "
+                      "ran); choose 'cudnn'/'auto' on GPU or 'splash' on TPU for fused kernels")
+      values["attention_impl"] = "xla"
+    return cls(**values)
 
   @classmethod
   def preset(cls, name: str, **overrides: Any) -> "ModelConfig":

@@ -1,5 +1,8 @@
 """Transformer building blocks: RMSNorm, rotary embeddings, GQA attention, SwiGLU MLP.
 
+The attention kernel itself (reference, chunked, cuDNN, splash) sits behind
+`model.attention.attend`, which takes segment ids; `Attention` only projects and caches.
+
 Shape letters used in comments and einsums:
   B batch, T query length, S key length, E embed, N query heads, K kv heads,
   G = N // K query heads per kv head, D head dim, F mlp hidden, V vocab.
@@ -16,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model.attention import Options, attend
 from model.config import ModelConfig
 
 # Shardings are applied by the Trainer's jitted init (eval_shape -> specs -> out_shardings),
@@ -98,45 +102,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
   return (x * cos + jnp.roll(x, x.shape[-1] // 2, axis=-1) * sin).astype(out_dtype)
 
 
-def attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None
-                   ) -> jax.Array:
-  """Causal AND same-segment mask [B, T, S] (True = may attend).
-
-  Packed rows hold several documents with different segment ids; a token attends only to
-  earlier tokens of its own segment. Padding (segment 0) attends within itself, so no row is
-  fully masked and softmax never sees all -inf.
-  """
-  kv = segment_ids if kv_segment_ids is None else kv_segment_ids
-  t, s = segment_ids.shape[1], kv.shape[1]
-  causal = jnp.tril(jnp.ones((t, s), dtype=bool), k=s - t)  # [T, S]
-  same = segment_ids[:, :, None] == kv[:, None, :]  # [B, T, S]
-  return causal[None] & same
+# (query segment ids [B, T], key/value segment ids [B, S]); (None, None) = one document.
+Segments = tuple[jax.Array | None, jax.Array | None]
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                  heads_first: bool = False) -> jax.Array:
-  """Reference attention. q [B,T,N,D], k/v [B,S,K,D], mask [B,T,S] -> [B,T,N,D].
-
-  `heads_first`: k/v are [B,K,S,D], the KV cache's layout (heads before slots, so decoding
-  never transposes the whole cache, which it would every layer and every token in
-  [B,S,K,D]). The math is the same.
-  """
-  b, t, n, d = q.shape
-  kh = k.shape[1 if heads_first else 2]
-  kv = "bksd" if heads_first else "bskd"
-  q = q.reshape(b, t, kh, n // kh, d)  # [B, T, K, G, D]
-  scores = jnp.einsum(f"btkgd,{kv}->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [B, K, G, T, S]
-  out = jnp.einsum(f"bkgts,{kv}->btkgd", probs, v)
-  return out.reshape(b, t, n, d)
-
-
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
-                          ) -> jax.Array:
-  """`jax.nn.dot_product_attention` with its default implementation, which in the pinned JAX
-  is XLA's (materialised scores; cuDNN flash attention needs implementation="cudnn")."""
-  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=None)
+def attention_options(cfg: ModelConfig) -> Options:
+  """The attention kernel switches of a model config."""
+  return Options(impl=cfg.attention_impl, block_size=cfg.attention_block_size)
 
 
 class Attention(nnx.Module):
@@ -168,15 +140,17 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(d, cfg, "head_dim")
     self.wo = _param(rngs, out_init, (n, d, e), pd, ("heads", "head_dim", "embed"))
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments,
                kv_cache: tuple[jax.Array, jax.Array, jax.Array | int] | None = None,
                cache_index: jax.Array | int = 0):
     """Attention over `x` [B, T, E]; returns [B, T, E].
 
+    `segments` = (query ids [B, T], key ids [B, S]) or (None, None) for one document per
+    row; the kernel (`cfg.attention_impl`) turns them into its own mask (`model.attention`).
     With `kv_cache` = (k, v, layer): this call's keys/values are written at slots
     [cache_index, cache_index + T) (in place: only the new slots are written), queries
-    attend to all S slots under `mask` [B, T, S], and the result is (output, (updated k,
-    updated v)). k and v are this layer's cache [B, K, S, D] (layer None) or the whole
+    attend to all S slots (key ids: 0 = empty slot), and the result is (output, (updated
+    k, updated v)). k and v are this layer's cache [B, K, S, D] (layer None) or the whole
     stacked cache [L, B, K, S, D] with this layer's index (scanned layers).
     """
     dt = x.dtype
@@ -211,10 +185,10 @@ class Attention(nnx.Module):
       if layer is not None:
         k_all = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
         v_all = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-      out = xla_attention(q, k_all.astype(dt), v_all.astype(dt), mask, heads_first=True)
+      out = attend(q, k_all.astype(dt), v_all.astype(dt), *segments,
+                   cache_index=cache_index)
     else:
-      attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
-      out = attend(q, k, v, mask)  # [B, T, N, D]
+      out = attend(q, k, v, *segments, opts=attention_options(self.cfg))  # [B, T, N, D]
     out = jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt))
     return out if kv_cache is None else (out, kv_cache)
 
@@ -254,13 +228,13 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.embed_dim, cfg)
     self.mlp = MLP(cfg, rngs)
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments,
                kv_cache: tuple[jax.Array, jax.Array, jax.Array | int] | None = None,
                cache_index: jax.Array | int = 0):
     """[B, T, E] -> [B, T, E]; with `kv_cache`, -> (output, updated (k, v)) (see Attention)."""
     if kv_cache is None:
-      x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+      x = x + self.attn(self.attn_norm(x), cos, sin, segments)
       return x + self.mlp(self.mlp_norm(x))
-    a, kv_cache = self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, cache_index)
+    a, kv_cache = self.attn(self.attn_norm(x), cos, sin, segments, kv_cache, cache_index)
     x = x + a
     return x + self.mlp(self.mlp_norm(x)), kv_cache

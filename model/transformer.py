@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.config import ModelConfig
-from model.layers import Block, RMSNorm, attention_mask, rope_tables
+from model.layers import Block, RMSNorm, rope_tables
 from model.sharding import constrain
 
 ACTIVATION = ("batch", "length", None)  # residual stream sharding: batch only
@@ -44,22 +44,6 @@ def init_cache(cfg: ModelConfig, batch: int, length: int) -> KVCache:
   layers = tuple(constrain(jnp.zeros(shape, jnp.dtype(cfg.dtype)), CACHE_AXES[1:])
                  for _ in range(cfg.num_layers))
   return KVCache(layers, layers)
-
-
-def cache_attention_mask(segment_ids: jax.Array, kv_segment_ids: jax.Array,
-                         cache_index: jax.Array | int) -> jax.Array:
-  """[B, T, S] mask for queries at slots [cache_index, cache_index + T) over a cache.
-
-  A query attends to filled slots (kv segment != 0) of its own segment at or before its
-  own slot. Padding queries (segment 0) attend to nothing real; they get their own slot so
-  softmax never sees a fully masked row.
-  """
-  t, s = segment_ids.shape[1], kv_segment_ids.shape[1]
-  q_slot = cache_index + jnp.arange(t)  # [T]
-  causal = jnp.arange(s)[None, :] <= q_slot[:, None]  # [T, S]
-  same = segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
-  own = jnp.arange(s)[None, :] == q_slot[:, None]
-  return (causal[None] & same & (kv_segment_ids[:, None, :] != 0)) | own[None]
 
 
 def remat_policy(name: str) -> Callable | None:
@@ -124,19 +108,18 @@ class Transformer(nnx.Module):
     cfg = self.cfg
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    if segment_ids is None:
+    if segment_ids is None and cache is not None:
       segment_ids = jnp.ones_like(tokens)
     cos, sin = rope_tables(positions, cfg.resolved_head_dim, cfg.rope_theta, cfg)  # [B,T,D/2]
-    if cache is None:
-      mask = attention_mask(segment_ids)  # [B, T, T]
-    else:
-      mask = cache_attention_mask(segment_ids, kv_segment_ids, cache_index)  # [B, T, S]
+    # Segment ids, not a mask: each attention kernel builds its own (model/attention.py).
+    # None (no ids given) = one document per row, which lets cuDNN skip the mask entirely.
+    segments = (segment_ids, segment_ids if cache is None else kv_segment_ids)
     x = constrain(self.embed(tokens), ACTIVATION)
 
     def run_block(block: Block, x: jax.Array, kv=None):
       if kv is None:
-        return constrain(block(x, cos, sin, mask), ACTIVATION)
-      x, kv = block(x, cos, sin, mask, kv, cache_index)
+        return constrain(block(x, cos, sin, segments), ACTIVATION)
+      x, kv = block(x, cos, sin, segments, kv, cache_index)
       return constrain(x, ACTIVATION), kv
 
     if cfg.remat_policy != "none" and cache is None:  # decoding keeps no activations

@@ -22,7 +22,7 @@ CONFIGS = {"train.pretrain": "configs/pretrain/shakespeare_char.py",
            "train.sft": "configs/sft/chat.py", "rlhf.reward": "configs/reward/hh.py",
            "rlhf.dpo": "configs/dpo/hh.py", "rlhf.ppo": "configs/ppo/hh.py"}
 # Lines a training run prints: its own progress and reports, nothing from the libraries.
-OWN_LINE = re.compile(r"^(step \d+/\d+ \||First call |eval step \d+: |Model: |Resumed from |"
+OWN_LINE = re.compile(r"^(step \d+/\d+ \||First call |eval step \d+: |Model: |attention: |Resumed from |"
                       r"Initialised params from )")
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from model.attention import reference_mask, xla_attention
 from model.config import ModelConfig
-from model.layers import apply_rope, attention_mask, rope_tables, xla_attention
+from model.layers import apply_rope, rope_tables
 from model.transformer import Transformer, build_model, count_params
 
 T = 24  # row length of every forward batch here (one compiled shape per model variant)
@@ -127,10 +128,11 @@ def test_packed_documents_match_each_document_alone(tiny_cfg, tiny_fwd):
   assert np.abs(leaky[0, n0:n0 + n1] - logits[2, :n1]).max() > 1e-4
 
 
-def test_dot_product_attention_matches_xla(tiny_cfg, tiny_fwd, tiny_model):
+def test_chunked_attention_model_matches_xla(tiny_cfg, tiny_fwd, tiny_model):
+  # Chunks of 5 over packed rows of T = 24: several query and key chunks, the last partial.
   fwd, params = tiny_fwd
-  model_dp = nnx.eval_shape(lambda: Transformer(tiny_cfg.replace(attention_impl="dot_product"),
-                                                nnx.Rngs(params=0)))
+  cfg = tiny_cfg.replace(attention_impl="chunked", attention_block_size=5)
+  model_dp = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
   tokens, positions, segments, _ = _packed_batch(tiny_cfg.vocab_size, seed=2)
   ref = np.asarray(fwd(params, tokens, positions, segments))
   out = np.asarray(_forward(model_dp)(params, tokens, positions, segments))
@@ -190,7 +192,7 @@ def test_gqa_attention_matches_repeated_kv_reference():
   kk = rng.normal(size=(b, t, k, d)).astype(np.float32)
   v = rng.normal(size=(b, t, k, d)).astype(np.float32)
   segments = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]], np.int32)
-  out = np.asarray(xla_attention(q, kk, v, attention_mask(segments)))
+  out = np.asarray(xla_attention(q, kk, v, reference_mask(segments, segments)))
 
   ref = np.zeros_like(q)
   for bi in range(b):

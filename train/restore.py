@@ -48,8 +48,8 @@ class InitAdapter:
 
 # Fields that only change how the model executes, not what its parameters are: a checkpoint
 # may be restored into a config that differs in these.
-EXECUTION_FIELDS = ("attention_impl", "remat_policy", "dtype", "param_dtype", "one_hot_embed",
-                    "max_seq_len")
+EXECUTION_FIELDS = ("attention_impl", "attention_block_size", "remat_policy", "dtype",
+                    "param_dtype", "one_hot_embed", "max_seq_len")
 
 
 def model_config_diff(saved: Mapping[str, Any], current: ModelConfig) -> dict[str, tuple]:

@@ -34,7 +34,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import jax
 
+from model.attention import describe
 from model.config import ModelConfig
+from model.layers import attention_options
 from train import storage
 from train.loop import Hook
 from train.state import ModelFactory
@@ -124,6 +126,14 @@ def write_run_files(run: Run, config: Any, workdir: str) -> None:
     write_files(workdir, {"config.json": text.encode(), **run.files})
 
 
+def attention_line(run: Run) -> str:
+  """Which attention kernel the run's model executes, e.g. "attention: cudnn (fallback to
+  xla: backend is cpu, cuDNN needs a GPU)" (model/attention.py)."""
+  cfg = run.trainers[0].model_cfg
+  return describe(attention_options(cfg), dtype=cfg.dtype, head_dim=cfg.resolved_head_dim,
+                  seq_len=run.seq_len or None)
+
+
 def run_stage(stage: Stage, config: Any, workdir: str) -> Any:
   """Builds, validates and runs one stage in `workdir` (module docstring); returns the
   final eval metrics plus the run's `run/*` totals (PPO: its per-iteration history)."""
@@ -132,7 +142,7 @@ def run_stage(stage: Stage, config: Any, workdir: str) -> Any:
     refuse_incompatible_resume(trainer)
   write_run_files(run, config, workdir)
   if jax.process_index() == 0:
-    for line in run.info:
+    for line in [*run.info, attention_line(run)]:
       print(line, flush=True)
   if run.loop is not None:
     return run.loop()

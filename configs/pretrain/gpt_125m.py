@@ -7,6 +7,7 @@ Smoke run on a CPU with the shared WikiText-2 text instead of TFDS:
 
 Batch 256 x 1024 tokens = 262k tokens per step; 20k steps ~ 5.2B tokens. FSDP over all
 devices (parameters and Adam moments sharded), bf16 compute with f32 parameters.
+Attention "auto": cuDNN flash attention on a GPU, Pallas splash on a TPU (model/attention.py).
 """
 
 from configs import common
@@ -16,7 +17,7 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False)
   config = common.base_config()
   config.model = common.model_config("gpt_125m", dtype="bfloat16",
-                                     attention_impl="dot_product", max_seq_len=1024)
+                                     attention_impl="auto", max_seq_len=1024)
   config.optim = common.optim_config(lr=6e-4, end_lr=6e-5, warmup_steps=2000, b2=0.95)
   config.train = common.train_config(batch_size=256, num_steps=20000, log_every=50,
                                      eval_every=2000, eval_batch_size=256,

@@ -6,7 +6,8 @@ Launch on every worker of a v5p-128 slice (64 chips; see launch/tpu_vm.py):
 Mesh: FSDP over all devices (no tensor parallelism: at 64 chips FSDP's all-gathers hide
 behind the matmuls, as in MaxText's v5p Llama-3-8B configs). Global batch 256 x 8192 = 2M
 tokens per step, bf16 compute with float32 parameters and Adam moments, layers scanned and
-rematerialised (dots without batch dimensions saved). The golden sharding test
+rematerialised (dots without batch dimensions saved), Pallas splash attention (on a GPU:
+`--config.model.attention_impl=cudnn`). The golden sharding test
 (tests/test_golden_shardings.py) compiles this step abstractly on 8 fake CPU devices:
 `python -m launch.shapes --config=configs/pretrain/llama3_8b.py` prints the per-device bytes.
 """
@@ -18,7 +19,7 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False)
   config = common.base_config()
   config.model = common.model_config("llama3_8b", dtype="bfloat16",
-                                     attention_impl="dot_product")
+                                     attention_impl="splash")
   config.optim = common.optim_config(lr=3e-4, end_lr=3e-5, warmup_steps=2000, b2=0.95)
   config.train = common.train_config(batch_size=256, num_steps=100000, log_every=20,
                                      eval_every=5000, eval_batch_size=256,

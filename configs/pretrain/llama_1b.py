@@ -4,7 +4,8 @@ Launch on every worker of a TPU VM slice (see launch/):
   python -m train.pretrain --config=configs/pretrain/llama_1b.py --workdir=gs://BUCKET/runs/llama_1b
 Mesh: FSDP over all devices, tensor parallelism 1 (raise `--config.mesh.shape.tensor` for
 bigger slices). Global batch 512 x 2048 = 1M tokens per step, bf16 compute, layers scanned
-and rematerialised (dots without batch dimensions saved).
+and rematerialised (dots without batch dimensions saved). Attention: Pallas splash (TPU); on
+a GPU add `--config.model.attention_impl=cudnn` (or `auto`) for cuDNN flash attention.
 """
 
 from configs import common
@@ -13,7 +14,7 @@ from configs import common
 def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False)
   config = common.base_config()
-  config.model = common.model_config("llama_1b", dtype="bfloat16", attention_impl="dot_product")
+  config.model = common.model_config("llama_1b", dtype="bfloat16", attention_impl="splash")
   config.optim = common.optim_config(lr=3e-4, end_lr=3e-5, warmup_steps=2000, b2=0.95)
   config.train = common.train_config(batch_size=512, num_steps=50000, log_every=20,
                                      eval_every=5000, eval_batch_size=512,
