@@ -213,6 +213,8 @@ class ChatTemplate:
     return self.tokenizer.decode(kept)
 
 
+# Either kind of template (same interface): the type pipelines take.
+AnyTemplate = ChatTemplate | JinjaChatTemplate
 TEMPLATES = {ChatTemplate.name: ChatTemplate, JinjaChatTemplate.name: JinjaChatTemplate}
 TEMPLATE_NAMES = (AUTO, *sorted(TEMPLATES))
 
@@ -237,7 +239,7 @@ def uses_project_markers(name: str, tokenizer: Any) -> bool:
   return resolve_template_name(name, tokenizer) == ChatTemplate.name
 
 
-def get_template(name: str, tokenizer: Any) -> ChatTemplate | JinjaChatTemplate:
+def get_template(name: str, tokenizer: Any) -> AnyTemplate:
   """The template called `name` ("auto", "chat" or "jinja") bound to `tokenizer`.
 
   Raises:

@@ -251,3 +251,19 @@ def tokenizer_from_hf_dir(hf_dir: str) -> Tokenizer | HFTokenizer:
   except ValueError as e:
     # A token named in the config that the vocabulary lacks: name the config file.
     raise ValueError(f"{config_path}: {e}" if "is not a token" in str(e) else str(e)) from e
+
+
+def tokenizer_from_path(path: str) -> Tokenizer | HFTokenizer:
+  """`data.tokenizer.path` of a run: a Hugging Face directory (or its tokenizer.json, read
+  with the directory's config), another `*.json` tokenizer file, or a SentencePiece
+  `.model` file."""
+  if os.path.isdir(path):
+    return tokenizer_from_hf_dir(path)
+  if os.path.basename(path) == "tokenizer.json":
+    return tokenizer_from_hf_dir(os.path.dirname(os.path.abspath(path)))
+  if path.endswith(".json"):
+    if not os.path.isfile(path):
+      raise ValueError(f"{path}: tokenizer file not found")
+    with open(path, encoding="utf-8") as f:
+      return HFTokenizer(f.read(), source=path)
+  return Tokenizer.from_file(path)

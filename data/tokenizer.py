@@ -355,6 +355,18 @@ def _byte_to_char(text: str) -> list[int]:
   return starts
 
 
+def fill_id(tokenizer: Tokenizer | HFTokenizer) -> int:
+  """The id written at padding positions: pad, else EOS, else 0 (Llama-3 has no pad).
+
+  Padding positions are masked everywhere, so the id only has to be a valid embedding row;
+  never compare against it to find padding (it may be a real token of the text).
+  """
+  for token_id in (tokenizer.pad_id, tokenizer.eos_id):
+    if token_id >= 0:
+      return token_id
+  return 0
+
+
 def load_tokenizer(data: bytes) -> Tokenizer | HFTokenizer:
   """The tokenizer whose `to_bytes()` is `data` (what a checkpoint stores), either backend.
 

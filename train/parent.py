@@ -3,8 +3,9 @@ own model config, tokenizer and chat template from it.
 
 SFT, reward modeling, DPO and PPO all start from a checkpoint: the architecture and the
 tokenizer come from there (`config.model` holds only execution overrides, `MODEL_OVERRIDES`),
-the chat markers are appended to a tokenizer that lacks them (new ids at the end, every
-existing id unchanged), and the vocabulary of the model grows to match
+the chat markers are appended to a tokenizer that lacks them when the project's template
+is used (new ids at the end, every existing id unchanged; an imported model with its own
+`chat_template` keeps its tokenizer, `data.chat.get_template("auto", ...)`), and the vocabulary of the model grows to match
 (`model.layout.extend_vocab`, applied by the stage's init adapter).
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from data.chat import CHAT_MARKERS, get_template
-from data.tokenizer import Tokenizer
+from data.chat import CHAT_MARKERS, get_template, uses_project_markers
+from data.tokenizer import load_tokenizer
 from model import layout
 from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
@@ -58,7 +59,7 @@ def child_model_config(parent_cfg: Any, overrides: Any, vocab_size: int):
 def load_parent(init_from: str) -> tuple[Any, Any, dict[str, Any]]:
   """(parent ModelConfig, parent Tokenizer, parent metadata) of an `init_from` checkpoint."""
   meta = ckpt_lib.read_metadata(init_from)
-  tokenizer = Tokenizer.from_bytes(ckpt_lib.read_tokenizer(init_from))
+  tokenizer = load_tokenizer(ckpt_lib.read_tokenizer(init_from))
   return ModelConfig.from_dict(meta["model_config"]), tokenizer, meta
 
 
@@ -73,7 +74,10 @@ def setup_child(config: Any, what: str) -> Parent:
   if not config.init_from:
     raise ValueError(f"This stage starts from a checkpoint: set --config.init_from to {what}")
   parent_cfg, parent_tok, meta = load_parent(config.init_from)
-  tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
+  # The project's markers are appended only when its template is used ("chat", or "auto" on
+  # a tokenizer without a template of its own); an imported model keeps its vocabulary.
+  tokenizer = (parent_tok.with_pieces(CHAT_MARKERS)
+               if uses_project_markers(config.data.template, parent_tok) else parent_tok)
   template = get_template(config.data.template, tokenizer)
   child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size)
   if child.max_seq_len < config.data.seq_len:
