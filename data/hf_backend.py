@@ -34,7 +34,7 @@ class HFTokenizer:
   """A `tokenizers` tokenizer with per-family special tokens and chat template."""
 
   def __init__(self, tokenizer_json: str, config: Mapping[str, Any] | None = None,
-               source: str = "tokenizer.json"):
+               source: str = "tokenizer.json", config_source: str | None = None):
     """Builds the tokenizer.
 
     Args:
@@ -42,6 +42,7 @@ class HFTokenizer:
       config: `bos_token` / `eos_token` / `pad_token` / `unk_token` (token strings, or None
         when the family has none) and `chat_template` (Jinja source or None).
       source: Names the origin in error messages (e.g. the file read).
+      config_source: Names where `config` came from (e.g. tokenizer_config.json).
 
     Raises:
       ValueError: Unparseable tokenizer.json, or a config token that is not in the
@@ -66,7 +67,8 @@ class HFTokenizer:
         continue
       token_id = self._tok.token_to_id(token)
       if token_id is None:
-        raise ValueError(f"{source}: {key}={token!r} is not a token of the vocabulary")
+        raise ValueError(f"{config_source or source}: field {key!r} = {token!r} is not a "
+                         f"token of {source}")
       self._ids[key] = token_id
     self._vocab_size = 1 + max(self._tok.get_vocab(with_added_tokens=True).values())
 

@@ -241,16 +241,14 @@ def tokenizer_from_hf_dir(hf_dir: str) -> Tokenizer | HFTokenizer:
     for key, token in tokens.items():
       if token is not None and token not in sp.special_tokens and token not in {
           sp.id_to_piece(i) for i in (sp.unk_id,) if i >= 0}:
-        raise ValueError(f"{config_path}: {key}={token!r} is not a piece of {model_path}")
+        raise ValueError(f"{config_path}: field {key!r} = {token!r} is not a piece of "
+                         f"{model_path}")
     return sp
   else:
     raise ValueError(f"{hf_dir}: no tokenizer file (expected tokenizer.json, a tiktoken "
                      "tokenizer.model / *.tiktoken, or a SentencePiece tokenizer.model)")
-  try:
-    return HFTokenizer(text, {**tokens, "chat_template": template}, source=source)
-  except ValueError as e:
-    # A token named in the config that the vocabulary lacks: name the config file.
-    raise ValueError(f"{config_path}: {e}" if "is not a token" in str(e) else str(e)) from e
+  return HFTokenizer(text, {**tokens, "chat_template": template}, source=source,
+                     config_source=config_path)
 
 
 def tokenizer_from_path(path: str) -> Tokenizer | HFTokenizer:

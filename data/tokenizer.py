@@ -202,7 +202,7 @@ class Tokenizer:
 
   @property
   def special_tokens(self) -> dict[str, int]:
-    """Control pieces (`<s>`, `</s>`, `<pad>`, ...) and user-defined pieces -> ids.
+    """Control pieces (`<s>`, `</s>`, `<pad>`), `<unk>` and user-defined pieces -> ids.
 
     SentencePiece itself never maps control-piece text to its id; `encode_with_offsets`
     does (as Hugging Face tokenizers do), which is what rendered chat templates need.
@@ -211,7 +211,7 @@ class Tokenizer:
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(self._proto)
     return {p.piece.replace(_SPACE_SYMBOL, " "): i for i, p in enumerate(proto.pieces)
-            if p.type in (kinds.CONTROL, kinds.USER_DEFINED)}
+            if p.type in (kinds.CONTROL, kinds.UNKNOWN, kinds.USER_DEFINED)}
 
   def save(self, path: str) -> None:
     """Writes the `.model` file atomically (a crash never leaves half a file).
@@ -319,7 +319,7 @@ class Tokenizer:
       elif part:
         # SentencePiece offsets are UTF-8 byte offsets into the segment.
         starts = _byte_to_char(part)
-        for piece in self._sp.encode_as_immutable_proto(part).pieces:
+        for piece in self._sp.EncodeAsProto(part).pieces:
           ids.append(piece.id)
           spans.append((at + starts[piece.begin], at + starts[piece.end]))
       at += len(part)
