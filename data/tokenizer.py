@@ -15,6 +15,14 @@ eos=3 `</s>`, then "\\n" at 4 and any other user-defined symbols.
 `Tokenizer.with_pieces` appends more user-defined symbols (chat markers) at the end
 of an existing vocabulary, so a pretrained model's ids keep their meaning.
 
+One interface, two backends: this `Tokenizer` (SentencePiece: self-trained models and
+Llama-2-style imports) and `data.hf_backend.HFTokenizer` (Hugging Face tokenizer.json,
+Llama-3 / Qwen / Mistral imports). Both have `vocab_size`, `pad_id` / `bos_id` / `eos_id` /
+`unk_id` (-1 = the family has none), `fingerprint`, `to_bytes()`, `encode` (no BOS/EOS),
+`encode_with_offsets`, `encode_batch`, `decode`, `id_to_piece`, `with_pieces`,
+`chat_template` and `special_tokens`; `load_tokenizer(bytes)` picks the backend of a
+checkpoint's bytes.
+
 Command line (prints the vocab size and a round-trip sample):
 
   python -m data.tokenizer --input=a.txt,b.jsonl --output=out.model \\

@@ -204,8 +204,8 @@ def test_bad_input_names_file_and_field(tmp_path, llama3):
     tokenizer_from_hf_dir(str(tmp_path))
   assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
   bad = _hf_dir(tmp_path / "bad", LLAMA3_FILE, {"eos_token": "<|nope|>"})
-  with pytest.raises(ValueError, match=r"bad/tokenizer_config.json: field 'eos_token' = '<\|nope\|>' is not a "
-                     r"token of .*bad/tokenizer.model$"):
+  with pytest.raises(ValueError, match=r"bad/tokenizer_config.json: field 'eos_token' = "
+                     r"'<\|nope\|>' is not a token of .*bad/tokenizer.model$"):
     tokenizer_from_hf_dir(bad)
   broken = JinjaChatTemplate(llama3, LLAMA3_TEMPLATE.replace(
       "{{ content }}", "{% if message['role'] == 'user' and loop.index0 > 2 %}"

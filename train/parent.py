@@ -5,7 +5,8 @@ SFT, reward modeling, DPO and PPO all start from a checkpoint: the architecture 
 tokenizer come from there (`config.model` holds only execution overrides, `MODEL_OVERRIDES`),
 the chat markers are appended to a tokenizer that lacks them when the project's template
 is used (new ids at the end, every existing id unchanged; an imported model with its own
-`chat_template` keeps its tokenizer, `data.chat.get_template("auto", ...)`), and the vocabulary of the model grows to match
+`chat_template` keeps its tokenizer, `data.chat.get_template("auto", ...)`), and the
+vocabulary of the model grows to match
 (`model.layout.extend_vocab`, applied by the stage's init adapter).
 """
 
