@@ -22,6 +22,10 @@ setup(
         # tensorflow-datasets 4.9.10 imports importlib_resources but does not declare it.
         "importlib_resources>=6",
         "sentencepiece>=0.2.3,<0.3",
+        # Hugging Face tokenizer.json backend (data/hf_backend.py) and imported models' Jinja
+        # chat templates (data/jinja_chat.py; >=3.1.6: earlier ones have sandbox escapes).
+        "tokenizers>=0.22,<0.24",
+        "jinja2>=3.1.6,<4",
         "absl-py>=2.1,<3",
         "ml-collections>=1.1,<2",
         "tensorboard>=2.21,<2.22",
@@ -39,7 +43,8 @@ setup(
         # The tests include the transformers parity checks, so they need the hf extra.
         # import-linter: tests/test_layering.py checks the import layers in .importlinter
         # (2.17 tested; its acyclic_siblings contract is recent).
-        "test": ["pytest>=8,<10", "import-linter>=2.17,<3", *HF],
+        # tiktoken: Meta's reference encoder for the Llama-3 tokenizer parity test.
+        "test": ["pytest>=8,<10", "import-linter>=2.17,<3", "tiktoken>=0.7,<0.15", *HF],
         # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.
         "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0"],
     },

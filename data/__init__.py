@@ -14,13 +14,19 @@ Modules (import them directly; this package imports nothing so that importing
   tokenized    token-id corpora, `tokenize_documents`, `load_tokenized` (curated output).
   curate/      the curation pipeline (`python -m data.curate`).
   sources      only `load_split_documents` for train/pretrain.py (to be removed).
-  tokenizer    lossless SentencePiece training and the `Tokenizer` wrapper (+ CLI).
+  tokenizer    lossless SentencePiece training and the `Tokenizer` wrapper (+ CLI);
+               `load_tokenizer` (checkpoint bytes -> either backend), `fill_id`.
+  hf_backend   `HFTokenizer`: the Hugging Face `tokenizers` backend (tokenizer.json).
+  tiktoken_convert  a tiktoken BPE file (Llama-3) -> an equivalent tokenizer.json.
+  hf_tokenizer Hugging Face directories: `tokenizer_from_hf_dir`, `save_hf_tokenizer`.
   config       `default_data_config()`, `default_sft_data_config()` and
                `get_or_train_tokenizer`.
   packing      how documents are cut into (input, target) pieces and packed into rows.
   lm_pipeline  the pretraining pipeline: `build_lm_pipelines`, `LMPipeline`,
                `ValidationSet`.
-  chat         the chat template: markers, `ChatTemplate` (ids + loss mask).
+  chat         the chat templates: markers, `ChatTemplate` (ids + loss mask),
+               `get_template` ("auto" | "chat" | "jinja").
+  jinja_chat   `JinjaChatTemplate`: an imported model's own Jinja chat template.
   sft_sources  SFT jsonl readers (alpaca, prompt/response, GSM8K, HH transcripts)
                and the train/val split by prompt hash.
   sft_rows     SFT examples -> rows: truncation, first-fit packing or padding.

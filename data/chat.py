@@ -27,14 +27,21 @@ Decisions:
   user tokens (the `<|assistant|>` marker is 0: it is given in the prompt).
 - Content is not escaped: a literal "<|end|>" inside a message encodes to the
   marker id, as it would in any SentencePiece-based template.
+- `PROJECT_JINJA` is the same template in Jinja: an export writes it as the
+  `chat_template`, so `apply_chat_template` renders what `ChatTemplate` encodes.
+
+Template names (`get_template`): "chat" = these markers; "jinja" = the tokenizer's own
+`chat_template` (`data.jinja_chat`, imported models); "auto" = the tokenizer's own template
+when it has one, else the markers (the default: self-trained models keep the markers).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from data.jinja_chat import JinjaChatTemplate
 from data.tokenizer import Tokenizer
 
 SYSTEM, USER, ASSISTANT = "system", "user", "assistant"
@@ -49,6 +56,16 @@ END_OF_TURN = "<|end|>"
 CHAT_MARKERS: tuple[str, ...] = (*ROLE_TOKENS.values(), END_OF_TURN)
 
 Message = Mapping[str, str]
+AUTO = "auto"
+# The project template as Jinja (what an export writes as `chat_template`).
+PROJECT_JINJA = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role ' + message['role'] + '; expected system, user or "
+    "assistant') }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
 def _check_message(message: Message, index: int) -> tuple[str, str]:
@@ -109,6 +126,17 @@ class ChatTemplate:
     """Id of `<|end|>`, the end of every turn (a generation stop token)."""
     return self._end_id
 
+  @property
+  def end_ids(self) -> tuple[int, ...]:
+    """Every generation stop id: `<|end|>`, then `</s>` (a pretrained model may emit it)."""
+    eos = self.tokenizer.eos_id
+    return (self._end_id,) + ((eos,) if eos >= 0 and eos != self._end_id else ())
+
+  @property
+  def jinja(self) -> str:
+    """The template in Jinja (`PROJECT_JINJA`), for exports."""
+    return PROJECT_JINJA
+
   def role_id(self, role: str) -> int:
     """Id of a role's marker."""
     if role not in self._role_ids:
@@ -163,13 +191,20 @@ class ChatTemplate:
     ids, _ = self.encode(messages)
     return np.concatenate([ids, [self._role_ids[ASSISTANT]]]).astype(np.int32)
 
+  def encode_response(self, messages: Sequence[Message], response: str
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids, response ids): `prompt_ids(messages)` and the response's content ids
+    then `<|end|>` (exactly what `encode` gives the answered conversation's last turn)."""
+    content = np.asarray(self.tokenizer.encode(response), np.int32)
+    return self.prompt_ids(messages), np.concatenate([content, [self._end_id]]).astype(np.int32)
+
   def decode_response(self, ids: Sequence[int]) -> str:
     """Decodes generated ids up to (not including) the first `<|end|>`.
 
     Generation also stops at `</s>`, which a model pretrained with `add_eos`
     may still emit; everything from the first stop token on is dropped.
     """
-    stops = {self._end_id, self.tokenizer.eos_id}
+    stops = set(self.end_ids)
     kept = []
     for token in ids:
       if int(token) in stops:
@@ -178,16 +213,37 @@ class ChatTemplate:
     return self.tokenizer.decode(kept)
 
 
-TEMPLATES = {ChatTemplate.name: ChatTemplate}
+# Either kind of template (same interface): the type pipelines take.
+AnyTemplate = ChatTemplate | JinjaChatTemplate
+TEMPLATES = {ChatTemplate.name: ChatTemplate, JinjaChatTemplate.name: JinjaChatTemplate}
+TEMPLATE_NAMES = (AUTO, *sorted(TEMPLATES))
 
 
-def get_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
-  """The template called `name` (see `TEMPLATES`) bound to `tokenizer`.
+def resolve_template_name(name: str, tokenizer: Any) -> str:
+  """"auto" -> "jinja" when `tokenizer` has its own chat template, else "chat"; other
+  names unchanged.
 
   Raises:
-    ValueError: Unknown name (the known ones are listed), or the tokenizer
-      lacks the template's markers.
+    ValueError: Unknown name (the known ones are listed).
   """
-  if name not in TEMPLATES:
-    raise ValueError(f"Unknown chat template {name!r}; known: {sorted(TEMPLATES)}")
-  return TEMPLATES[name](tokenizer)
+  if name not in TEMPLATE_NAMES:
+    raise ValueError(f"Unknown chat template {name!r}; known: {list(TEMPLATE_NAMES)}")
+  if name == AUTO:
+    return JinjaChatTemplate.name if tokenizer.chat_template else ChatTemplate.name
+  return name
+
+
+def uses_project_markers(name: str, tokenizer: Any) -> bool:
+  """Whether template `name` on `tokenizer` is the project's (its markers must be added,
+  `tokenizer.with_pieces(CHAT_MARKERS)`)."""
+  return resolve_template_name(name, tokenizer) == ChatTemplate.name
+
+
+def get_template(name: str, tokenizer: Any) -> AnyTemplate:
+  """The template called `name` ("auto", "chat" or "jinja") bound to `tokenizer`.
+
+  Raises:
+    ValueError: Unknown name (the known ones are listed), the tokenizer lacks the
+      project's markers ("chat"), or its own template is missing or broken ("jinja").
+  """
+  return TEMPLATES[resolve_template_name(name, tokenizer)](tokenizer)

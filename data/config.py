@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from data.hf_backend import HFTokenizer
+from data.hf_tokenizer import tokenizer_from_path
 from data.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -70,7 +72,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tokenizer.model_type = "char"   # bpe | unigram | char | word.
   c.tokenizer.vocab_size = 0        # 0 = every character (char only).
   c.tokenizer.byte_fallback = False  # Unseen characters -> UTF-8 byte pieces.
-  # An existing .model file; "" = train one on the training split at run start.
+  # An existing SentencePiece .model file, a tokenizer.json or a Hugging Face model
+  # directory (data.hf_tokenizer.tokenizer_from_path); "" = train one on the training
+  # split at run start.
   c.tokenizer.path = ""
   # Comma-separated pieces never split (e.g. the chat markers); used when training.
   c.tokenizer.user_defined_symbols = ""
@@ -91,7 +95,9 @@ def default_sft_data_config() -> ml_collections.ConfigDict:
   # For "tfds:name[/config][:split]" entries (e.g. tfds:lm_instructions/alpaca, see
   # data/tfds_builders.py); "" = the TFDS default directory.
   c.tfds_data_dir = ""
-  c.template = "chat"         # data.chat.get_template name.
+  # data.chat.get_template name: "auto" = the tokenizer's own chat template (an imported
+  # model's), else the project markers; "chat" = the markers; "jinja" = the tokenizer's own.
+  c.template = "auto"
   c.seq_len = 512             # Tokens per row; an example keeps <= seq_len + 1 tokens.
   c.packing = "pack"          # "pack": first-fit several examples per row | "pad": one.
   # Fraction of conversations in validation, by a seeded hash of the opening prompt.
@@ -118,7 +124,9 @@ def default_preference_data_config() -> ml_collections.ConfigDict:
   # detected) relative to $LM_DATA_DIR else ../shared/data, or "tfds:name[:split]".
   c.sources = "preference/hh_rlhf_harmless_base_test_shared.jsonl.gz"
   c.tfds_data_dir = ""        # For tfds: sources; "" = the TFDS default directory.
-  c.template = "chat"         # data.chat.get_template name.
+  # data.chat.get_template name: "auto" = the tokenizer's own chat template (an imported
+  # model's), else the project markers; "chat" = the markers; "jinja" = the tokenizer's own.
+  c.template = "auto"
   c.seq_len = 256             # Tokens per side; prompts are cut from their start to fit.
   # A prompt cut to fit must keep at least this many tokens, else the pair is dropped.
   c.min_prompt_tokens = 16
@@ -135,7 +143,7 @@ def default_preference_data_config() -> ml_collections.ConfigDict:
 
 
 def get_or_train_tokenizer(data_cfg: Any, train_docs: Sequence[str],
-                           out_path: str) -> Tokenizer:
+                           out_path: str) -> Tokenizer | HFTokenizer:
   """Loads or trains the run's tokenizer.
 
   Order: `data_cfg.tokenizer.path` if set; else `out_path` if it exists (a
@@ -153,7 +161,7 @@ def get_or_train_tokenizer(data_cfg: Any, train_docs: Sequence[str],
   """
   tok_cfg = data_cfg.tokenizer
   if tok_cfg.path:
-    return Tokenizer.from_file(os.path.expanduser(tok_cfg.path))
+    return tokenizer_from_path(os.path.expanduser(tok_cfg.path))
   if os.path.exists(out_path):
     return Tokenizer.from_file(out_path)
   if not train_docs:

@@ -42,7 +42,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-PAD_TOKEN = 0  # Tokenizer.pad_id for every model trained by data.tokenizer.
+# Fill for padding slots (masked: segment id 0, loss mask 0), so any valid id works; 0 exists
+# in every vocabulary, including families without a pad token (Llama-3).
+PAD_TOKEN = 0
 
 # Salts that keep the random streams for offsets, chunk order and row order apart.
 _OFFSET_SALT, _CHUNK_ORDER_SALT, _ROW_ORDER_SALT = 0, 1, 2

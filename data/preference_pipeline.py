@@ -42,15 +42,18 @@ import numpy as np
 import tensorflow as tf
 
 from data import preferences
-from data.chat import ChatTemplate
+from data.chat import AnyTemplate
 from data.preferences import PreferencePair
 from data.row_pipeline import RowPipeline, RowValidationSet
 
+# Fill for slots past a side's length. Those slots are masked (segment id 0, outside the
+# scored response), so any valid id works; 0 exists in every vocabulary, even a family's
+# without a pad token (Llama-3).
 PAD_TOKEN = 0
 STATUSES = ("kept", "truncated_prompt", "dropped_too_long")
 
 
-def encode_pair(pair: PreferencePair, template: ChatTemplate, seq_len: int,
+def encode_pair(pair: PreferencePair, template: AnyTemplate, seq_len: int,
                 min_prompt_tokens: int = 16) -> tuple[list[np.ndarray] | None, int, str]:
   """The two token sequences of a pair (chosen, rejected), truncated to `seq_len`.
 
@@ -58,10 +61,10 @@ def encode_pair(pair: PreferencePair, template: ChatTemplate, seq_len: int,
     ([chosen ids, rejected ids] or None when dropped, the prompt's length, status in
     `STATUSES`); both sides start with the same (possibly truncated) prompt.
   """
-  prompt = template.prompt_ids(list(pair.prompt))
-  end = np.asarray([template.end_id], np.int32)
-  responses = [np.concatenate([np.asarray(template.tokenizer.encode(r), np.int32), end])
-               for r in (pair.chosen, pair.rejected)]
+  # One rendering for prompt and response (the template's own end of turn), as in SFT.
+  (prompt, chosen), (_, rejected) = (template.encode_response(list(pair.prompt), r)
+                                     for r in (pair.chosen, pair.rejected))
+  responses = [chosen, rejected]
   longest = len(prompt) + max(len(r) for r in responses)
   status = "kept"
   if longest > seq_len:
@@ -130,7 +133,7 @@ class PreferenceRows:
     return materialize
 
 
-def build_rows(pairs: Sequence[PreferencePair], template: ChatTemplate, *, seq_len: int,
+def build_rows(pairs: Sequence[PreferencePair], template: AnyTemplate, *, seq_len: int,
                min_prompt_tokens: int = 16) -> tuple[PreferenceRows, dict[str, int]]:
   """Encodes and truncates pairs; returns the rows and counts per status + "pairs"."""
   counts = dict.fromkeys(STATUSES, 0)
@@ -172,7 +175,7 @@ def format_stats(stats: dict[str, Any]) -> str:
   return "Preference data: " + "; ".join(parts)
 
 
-def build_preference_rows(data_cfg: Any, template: ChatTemplate):
+def build_preference_rows(data_cfg: Any, template: AnyTemplate):
   """Reads, splits and encodes the preference sources of `data_cfg`.
 
   Args:
@@ -202,7 +205,7 @@ def build_preference_rows(data_cfg: Any, template: ChatTemplate):
 
 
 def preference_pipelines(train_rows: PreferenceRows, val_rows: PreferenceRows, data_cfg: Any,
-                         template: ChatTemplate, *, global_batch_size: int,
+                         template: AnyTemplate, *, global_batch_size: int,
                          process_index: int = 0, process_count: int = 1
                          ) -> tuple[RowPipeline, RowValidationSet]:
   """This host's training pipeline and validation set over encoded rows."""
@@ -214,7 +217,7 @@ def preference_pipelines(train_rows: PreferenceRows, val_rows: PreferenceRows, d
   return train, val
 
 
-def build_preference_pipelines(data_cfg: Any, template: ChatTemplate, *,
+def build_preference_pipelines(data_cfg: Any, template: AnyTemplate, *,
                                global_batch_size: int, process_index: int = 0,
                                process_count: int = 1):
   """`build_preference_rows` then `preference_pipelines`.

@@ -26,7 +26,7 @@ import logging
 from typing import Any
 
 from data import sft_sources
-from data.chat import ChatTemplate
+from data.chat import AnyTemplate
 from data.row_pipeline import RowPipeline, RowValidationSet
 from data.sft_rows import build_rows
 
@@ -50,7 +50,7 @@ def format_stats(stats: dict[str, Any]) -> str:
           + "; ".join(parts))
 
 
-def build_sft_pipelines(data_cfg: Any, template: ChatTemplate, *, global_batch_size: int,
+def build_sft_pipelines(data_cfg: Any, template: AnyTemplate, *, global_batch_size: int,
                         process_index: int = 0, process_count: int = 1,
                         conversations: tuple[list, list] | None = None,
                         ) -> tuple[RowPipeline, RowValidationSet, dict[str, Any]]:

@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from data.chat import ChatTemplate, Message
+from data.chat import AnyTemplate, Message
 
 # Rows are CPU work; TF must not grab the accelerator that JAX trains on.
 try:
@@ -45,7 +45,9 @@ except (RuntimeError, ValueError):  # Devices already initialised.
   pass
 
 PACKING_MODES = ("pack", "pad")
-PAD_TOKEN = 0  # Tokenizer.pad_id of every model trained by data.tokenizer.
+# Fill for padding slots: they are masked (segment id 0, loss mask 0), so any valid id works;
+# 0 exists in every vocabulary, including families without a pad token (Llama-3).
+PAD_TOKEN = 0
 STATUSES = ("kept", "truncated_prompt", "truncated_response", "dropped_too_long",
             "dropped_no_response", "dropped_long_response")
 
@@ -166,7 +168,7 @@ class SFTRows:
     return materialize
 
 
-def build_rows(conversations: Sequence[Sequence[Message]], template: ChatTemplate, *,
+def build_rows(conversations: Sequence[Sequence[Message]], template: AnyTemplate, *,
                seq_len: int, packing: str = "pack", min_response_tokens: int = 1,
                max_response_tokens: int = 0,
                shuffle_seed: int | None = None) -> tuple[SFTRows, dict[str, int]]:

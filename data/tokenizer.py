@@ -15,6 +15,14 @@ eos=3 `</s>`, then "\\n" at 4 and any other user-defined symbols.
 `Tokenizer.with_pieces` appends more user-defined symbols (chat markers) at the end
 of an existing vocabulary, so a pretrained model's ids keep their meaning.
 
+One interface, two backends: this `Tokenizer` (SentencePiece: self-trained models and
+Llama-2-style imports) and `data.hf_backend.HFTokenizer` (Hugging Face tokenizer.json,
+Llama-3 / Qwen / Mistral imports). Both have `vocab_size`, `pad_id` / `bos_id` / `eos_id` /
+`unk_id` (-1 = the family has none), `fingerprint`, `to_bytes()`, `encode` (no BOS/EOS),
+`encode_with_offsets`, `encode_batch`, `decode`, `id_to_piece`, `with_pieces`,
+`chat_template` and `special_tokens`; `load_tokenizer(bytes)` picks the backend of a
+checkpoint's bytes.
+
 Command line (prints the vocab size and a round-trip sample):
 
   python -m data.tokenizer --input=a.txt,b.jsonl --output=out.model \\
@@ -23,9 +31,12 @@ Command line (prints the vocab size and a round-trip sample):
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
+import json
 import os
+import re
 import sys
 import tempfile
 from typing import Iterable, Iterator, Sequence
@@ -36,6 +47,11 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from data import readers
+from data.hf_backend import HFTokenizer
+
+# `to_bytes` of a SentencePiece model that carries a chat template (one imported from a
+# Hugging Face directory): a JSON bundle; plain models stay bare protos (old checkpoints).
+SP_BUNDLE_FORMAT = "lmlife.sp_tokenizer/1"
 
 MODEL_TYPES = ("bpe", "unigram", "char", "word")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -142,10 +158,17 @@ def train_tokenizer(input_files: Sequence[str],
 class Tokenizer:
   """A SentencePiece model that encodes to and decodes from lists of int ids."""
 
-  def __init__(self, model_proto: bytes):
-    """Wraps a serialized SentencePiece ModelProto (the bytes of a .model file)."""
+  def __init__(self, model_proto: bytes, chat_template: str | None = None):
+    """Wraps a serialized SentencePiece ModelProto (the bytes of a .model file).
+
+    Args:
+      model_proto: The model bytes.
+      chat_template: The family's Jinja chat template (a model imported from a Hugging
+        Face directory), or None (self-trained models use `data.chat`'s markers).
+    """
     self._proto = bytes(model_proto)
     self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
+    self._chat_template = chat_template
 
   @classmethod
   def from_file(cls, path: str) -> "Tokenizer":
@@ -158,11 +181,45 @@ class Tokenizer:
   @classmethod
   def from_bytes(cls, model_proto: bytes) -> "Tokenizer":
     """Loads a model from `to_bytes()` output (e.g. stored in a checkpoint)."""
+    if bytes(model_proto[:1]) == b"{":
+      bundle = json.loads(bytes(model_proto).decode("utf-8"))
+      if bundle.get("format") != SP_BUNDLE_FORMAT:
+        raise ValueError(f"tokenizer bytes: field 'format' is {bundle.get('format')!r}, "
+                         f"expected {SP_BUNDLE_FORMAT!r}")
+      return cls(base64.b64decode(bundle["model"]), bundle.get("chat_template"))
     return cls(model_proto)
 
   def to_bytes(self) -> bytes:
-    """The serialized model proto, identical to the `.model` file contents."""
+    """The serialized model proto (the `.model` file contents); with a chat template, a
+    JSON bundle of both (`SP_BUNDLE_FORMAT`)."""
+    if self._chat_template is None:
+      return self._proto
+    bundle = {"format": SP_BUNDLE_FORMAT, "chat_template": self._chat_template,
+              "model": base64.b64encode(self._proto).decode("ascii")}
+    return json.dumps(bundle, sort_keys=True).encode("utf-8")
+
+  @property
+  def model_proto(self) -> bytes:
+    """The SentencePiece model proto bytes (the `.model` file)."""
     return self._proto
+
+  @property
+  def chat_template(self) -> str | None:
+    """The Jinja chat template of an imported model, else None (project markers)."""
+    return self._chat_template
+
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    """Control pieces (`<s>`, `</s>`, `<pad>`), `<unk>` and user-defined pieces -> ids.
+
+    SentencePiece itself never maps control-piece text to its id; `encode_with_offsets`
+    does (as Hugging Face tokenizers do), which is what rendered chat templates need.
+    """
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(self._proto)
+    return {p.piece.replace(_SPACE_SYMBOL, " "): i for i, p in enumerate(proto.pieces)
+            if p.type in (kinds.CONTROL, kinds.UNKNOWN, kinds.USER_DEFINED)}
 
   def save(self, path: str) -> None:
     """Writes the `.model` file atomically (a crash never leaves half a file).
@@ -217,12 +274,13 @@ class Tokenizer:
       new.type = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
       present.add(stored)
       added = True
-    return Tokenizer(proto.SerializeToString()) if added else self
+    return (Tokenizer(proto.SerializeToString(), self._chat_template) if added
+            else self)
 
   @property
   def fingerprint(self) -> str:
-    """sha256 hex digest of the model bytes: cache keys, checkpoint checks."""
-    return hashlib.sha256(self._proto).hexdigest()
+    """sha256 hex digest of `to_bytes()`: cache keys, checkpoint checks."""
+    return hashlib.sha256(self.to_bytes()).hexdigest()
 
   @property
   def vocab_size(self) -> int:
@@ -251,6 +309,30 @@ class Tokenizer:
     """Encodes text to ids, without bos/eos."""
     return self._sp.encode(text, out_type=int)
 
+  def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and (start, end) character spans of `text`, control-piece text mapped to ids.
+
+    The text is split at the strings of `special_tokens` first (longest first) and
+    every other segment is encoded on its own, the way Hugging Face tokenizers treat
+    added tokens; used to encode rendered chat templates (`data.jinja_chat`).
+    """
+    specials = self.special_tokens
+    ids, spans, at = [], [], 0
+    pattern = "|".join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+    parts = re.split(f"({pattern})", text) if pattern else [text]
+    for part in parts:
+      if part in specials:
+        ids.append(specials[part])
+        spans.append((at, at + len(part)))
+      elif part:
+        # SentencePiece offsets are UTF-8 byte offsets into the segment.
+        starts = _byte_to_char(part)
+        for piece in self._sp.EncodeAsProto(part).pieces:
+          ids.append(piece.id)
+          spans.append((at + starts[piece.begin], at + starts[piece.end]))
+      at += len(part)
+    return ids, spans
+
   def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
     """Encodes many texts at once (SentencePiece's threaded batch encode)."""
     return self._sp.encode(list(texts), out_type=int,
@@ -270,6 +352,47 @@ class Tokenizer:
   def __repr__(self) -> str:
     return (f"Tokenizer(vocab_size={self.vocab_size}, "
             f"fingerprint={self.fingerprint[:12]})")
+
+
+def _byte_to_char(text: str) -> list[int]:
+  """Character index of every UTF-8 byte offset of `text` (0..len(bytes) inclusive)."""
+  starts = []
+  for index, char in enumerate(text):
+    starts.extend([index] * len(char.encode("utf-8")))
+  starts.append(len(text))
+  return starts
+
+
+def fill_id(tokenizer: Tokenizer | HFTokenizer) -> int:
+  """The id written at padding positions: pad, else EOS, else 0 (Llama-3 has no pad).
+
+  Padding positions are masked everywhere, so the id only has to be a valid embedding row;
+  never compare against it to find padding (it may be a real token of the text).
+  """
+  for token_id in (tokenizer.pad_id, tokenizer.eos_id):
+    if token_id >= 0:
+      return token_id
+  return 0
+
+
+def load_tokenizer(data: bytes) -> Tokenizer | HFTokenizer:
+  """The tokenizer whose `to_bytes()` is `data` (what a checkpoint stores), either backend.
+
+  SentencePiece protos (every checkpoint before Hugging Face support) and the SentencePiece
+  bundle load as `Tokenizer`; the `tokenizers` JSON bundle as `data.hf_backend.HFTokenizer`.
+
+  Raises:
+    ValueError: Bytes of neither format.
+  """
+  data = bytes(data)
+  if data[:1] == b"{":
+    kind = json.loads(data.decode("utf-8")).get("format")
+    return Tokenizer.from_bytes(data) if kind == SP_BUNDLE_FORMAT else HFTokenizer.from_bytes(data)
+  try:
+    return Tokenizer(data)
+  except RuntimeError as e:  # sentencepiece's parse error
+    raise ValueError(f"tokenizer bytes: neither a SentencePiece model nor a JSON "
+                     f"tokenizer bundle ({e})") from e
 
 
 def _main(argv: Sequence[str]) -> None:

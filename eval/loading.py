@@ -18,7 +18,8 @@ from typing import Any, Mapping, NamedTuple
 import jax
 from etils import epath
 
-from data.tokenizer import Tokenizer
+from data.hf_backend import HFTokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 from model import sharding as msharding
 from model.config import ModelConfig
 from model.heads import RewardModel
@@ -38,7 +39,7 @@ class LoadedCheckpoint(NamedTuple):
   params: Any          # on `mesh`, sharded by `param_shardings`
   param_shardings: Any
   model_cfg: ModelConfig
-  tokenizer: Tokenizer
+  tokenizer: Tokenizer | HFTokenizer
   meta: dict[str, Any]  # checkpoint metadata, incl. checkpoint_path
   mesh: jax.sharding.Mesh
   rules: tuple[tuple[str, Any], ...]
@@ -121,10 +122,11 @@ def load_checkpoint(checkpoint: str, mesh_shape: Mapping[str, int] | None = None
   if not tokenizer_bytes:
     raise ckpt_lib.CheckpointError(f"Checkpoint {path} holds no tokenizer")
   try:
-    tokenizer = Tokenizer.from_bytes(tokenizer_bytes)
+    tokenizer = load_tokenizer(tokenizer_bytes)
   except Exception as e:  # noqa: BLE001 - SentencePiece raises a bare RuntimeError
     raise ckpt_lib.CheckpointError(
         f"Checkpoint {path} holds an unreadable tokenizer (tokenizer/blob.bin, "
-        f"{len(tokenizer_bytes)} bytes, is not a SentencePiece model: {e})") from e
+        f"{len(tokenizer_bytes)} bytes, is neither a SentencePiece model nor a tokenizer "
+        f"bundle: {e})") from e
   return LoadedCheckpoint(model_class, graphdef, params, shardings, model_cfg, tokenizer,
                           meta, mesh, rules)

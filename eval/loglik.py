@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.tokenizer import fill_id
 from eval.loading import LoadedCheckpoint
 
 
@@ -145,7 +146,7 @@ class LoglikScorer:
     for first in range(0, len(groups), self.batch_size):
       chunk = groups[first:first + self.batch_size]
       width = _bucket(len(rows[chunk[0][0]][0]) - 1, self.max_len)
-      tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+      tokens = np.full((self.batch_size, width), fill_id(self.tokenizer), np.int32)
       lengths = np.ones(self.batch_size, np.int32)
       for r, group in enumerate(chunk):
         inputs = rows[group[0]][0][:-1]
@@ -166,7 +167,7 @@ class LoglikScorer:
       chunk = order[start:start + self.batch_size]
       width = _bucket(len(rows[chunk[0]][0]) - 1, self.max_len)
       window = min(width, 1 << math.ceil(math.log2(max(rows[i][1] for i in chunk))))
-      tokens = np.full((self.batch_size, width), self.tokenizer.pad_id, np.int32)
+      tokens = np.full((self.batch_size, width), fill_id(self.tokenizer), np.int32)
       starts = np.zeros(self.batch_size, np.int32)
       targets = np.zeros((self.batch_size, window), np.int32)
       mask = np.zeros((self.batch_size, window), np.float32)

@@ -84,7 +84,7 @@ def evaluate_pairs(loaded: LoadedCheckpoint, pairs: Sequence[PreferencePair], *,
                    seq_len: int, min_prompt_tokens: int = 16, batch_size: int = 32,
                    num_resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
   """Accuracy, its bootstrap interval and both length baselines on `pairs` (module doc)."""
-  template = get_template("chat", loaded.tokenizer)
+  template = get_template("auto", loaded.tokenizer)
   # The same encoding as training; the pairs too long for seq_len are left out.
   rows, counts = build_rows(pairs, template, seq_len=seq_len,
                             min_prompt_tokens=min_prompt_tokens)

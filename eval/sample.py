@@ -41,7 +41,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from data.benchmarks import field, read_jsonl
-from data.chat import ASSISTANT, SYSTEM, TEMPLATES, USER, get_template
+from data.chat import ASSISTANT, SYSTEM, TEMPLATE_NAMES as CHAT_TEMPLATE_NAMES, USER, get_template
 from data.readers import read_text
 from data.tokenizer import Tokenizer
 from eval.cli import exit_with_error
@@ -52,7 +52,7 @@ from model.transformer import Transformer
 from train import checkpoint as ckpt_lib
 
 RAW_TEMPLATE = "none"
-TEMPLATE_NAMES = (*sorted(TEMPLATES), RAW_TEMPLATE)
+TEMPLATE_NAMES = (*CHAT_TEMPLATE_NAMES, RAW_TEMPLATE)
 Conversation = Sequence[Mapping[str, str]]
 
 
@@ -73,6 +73,10 @@ class RawTemplate:
   def end_id(self) -> int:
     return self.tokenizer.eos_id
 
+  @property
+  def end_ids(self) -> tuple[int, ...]:
+    return (self.tokenizer.eos_id,)
+
   def prompt_ids(self, messages: Conversation) -> np.ndarray:
     return np.asarray(self.tokenizer.encode("".join(m["content"] for m in messages)),
                       np.int32)
@@ -87,7 +91,7 @@ class RawTemplate:
 
 
 def make_template(name: str, tokenizer: Tokenizer) -> Any:
-  """The template `name` ("chat" or "none") bound to `tokenizer`.
+  """The template `name` ("auto", "chat", "jinja" or "none") bound to `tokenizer`.
 
   Raises:
     ValueError: an unknown name (the known ones are listed), or a tokenizer without the
@@ -95,7 +99,7 @@ def make_template(name: str, tokenizer: Tokenizer) -> Any:
   """
   if name == RAW_TEMPLATE:
     return RawTemplate(tokenizer)
-  if name not in TEMPLATES:
+  if name not in CHAT_TEMPLATE_NAMES:
     raise ValueError(f"Unknown template {name!r}; known: {list(TEMPLATE_NAMES)}")
   try:
     return get_template(name, tokenizer)
@@ -303,7 +307,7 @@ def define_flags() -> None:
   flags.DEFINE_multi_string("prompt", [], "A prompt (repeat the flag for several).")
   flags.DEFINE_string("prompts_file", "", ".jsonl with a 'prompt' field, or text lines.")
   flags.DEFINE_bool("chat", False, "Interactive chat on stdin/stdout.")
-  flags.DEFINE_string("template", "chat", f"Prompt template: {' | '.join(TEMPLATE_NAMES)}.")
+  flags.DEFINE_string("template", "auto", f"Prompt template: {' | '.join(TEMPLATE_NAMES)}.")
   flags.DEFINE_string("system", "", "Optional system message (chat template).")
   flags.DEFINE_integer("max_new_tokens", 128, "Response length limit in tokens.")
   flags.DEFINE_float("temperature", 0.7, "Sampling temperature (0 = greedy).")

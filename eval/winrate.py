@@ -44,6 +44,7 @@ from flax import nnx
 
 from data.chat import get_template
 from data.config import default_preference_data_config
+from data.tokenizer import fill_id
 from eval.loading import LoadedCheckpoint, load_checkpoint
 from eval.reward import bootstrap_ci, pairwise_wins
 from model.heads import RewardModel
@@ -151,11 +152,10 @@ def compare(policies: Mapping[str, str], judges: Mapping[str, str], *, baseline:
       raise ValueError(f"Policy {name} ({path}) has another tokenizer than the judges / "
                        "reference; compare models of one tokenizer")
     fingerprint = fingerprint or policy.tokenizer.fingerprint
-    template = get_template("chat", policy.tokenizer)
+    template = get_template("auto", policy.tokenizer)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=0,
-                         top_p=1.0, eos_ids=tuple(dict.fromkeys((template.end_id,
-                                                                 policy.tokenizer.eos_id))),
-                         pad_id=policy.tokenizer.pad_id,
+                         top_p=1.0, eos_ids=tuple(template.end_ids),
+                         pad_id=fill_id(policy.tokenizer),
                          prompt_bucket=max(len(p) for p in prompts))
     rows = generate(policy, prompts, cfg, samples_per_prompt, seed, batch_size)
     rows["scores"] = {j: apply_rows(judge, end_scores, rows, batch_size)
@@ -210,7 +210,7 @@ def held_out_prompts(tokenizer: Any, sources: str, val_fraction: float, seed: in
   data = default_preference_data_config()
   data.update(sources=sources, val_fraction=val_fraction, seed=seed)
   try:
-    prompt_set = build_prompt_set(data, get_template("chat", tokenizer), max_prompt_tokens)
+    prompt_set = build_prompt_set(data, get_template("auto", tokenizer), max_prompt_tokens)
   except ValueError as e:
     raise ValueError(f"No held-out prompt fits --max_prompt_tokens={max_prompt_tokens} "
                      f"({e})") from e

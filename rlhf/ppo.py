@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from data.tokenizer import fill_id
 from model.config import ModelConfig
 from model.heads import RewardModel
 from model.sampling import Sampler, SamplingConfig
@@ -168,8 +169,8 @@ class PPO:
                            self.policy.rules, self.policy.param_shardings)
     self.sampling = SamplingConfig(
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_k=0, top_p=1.0,
-        eos_ids=tuple(dict.fromkeys((parent.template.end_id, tok.eos_id))),
-        pad_id=tok.pad_id, prompt_bucket=p.max_prompt_tokens)
+        eos_ids=tuple(parent.template.end_ids), pad_id=fill_id(tok),
+        prompt_bucket=p.max_prompt_tokens)
     temperature = p.temperature
     # The runtime compiles once per function object: these are built once per run.
     self._logp_entropy = lambda m, b: jnp.stack(response_logps(m, b, temperature), axis=1)
@@ -320,6 +321,7 @@ class PPO:
     with open(os.path.join(self.workdir, "samples.jsonl"), "a") as f:
       for b in range(min(n, len(batch["tokens"]))):
         tokens = batch["tokens"][b]
+        # Display only: drops the left padding (and any real token equal to the fill id).
         prompt = [int(t) for t in tokens[:-size] if t != self.sampling.pad_id]
         record = {"iteration": iteration,
                   "prompt": self.template.tokenizer.decode(prompt)[-300:],

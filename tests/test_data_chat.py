@@ -99,7 +99,8 @@ def test_template_errors(tokenizer, plain_tokenizer):
     template.encode([{"role": "narrator", "content": "Once"}])
   with pytest.raises(ValueError, match="content"):
     template.encode([{"role": USER}])
-  with pytest.raises(ValueError, match=r"Unknown chat template 'llama'.*\['chat'\]"):
+  with pytest.raises(ValueError,
+                     match=r"Unknown chat template 'llama'.*\['auto', 'chat', 'jinja'\]"):
     get_template("llama", tokenizer)
   with pytest.raises(ValueError, match=r"<\|assistant\|>.*with_pieces"):
     ChatTemplate(plain_tokenizer)

@@ -150,7 +150,8 @@ def test_prompts_beyond_the_context_and_unknown_templates_are_refused(loaded):
   sampler, params, tokenizer, _ = loaded
   with pytest.raises(ValueError, match="Prompt 1 has .* model context of 64"):
     respond(sampler, params, RawTemplate(tokenizer), [_user("hi"), _user("a" * 60)], GREEDY)
-  with pytest.raises(ValueError, match=r"Unknown template 'chatml'.*\['chat', 'none'\]"):
+  with pytest.raises(ValueError,
+                     match=r"Unknown template 'chatml'.*\['auto', 'chat', 'jinja', 'none'\]"):
     make_template("chatml", tokenizer)
   with pytest.raises(ValueError, match="expected axis=size"):
     parse_mesh("fsdp:2")

@@ -20,9 +20,9 @@ from typing import Any
 import jax
 import ml_dtypes  # noqa: F401 - numpy bfloat16 for safetensors
 
-from data.chat import END_OF_TURN
-from data.hf_tokenizer import hf_tokenizer
-from data.tokenizer import Tokenizer
+from data.chat import get_template
+from data.hf_tokenizer import save_hf_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 from model import sharding as msharding
 from model.config import ModelConfig
 from model.hf import to_hf_state_dict
@@ -32,7 +32,7 @@ from train import checkpoint as ckpt_lib
 from train.state import abstract_model, mesh_shardings, with_shardings
 
 
-def load_language_model(checkpoint: str) -> tuple[ModelConfig, Any, dict[str, Any], Tokenizer]:
+def load_language_model(checkpoint: str) -> tuple[ModelConfig, Any, dict[str, Any], Any]:
   """(ModelConfig, params as numpy, metadata, Tokenizer) of a language-model checkpoint."""
   meta = ckpt_lib.read_metadata(checkpoint)
   name = meta.get("model_class") or Transformer.__name__
@@ -47,24 +47,31 @@ def load_language_model(checkpoint: str) -> tuple[ModelConfig, Any, dict[str, An
                                                  with_shardings(abstract, shardings))
   if not tokenizer:
     raise ValueError(f"Checkpoint {meta['checkpoint_path']} holds no tokenizer")
-  return cfg, jax.device_get(params), meta, Tokenizer.from_bytes(tokenizer)
+  return cfg, jax.device_get(params), meta, load_tokenizer(tokenizer)
 
 
-def save_hf_tokenizer_files(tokenizer: Tokenizer, out_dir: str) -> dict[str, Any]:
-  """THE tokenizer write of an export (one call, so the backend can change).
+def export_template(tokenizer: Any, meta: dict[str, Any]) -> Any:
+  """The chat template a checkpoint was trained with, for the export's `chat_template`.
 
-  Today: our SentencePiece model as `tokenizer.model` plus the equivalent `tokenizer.json`
-  (`data.hf_tokenizer`). Returns the generation ids: bos, pad, and as `eos_token_id` the
-  eos id followed by the end-of-turn marker's id when the tokenizer has it.
+  The run config's `data.template` (default "auto": the tokenizer's own template, else the
+  project's markers when the tokenizer has them). None when the tokenizer has neither (a
+  pretrained base that never saw a chat format): the export then has no chat template.
   """
-  tokenizer.save(os.path.join(out_dir, "tokenizer.model"))
-  hf_tokenizer(tokenizer).save_pretrained(out_dir)
-  eos = [tokenizer.eos_id]
-  end = tokenizer.encode(END_OF_TURN)
-  if len(end) == 1 and tokenizer.id_to_piece(end[0]) == END_OF_TURN:
-    eos.append(end[0])
-  return {"bos_token_id": tokenizer.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
-          "pad_token_id": tokenizer.pad_id}
+  name = ((meta.get("config") or {}).get("data") or {}).get("template") or "auto"
+  try:
+    return get_template(name, tokenizer)
+  except ValueError:
+    return None
+
+
+def save_hf_tokenizer_files(tokenizer: Any, out_dir: str, template: Any) -> dict[str, Any]:
+  """THE tokenizer write of an export: `data.hf_tokenizer.save_hf_tokenizer` (tokenizer.json,
+  tokenizer_config.json with the chat template, special_tokens_map.json), plus the
+  SentencePiece `tokenizer.model` of a SentencePiece-backed tokenizer. Returns the
+  generation ids (every end-of-turn id is an `eos_token_id`)."""
+  if isinstance(tokenizer, Tokenizer):  # SentencePiece: also its own model file
+    tokenizer.save(os.path.join(out_dir, "tokenizer.model"))
+  return save_hf_tokenizer(tokenizer, template, out_dir)
 
 
 def write_hf_model(cfg: ModelConfig, params: Any, out_dir: str,
@@ -89,7 +96,7 @@ def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
   """Writes `checkpoint` (a language model) as a directory of its family; returns config."""
   cfg, params, meta, tokenizer = load_language_model(checkpoint)
   os.makedirs(out_dir, exist_ok=True)
-  ids = save_hf_tokenizer_files(tokenizer, out_dir)
+  ids = save_hf_tokenizer_files(tokenizer, out_dir, export_template(tokenizer, meta))
   config = write_hf_model(cfg, params, out_dir, ids)
   with open(os.path.join(out_dir, "lmlife_source.json"), "w") as f:
     json.dump({"checkpoint": meta["checkpoint_path"], "stage": meta.get("stage"),

@@ -29,7 +29,7 @@ import jax
 import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy before safetensors reads it
 import numpy as np
 
-from data.tokenizer import Tokenizer
+from data.hf_tokenizer import tokenizer_from_hf_dir
 from model import sharding as msharding
 from model.config import ModelConfig
 from model.hf import check_hf_tensors, path_key
@@ -141,27 +141,18 @@ def read_hf_config(hf_dir: str) -> ModelConfig:
   return model_config_from_hf(config, path)
 
 
-def load_hf_tokenizer(hf_dir: str, cfg: ModelConfig) -> Tokenizer:
-  """THE tokenizer read of a Hugging Face directory (one call, so the backend can change).
-
-  Today: a SentencePiece `tokenizer.model` with pad and eos pieces, at most cfg.vocab_size
-  pieces.
-  """
-  sp_path = os.path.join(hf_dir, "tokenizer.model")
-  if not os.path.isfile(sp_path):
-    raise ValueError(f"{sp_path} does not exist: this codebase's tokenizer is SentencePiece, "
-                     "so only models with a SentencePiece tokenizer.model import")
-  tokenizer = Tokenizer.from_file(sp_path)
-  if min(tokenizer.pad_id, tokenizer.eos_id) < 0:
-    raise ValueError(f"{sp_path} has no pad or no eos piece (pad_id={tokenizer.pad_id}, "
-                     f"eos_id={tokenizer.eos_id}); the pipelines and the sampler need both")
+def load_hf_tokenizer(hf_dir: str, cfg: ModelConfig) -> Any:
+  """THE tokenizer read of a Hugging Face directory: `data.hf_tokenizer.tokenizer_from_hf_dir`
+  (tokenizer.json, a tiktoken BPE file, or a SentencePiece tokenizer.model, with the special
+  tokens and chat template of tokenizer_config.json), checked against config.json's vocab."""
+  tokenizer = tokenizer_from_hf_dir(hf_dir)
   if tokenizer.vocab_size > cfg.vocab_size:
-    raise ValueError(f"{sp_path} has {tokenizer.vocab_size} pieces, more than config.json's "
-                     f"vocab_size={cfg.vocab_size}")
+    raise ValueError(f"{hf_dir}: the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                     f"config.json's vocab_size={cfg.vocab_size}")
   return tokenizer
 
 
-def load_hf_parent(hf_dir: str) -> tuple[ModelConfig, Tokenizer, dict[str, Any]]:
+def load_hf_parent(hf_dir: str) -> tuple[ModelConfig, Any, dict[str, Any]]:
   """(ModelConfig, Tokenizer, parent metadata) of a directory, as `load_parent` returns for
   a checkpoint. The weights' names and shapes are checked here, before a run starts."""
   cfg = read_hf_config(hf_dir)

@@ -3,8 +3,10 @@ own model config, tokenizer and chat template from it.
 
 SFT, reward modeling, DPO and PPO all start from a checkpoint: the architecture and the
 tokenizer come from there (`config.model` holds only execution overrides, `MODEL_OVERRIDES`),
-the chat markers are appended to a tokenizer that lacks them (new ids at the end, every
-existing id unchanged), and the vocabulary of the model grows to match
+the chat markers are appended to a tokenizer that lacks them when the project's template
+is used (new ids at the end, every existing id unchanged; an imported model with its own
+`chat_template` keeps its tokenizer, `data.chat.get_template("auto", ...)`), and the
+vocabulary of the model grows to match
 (`model.layout.extend_vocab`, applied by the stage's init adapter).
 
 The parent is a checkpoint of the shared format or a Hugging Face model directory
@@ -17,8 +19,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from data.chat import CHAT_MARKERS, get_template
-from data.tokenizer import Tokenizer
+from data.chat import CHAT_MARKERS, get_template, uses_project_markers
+from data.tokenizer import load_tokenizer
 from model import layout
 from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
@@ -73,7 +75,7 @@ def load_parent(init_from: str) -> tuple[Any, Any, dict[str, Any]]:
   if hf_dir is not None:
     return load_hf_parent(hf_dir)
   meta = ckpt_lib.read_metadata(init_from)
-  tokenizer = Tokenizer.from_bytes(ckpt_lib.read_tokenizer(init_from))
+  tokenizer = load_tokenizer(ckpt_lib.read_tokenizer(init_from))
   return ModelConfig.from_dict(meta["model_config"]), tokenizer, meta
 
 
@@ -93,7 +95,10 @@ def setup_child(config: Any, what: str) -> Parent:
     allowed += LAYOUT_FIELDS
     parent_cfg = parent_cfg.replace(**{k: bool(config.model[k]) for k in LAYOUT_FIELDS
                                        if k in config.model})
-  tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
+  # The project's markers are appended only when its template is used ("chat", or "auto" on
+  # a tokenizer without a template of its own); an imported model keeps its vocabulary.
+  tokenizer = (parent_tok.with_pieces(CHAT_MARKERS)
+               if uses_project_markers(config.data.template, parent_tok) else parent_tok)
   template = get_template(config.data.template, tokenizer)
   child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size, allowed)
   if child.max_seq_len < config.data.seq_len:

@@ -23,7 +23,7 @@ from data.config import get_or_train_tokenizer
 from data.tokenized import load_tokenized
 from data.lm_pipeline import build_lm_pipelines
 from data.documents import load_split_documents
-from data.tokenizer import Tokenizer
+from data.hf_tokenizer import tokenizer_from_path
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train import entry
@@ -59,7 +59,7 @@ def programs(config: Any, model_cfg: ModelConfig) -> list[Program]:
 
 
 def _tokenizer(config: Any, workdir: str, train_docs: list[str]
-               ) -> tuple[Tokenizer, dict[str, bytes]]:
+               ) -> tuple[Any, dict[str, bytes]]:
   """The run's tokenizer and, if it was trained now, the file to keep in the workdir (it is
   trained in a temporary folder: nothing goes to the workdir before the run is validated)."""
   kept = os.path.join(workdir, TOKENIZER_FILE)
@@ -77,7 +77,7 @@ def build(config: Any, workdir: str) -> Run:
   if config.data.get("source") == "curated":
     # The tokenized shards of a curation run (data/curate.py) and its tokenizer.
     tokenizer, train_corpus, val_corpus, info = load_tokenized(config.data.curated_dir)
-    if config.data.tokenizer.path and Tokenizer.from_file(
+    if config.data.tokenizer.path and tokenizer_from_path(
         os.path.expanduser(config.data.tokenizer.path)).fingerprint != tokenizer.fingerprint:
       raise ValueError(f"data.tokenizer.path={config.data.tokenizer.path} is not the "
                        f"tokenizer of the curated shards in {config.data.curated_dir}; "
