@@ -80,6 +80,9 @@ class ModelConfig:
   init_std: float = 0.02
   one_hot_embed: bool = False
   fuse_projections: bool = False
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = "attn,mlp"
 
   def __post_init__(self):
     def bad(field, expected):
@@ -105,6 +108,10 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         bad(name, f"one of {DTYPES}")
+    if self.lora_rank < 0:
+      bad("lora_rank", "0 (no adapters) or a positive rank")
+    if self.lora_rank and not self.lora_targets.strip(" ,"):
+      bad("lora_targets", "at least one of q,k,v,o,gate,up,down (or attn, mlp)")
 
   @property
   def resolved_head_dim(self) -> int:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model import lora
 from model.config import ModelConfig
 
 # Shardings are applied by the Trainer's jitted init (eval_shape -> specs -> out_shardings),
@@ -126,6 +127,11 @@ class Attention(nnx.Module):
       self.wk = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
       self.wv = _param(rngs, init, (e, k, d), pd, ("embed", "kv_heads", "head_dim"))
     self.wo = _param(rngs, out_init, (n, d, e), pd, ("heads", "head_dim", "embed"))
+    lora.add_adapters(self, cfg, "attn", {
+        "q": ((e,), (n, d), ("embed",), ("heads", "head_dim")),
+        "k": ((e,), (k, d), ("embed",), ("kv_heads", "head_dim")),
+        "v": ((e,), (k, d), ("embed",), ("kv_heads", "head_dim")),
+        "o": ((n, d), (e,), ("heads", "head_dim"), ("embed",))}, rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                kv_cache: tuple[jax.Array, jax.Array, jax.Array | int] | None = None,
@@ -149,6 +155,7 @@ class Attention(nnx.Module):
       q = jnp.einsum("bte,end->btnd", x, self.wq[...].astype(dt))
       k = jnp.einsum("bte,ekd->btkd", x, self.wk[...].astype(dt))
       v = jnp.einsum("bte,ekd->btkd", x, self.wv[...].astype(dt))
+    q, k, v = (lora.adapt(self, t, x, y) for t, y in (("q", q), ("k", k), ("v", v)))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if kv_cache is not None:
       k_all, v_all, layer = kv_cache
@@ -166,7 +173,7 @@ class Attention(nnx.Module):
     else:
       attend = xla_attention if self.cfg.attention_impl == "xla" else dot_product_attention
       out = attend(q, k, v, mask)  # [B, T, N, D]
-    out = jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt))
+    out = lora.adapt(self, "o", out, jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt)))
     return out if kv_cache is None else (out, kv_cache)
 
 
@@ -184,6 +191,9 @@ class MLP(nnx.Module):
       self.w_gate = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
       self.w_up = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
     self.w_down = _param(rngs, out_init, (f, e), pd, ("mlp", "embed"))
+    lora.add_adapters(self, cfg, "mlp", {
+        "gate": ((e,), (f,), ("embed",), ("mlp",)), "up": ((e,), (f,), ("embed",), ("mlp",)),
+        "down": ((f,), (e,), ("mlp",), ("embed",))}, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
@@ -193,7 +203,9 @@ class MLP(nnx.Module):
     else:
       gate = x @ self.w_gate[...].astype(dt)  # [B, T, F]
       up = x @ self.w_up[...].astype(dt)
-    return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+    gate, up = lora.adapt(self, "gate", x, gate), lora.adapt(self, "up", x, up)
+    h = jax.nn.silu(gate) * up
+    return lora.adapt(self, "down", h, h @ self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):
