@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from data.chat import CHAT_MARKERS, get_template
 from data.tokenizer import Tokenizer
 from model import layout
+from model.lora import parse_targets
 from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
 from train.restore import InitAdapter
@@ -45,14 +46,31 @@ class Parent(NamedTuple):
                                      if k != "max_seq_len"})
 
 
-def child_model_config(parent_cfg: Any, overrides: Any, vocab_size: int):
-  """The run's ModelConfig: the parent's, with a vocabulary >= the tokenizer's and overrides."""
+def lora_fields(lora_cfg: Any) -> dict[str, Any]:
+  """ModelConfig's adapter fields from a run's `config.lora` (None: no adapters). The
+  parent's own adapters are merged at init_from, so they never carry over."""
+  if lora_cfg is None or not lora_cfg.rank:
+    return {"lora_rank": 0}
+  targets = lora_cfg.targets
+  targets = ",".join(targets) if isinstance(targets, (list, tuple)) else str(targets)
+  if lora_cfg.base_dtype not in ("", "float32", "bfloat16"):
+    raise ValueError(f"config.lora.base_dtype={lora_cfg.base_dtype!r}: expected '', "
+                     "'float32' or 'bfloat16'")
+  return {"lora_rank": int(lora_cfg.rank), "lora_alpha": float(lora_cfg.alpha),
+          "lora_targets": ",".join(parse_targets(targets))}
+
+
+def child_model_config(parent_cfg: Any, overrides: Any, vocab_size: int,
+                       lora_cfg: Any = None):
+  """The run's ModelConfig: the parent's, with a vocabulary >= the tokenizer's, overrides
+  and this run's adapters (`config.lora`; none by default)."""
   unknown = sorted(set(overrides.keys()) - set(MODEL_OVERRIDES))
   if unknown:
     raise ValueError(f"config.model.{unknown[0]} cannot be changed here (the architecture "
                      f"comes from the init_from checkpoint); allowed: {list(MODEL_OVERRIDES)}")
   changes = {k: v for k, v in overrides.items() if v not in ("", 0, None)}
-  return parent_cfg.replace(vocab_size=max(parent_cfg.vocab_size, vocab_size), **changes)
+  return parent_cfg.replace(vocab_size=max(parent_cfg.vocab_size, vocab_size), **changes,
+                            **lora_fields(lora_cfg))
 
 
 def load_parent(init_from: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -75,7 +93,8 @@ def setup_child(config: Any, what: str) -> Parent:
   parent_cfg, parent_tok, meta = load_parent(config.init_from)
   tokenizer = parent_tok.with_pieces(CHAT_MARKERS)
   template = get_template(config.data.template, tokenizer)
-  child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size)
+  child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size,
+                             config.get("lora"))
   if child.max_seq_len < config.data.seq_len:
     raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model context "
                      f"({child.max_seq_len}); lower it or set config.model.max_seq_len")
