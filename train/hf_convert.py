@@ -1,6 +1,6 @@
 """Hugging Face directories <-> checkpoints of the shared format.
 
-  python -m train.hf_convert export --checkpoint=runs/sft --out=hf/sft
+  python -m train.hf_convert export --checkpoint=runs/sft --out=hf/sft [--merge]
   python -m train.hf_convert import --hf_dir=path/to/llama --workdir=runs/imported
 
 Export writes `config.json`, `model.safetensors` (the checkpoint's param dtype),
@@ -28,6 +28,7 @@ from absl import app, flags
 
 from data.hf_tokenizer import hf_tokenizer
 from data.tokenizer import Tokenizer
+from model import lora
 from model import sharding as msharding
 from model.config import ModelConfig
 from model.hf import from_hf_state_dict, hf_config, model_config_from_hf, to_hf_state_dict
@@ -55,10 +56,23 @@ def _load_language_model(checkpoint: str) -> tuple[Any, Any, dict[str, Any], Any
   return cfg, jax.device_get(params), meta, Tokenizer.from_bytes(tokenizer)
 
 
-def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
-  """Writes `checkpoint` (a language model) as a LlamaForCausalLM directory; returns config."""
+def merged_model(cfg: ModelConfig, params: Any, merge: bool, where: str
+                 ) -> tuple[ModelConfig, Any]:
+  """A LoRA checkpoint's adapters folded into its weights (`merge`), else refused."""
+  if not cfg.lora_rank:
+    return cfg, params
+  if not merge:
+    raise ValueError(f"{where}: model_config.lora_rank={cfg.lora_rank}: the checkpoint holds "
+                     "LoRA adapters; export with --merge to write merged weights")
+  return cfg.replace(lora_rank=0), jax.device_get(lora.merge(params, cfg))
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, merge: bool = False) -> dict[str, Any]:
+  """Writes `checkpoint` (a language model) as a LlamaForCausalLM directory; returns config.
+  `merge`: a LoRA checkpoint is written with W + (alpha / r) A @ B (model/lora.py)."""
   from safetensors.numpy import save_file
   cfg, params, meta, tokenizer = _load_language_model(checkpoint)
+  cfg, params = merged_model(cfg, params, merge, meta["checkpoint_path"])
   state = to_hf_state_dict(params, cfg)
   os.makedirs(out_dir, exist_ok=True)
   config = hf_config(cfg, tokenizer)
@@ -132,7 +146,7 @@ def main(argv: list[str]) -> None:
     if argv[1] == "export":
       if not FLAGS.checkpoint or not FLAGS.out:
         raise ValueError("export needs --checkpoint and --out")
-      config = export_checkpoint(FLAGS.checkpoint, FLAGS.out)
+      config = export_checkpoint(FLAGS.checkpoint, FLAGS.out, merge=FLAGS.merge)
       print(f"Wrote {FLAGS.out}: LlamaForCausalLM {config['num_hidden_layers']} layers x "
             f"{config['hidden_size']}, vocab {config['vocab_size']}")
     else:
@@ -147,6 +161,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", "", "export: checkpoint (workdir, checkpoints or step dir).")
   flags.DEFINE_string("out", "", "export: output directory.")
+  flags.DEFINE_bool("merge", False, "export: fold a LoRA checkpoint's adapters into its weights.")
   flags.DEFINE_string("hf_dir", "", "import: Hugging Face model directory.")
   flags.DEFINE_string("workdir", "", "import: workdir to write checkpoints/0 into.")
   flags.DEFINE_string("param_dtype", "float32", "import: stored parameter dtype.")
