@@ -204,7 +204,7 @@ def test_reward_dpo_and_ppo_run_with_lora(english_sft_run, tmp_path):
   assert abs(first["train/loss"] - np.log(2)) < 0.05  # reference == policy at the start
   config = get_config("runlocal=true")
   config.init_from, config.reward_from = sft, rm
-  config.ppo.update(dict(iterations=2, rollout_batch_size=8, minibatches=2,
+  config.ppo.update(dict(iterations=2, rollout_batch_size=16, minibatches=2,
                          checkpoint_every=0, sample_every=0))
   config.train.update(dict(peak_flops=1e9, async_checkpoint=False))
   config.lora.rank = 4
