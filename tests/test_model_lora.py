@@ -107,3 +107,16 @@ def test_partition_combine_zero_adapters_and_targets():
     lora.parse_targets("qkv")
   with pytest.raises(ValueError, match="lora_targets"):
     ModelConfig.preset("tiny", lora_rank=4, lora_targets="")
+
+
+def test_export_merge_hook_merges_or_refuses():
+  from train.hf_convert import merged_model
+  cfg = ModelConfig.preset("tiny", lora_rank=4)
+  params = _random_adapters(nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(params=0)))))
+  with pytest.raises(ValueError, match="export with --merge"):
+    merged_model(cfg, params, False, "ckpt/3")
+  plain_cfg, merged = merged_model(cfg, params, True, "ckpt/3")
+  assert plain_cfg.lora_rank == 0 and not lora.adapter_params(merged)
+  tokens = jnp.arange(8)[None]
+  np.testing.assert_allclose(_model(plain_cfg, merged)(tokens), _model(cfg, params)(tokens),
+                             atol=2e-5)
