@@ -94,6 +94,17 @@ def train_config(**overrides: Any) -> ml_collections.ConfigDict:
   return c
 
 
+def lora_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """Low-rank adapters (model/lora.py) for the fine-tuning stages; rank 0 = full fine-tuning."""
+  c = ml_collections.ConfigDict()
+  c.rank = 0               # Adapter rank; > 0 freezes the base and trains adapters (+ heads).
+  c.alpha = 16.0           # Update scale alpha / rank.
+  c.targets = "attn,mlp"   # Projections: q,k,v,o,gate,up,down, or the groups attn, mlp.
+  c.base_dtype = ""        # "bfloat16": store the frozen base in bf16 ("" = param_dtype).
+  c.update(overrides)
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.stage = "pretrain"    # Recorded in checkpoint metadata.
@@ -120,6 +131,7 @@ def finetune_config(stage: str, init_from: str) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(
       {"dtype": "", "param_dtype": "", "remat_policy": "", "attention_impl": "",
        "max_seq_len": 0})
+  c.lora = lora_config()
   return c
 
 

@@ -119,6 +119,9 @@ class ModelConfig:
   rope_scaling_high_freq_factor: float = 4.0
   rope_scaling_original_max_len: int = 8192
   sliding_window: int = 0
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: str = "attn,mlp"
 
   def __post_init__(self):
     def bad(field, expected):
@@ -168,6 +171,10 @@ class ModelConfig:
       bad("sliding_window", f">= max_seq_len={self.max_seq_len} or 0: sliding-window "
           "attention is not implemented, so the context must fit in the window (lower "
           "max_seq_len)")
+    if self.lora_rank < 0:
+      bad("lora_rank", "0 (no adapters) or a positive rank")
+    if self.lora_rank and not self.lora_targets.strip(" ,"):
+      bad("lora_targets", "at least one of q,k,v,o,gate,up,down (or attn, mlp)")
 
   @property
   def resolved_head_dim(self) -> int:

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from model import lora
 from model.attention import Options, attend
 from model.config import ModelConfig
 
@@ -139,6 +140,11 @@ class Attention(nnx.Module):
       self.q_norm = RMSNorm(d, cfg, "head_dim")
       self.k_norm = RMSNorm(d, cfg, "head_dim")
     self.wo = _param(rngs, out_init, (n, d, e), pd, ("heads", "head_dim", "embed"))
+    lora.add_adapters(self, cfg, "attn", {
+        "q": ((e,), (n, d), ("embed",), ("heads", "head_dim")),
+        "k": ((e,), (k, d), ("embed",), ("kv_heads", "head_dim")),
+        "v": ((e,), (k, d), ("embed",), ("kv_heads", "head_dim")),
+        "o": ((n, d), (e,), ("heads", "head_dim"), ("embed",))}, rngs)
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segments: Segments,
                kv_cache: tuple[jax.Array, jax.Array, jax.Array | int] | None = None,
@@ -170,6 +176,7 @@ class Attention(nnx.Module):
         q = q + self.bq[...].astype(dt)
         k = k + self.bk[...].astype(dt)
         v = v + self.bv[...].astype(dt)
+    q, k, v = (lora.adapt(self, t, x, y) for t, y in (("q", q), ("k", k), ("v", v)))
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -189,7 +196,7 @@ class Attention(nnx.Module):
                    cache_index=cache_index)
     else:
       out = attend(q, k, v, *segments, opts=attention_options(self.cfg))  # [B, T, N, D]
-    out = jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt))
+    out = lora.adapt(self, "o", out, jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt)))
     return out if kv_cache is None else (out, kv_cache)
 
 
@@ -207,6 +214,9 @@ class MLP(nnx.Module):
       self.w_gate = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
       self.w_up = _param(rngs, init, (e, f), pd, ("embed", "mlp"))
     self.w_down = _param(rngs, out_init, (f, e), pd, ("mlp", "embed"))
+    lora.add_adapters(self, cfg, "mlp", {
+        "gate": ((e,), (f,), ("embed",), ("mlp",)), "up": ((e,), (f,), ("embed",), ("mlp",)),
+        "down": ((f,), (e,), ("mlp",), ("embed",))}, rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dt = x.dtype
@@ -216,7 +226,9 @@ class MLP(nnx.Module):
     else:
       gate = x @ self.w_gate[...].astype(dt)  # [B, T, F]
       up = x @ self.w_up[...].astype(dt)
-    return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+    gate, up = lora.adapt(self, "gate", x, gate), lora.adapt(self, "up", x, up)
+    h = jax.nn.silu(gate) * up
+    return lora.adapt(self, "down", h, h @ self.w_down[...].astype(dt))
 
 
 class Block(nnx.Module):

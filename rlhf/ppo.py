@@ -47,6 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data.tokenizer import fill_id
+from model import lora
 from model.config import ModelConfig
 from model.heads import RewardModel
 from model.sampling import Sampler, SamplingConfig
@@ -161,7 +162,10 @@ class PPO:
         tokenizer_fingerprint=tok.fingerprint,
         init_adapter=reward_model_adapter(rm_parent, config.seed),
         devices=list(self.policy.mesh.devices.flat))
-    self.reference, _ = self.policy.load_init_params()
+    # With LoRA the reference is the policy's own frozen base with the adapters zeroed
+    # (model/lora.py zero_adapters): no second copy of the weights.
+    self.reference = (None if parent.child_cfg.lora_rank else
+                      self.policy.load_init_params()[0])
     self.reward_params = self.value.load_init_params()[0] if config.reward_from else None
     norm = rm_parent.meta.get("reward_norm") if config.reward_from else None
     self.norm = (norm["mean"], norm["std"]) if (norm and p.normalize_reward) else (0.0, 1.0)
@@ -192,7 +196,9 @@ class PPO:
     rows = {k: batch[k] for k in ROLLOUT_KEYS}
     size = p.rollout_batch_size
     both = self.policy.predict(self._logp_entropy, policy_params, rows, size)  # [B, 2, N]
-    ref_logp = self.policy.predict(self._logp, self.reference, rows, size)
+    reference = (self.reference if self.reference is not None else
+                 lora.zero_adapters(policy_params))
+    ref_logp = self.policy.predict(self._logp, reference, rows, size)
     values = self.value.predict(response_values, value_params, rows, size)
     if self.reward_fn is not None:
       raw = np.asarray(self.reward_fn(batch["tokens"], batch["response_mask"]), np.float32)

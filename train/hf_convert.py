@@ -1,6 +1,6 @@
 """Command line: Hugging Face directories <-> checkpoints of the shared format.
 
-  python -m train.hf_convert export --checkpoint=runs/sft --out=hf/sft
+  python -m train.hf_convert export --checkpoint=runs/sft --out=hf/sft [--merge]
   python -m train.hf_convert import --hf_dir=path/to/model --workdir=runs/imported
 
 Export (`train/hf_export.py`) writes a directory of the checkpoint's family (Llama, Qwen2,
@@ -33,7 +33,7 @@ def main(argv: list[str]) -> None:
     if argv[1] == "export":
       if not FLAGS.checkpoint or not FLAGS.out:
         raise ValueError("export needs --checkpoint and --out")
-      config = export_checkpoint(FLAGS.checkpoint, FLAGS.out)
+      config = export_checkpoint(FLAGS.checkpoint, FLAGS.out, merge=FLAGS.merge)
       print(f"Wrote {FLAGS.out}: {config['architectures'][0]} "
             f"{config['num_hidden_layers']} layers x {config['hidden_size']}, vocab "
             f"{config['vocab_size']}")
@@ -50,6 +50,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
   flags.DEFINE_string("checkpoint", "", "export: checkpoint (workdir, checkpoints or step dir).")
   flags.DEFINE_string("out", "", "export: output directory.")
+  flags.DEFINE_bool("merge", False, "export: fold a LoRA checkpoint's adapters into its weights.")
   flags.DEFINE_string("hf_dir", "", "import: Hugging Face model directory.")
   flags.DEFINE_string("workdir", "", "import: workdir to write checkpoints/0 into.")
   flags.DEFINE_string("param_dtype", "float32", "import: stored parameter dtype.")

@@ -23,6 +23,7 @@ import ml_dtypes  # noqa: F401 - numpy bfloat16 for safetensors
 from data.chat import get_template
 from data.hf_tokenizer import save_hf_tokenizer
 from data.tokenizer import Tokenizer, load_tokenizer
+from model import lora
 from model import sharding as msharding
 from model.config import ModelConfig
 from model.hf import to_hf_state_dict
@@ -92,9 +93,22 @@ def write_hf_model(cfg: ModelConfig, params: Any, out_dir: str,
   return config
 
 
-def export_checkpoint(checkpoint: str, out_dir: str) -> dict[str, Any]:
-  """Writes `checkpoint` (a language model) as a directory of its family; returns config."""
+def merged_model(cfg: ModelConfig, params: Any, merge: bool, where: str
+                 ) -> tuple[ModelConfig, Any]:
+  """A LoRA checkpoint's adapters folded into its weights (`merge`), else refused."""
+  if not cfg.lora_rank:
+    return cfg, params
+  if not merge:
+    raise ValueError(f"{where}: model_config.lora_rank={cfg.lora_rank}: the checkpoint holds "
+                     "LoRA adapters; export with --merge to write merged weights")
+  return cfg.replace(lora_rank=0), jax.device_get(lora.merge(params, cfg))
+
+
+def export_checkpoint(checkpoint: str, out_dir: str, merge: bool = False) -> dict[str, Any]:
+  """Writes `checkpoint` (a language model) as a directory of its family; returns config.
+  `merge`: a LoRA checkpoint is written with W + (alpha / r) A @ B (model/lora.py)."""
   cfg, params, meta, tokenizer = load_language_model(checkpoint)
+  cfg, params = merged_model(cfg, params, merge, meta["checkpoint_path"])
   os.makedirs(out_dir, exist_ok=True)
   ids = save_hf_tokenizer_files(tokenizer, out_dir, export_template(tokenizer, meta))
   config = write_hf_model(cfg, params, out_dir, ids)

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from data.chat import CHAT_MARKERS, get_template, uses_project_markers
 from data.tokenizer import load_tokenizer
 from model import layout
+from model.lora import parse_targets
 from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
 from train.hf_import import hf_dir_of, load_hf_parent
@@ -56,16 +57,31 @@ class Parent(NamedTuple):
                                      if k != "max_seq_len"})
 
 
+def lora_fields(lora_cfg: Any) -> dict[str, Any]:
+  """ModelConfig's adapter fields from a run's `config.lora` (None: no adapters). The
+  parent's own adapters are merged at init_from, so they never carry over."""
+  if lora_cfg is None or not lora_cfg.rank:
+    return {"lora_rank": 0}
+  targets = lora_cfg.targets
+  targets = ",".join(targets) if isinstance(targets, (list, tuple)) else str(targets)
+  if lora_cfg.base_dtype not in ("", "float32", "bfloat16"):
+    raise ValueError(f"config.lora.base_dtype={lora_cfg.base_dtype!r}: expected '', "
+                     "'float32' or 'bfloat16'")
+  return {"lora_rank": int(lora_cfg.rank), "lora_alpha": float(lora_cfg.alpha),
+          "lora_targets": ",".join(parse_targets(targets))}
+
+
 def child_model_config(parent_cfg: Any, overrides: Any, vocab_size: int,
-                       allowed: tuple[str, ...] = MODEL_OVERRIDES):
-  """The run's ModelConfig: the parent's, with a vocabulary >= the tokenizer's and overrides
-  (of the `allowed` fields)."""
+                       allowed: tuple[str, ...] = MODEL_OVERRIDES, lora_cfg: Any = None):
+  """The run's ModelConfig: the parent's, with a vocabulary >= the tokenizer's, overrides
+  (of the `allowed` fields) and this run's adapters (`config.lora`; none by default)."""
   unknown = sorted(set(overrides.keys()) - set(allowed))
   if unknown:
     raise ValueError(f"config.model.{unknown[0]} cannot be changed here (the architecture "
                      f"comes from the init_from checkpoint); allowed: {list(allowed)}")
   changes = {k: v for k, v in overrides.items() if v not in ("", 0, None)}
-  return parent_cfg.replace(vocab_size=max(parent_cfg.vocab_size, vocab_size), **changes)
+  return parent_cfg.replace(vocab_size=max(parent_cfg.vocab_size, vocab_size), **changes,
+                            **lora_fields(lora_cfg))
 
 
 def load_parent(init_from: str) -> tuple[Any, Any, dict[str, Any]]:
@@ -100,7 +116,8 @@ def setup_child(config: Any, what: str) -> Parent:
   tokenizer = (parent_tok.with_pieces(CHAT_MARKERS)
                if uses_project_markers(config.data.template, parent_tok) else parent_tok)
   template = get_template(config.data.template, tokenizer)
-  child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size, allowed)
+  child = child_model_config(parent_cfg, config.model, tokenizer.vocab_size, allowed,
+                             config.get("lora"))
   if child.max_seq_len < config.data.seq_len:
     raise ValueError(f"config.data.seq_len={config.data.seq_len} exceeds the model context "
                      f"({child.max_seq_len}); lower it or set config.model.max_seq_len")

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 
+from model import lora
 from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
 from train.hf_import import hf_dir_of, load_hf_parent, load_hf_params
@@ -106,8 +107,14 @@ def load_init_params(path: str, *, model_cfg: ModelConfig, model_factory: ModelF
 
   Without an adapter the parent must be this model (up to execution fields). With one,
   the params are restored as the parent's model on this mesh, then mapped by
-  `adapter.adapt` under jit with this model's shardings as outputs.
+  `adapter.adapt` under jit with this model's shardings as outputs. A parent with LoRA
+  adapters is merged first (model/lora.py), so the child sees plain weights. With LoRA on
+  this model (`model_cfg.lora_rank`), the result is its base: no adapters
+  (`abstract_params` is then the base tree; the Trainer adds fresh adapters).
   """
+  if model_cfg.lora_rank and adapter is None:
+    raise ValueError("config.lora.rank > 0 needs a fine-tuning stage (SFT, reward model, DPO, "
+                     "PPO): they map init_from onto the adapted model")
   if adapter is None:
     return restore_params(path, model_cfg, abstract_params,
                           lambda m: check_model_config(m, path, model_cfg))
@@ -117,8 +124,12 @@ def load_init_params(path: str, *, model_cfg: ModelConfig, model_factory: ModelF
   params, meta = restore_params(
       path, adapter.parent_model_cfg, with_shardings(abstract, shardings),
       lambda m: check_model_config(m, path, adapter.parent_model_cfg))
+  parent_cfg = adapter.parent_model_cfg
+  targets = (lora.base_params(runtime.param_shardings) if model_cfg.lora_rank
+             else runtime.param_shardings)
   with runtime.mesh_context():
-    params = jax.jit(adapter.adapt, out_shardings=runtime.param_shardings)(params)
+    params = jax.jit(lambda p: adapter.adapt(lora.merge(p, parent_cfg)),
+                     out_shardings=targets)(params)
   return params, meta
 
 

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from model import lora
 from model.config import ModelConfig
 from model.sharding import logical_to_spec
 
@@ -61,17 +62,43 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: An
                                is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
-def make_init_fn(factory: ModelFactory, cfg: ModelConfig, tx: optax.GradientTransformation
-                 ) -> Callable[[jax.Array, Any], TrainState]:
-  """init(rng, params=None): builds params from `rng` (or takes `params`) and fresh opt state."""
+def trainable_split(cfg: ModelConfig) -> Callable[[Any], tuple[Any, Any]]:
+  """params -> (trained, frozen) pure dicts: everything is trained without LoRA; with
+  adapters (`cfg.lora_rank` > 0) only they and the scalar head are (model/lora.py)."""
+  if cfg.lora_rank:
+    return lora.partition
+  return lambda params: (params, {})
+
+
+def make_init_fn(factory: ModelFactory, cfg: ModelConfig, tx: optax.GradientTransformation,
+                 base_dtype: str = "") -> Callable[[jax.Array, Any], TrainState]:
+  """init(rng, params=None): builds params from `rng` (or takes `params`) and fresh opt state.
+
+  The optimizer state covers the trained params only (`trainable_split`); with LoRA the
+  frozen ones are cast to `base_dtype` ("" = keep the model's param_dtype).
+  """
+  split = trainable_split(cfg)
+
   def init(rng: jax.Array, params: Any = None) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
     if params is None:
       model = factory(cfg, nnx.Rngs(params=init_rng))
       params = nnx.to_pure_dict(nnx.state(model))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(state_rng))
+    if cfg.lora_rank:
+      params = lora.cast_frozen(params, base_dtype)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(split(params)[0]), rng=jax.random.key_data(state_rng))
   return init
+
+
+def add_adapters_fn(factory: ModelFactory, cfg: ModelConfig
+                    ) -> Callable[[jax.Array, Any], Any]:
+  """(rng, params without adapters) -> params with fresh adapters (B = 0: the same function).
+  Under jit only the adapters' initialisers survive (the rest of the fresh model is unused)."""
+  def add(rng: jax.Array, params: Any) -> Any:
+    fresh = nnx.to_pure_dict(nnx.state(factory(cfg, nnx.Rngs(params=rng))))
+    return lora.combine(params, lora.adapter_params(fresh))
+  return add
 
 
 def with_shardings(abstract: Any, shardings: Any) -> Any:

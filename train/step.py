@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from model.lora import combine as combine_params
 from train.state import TrainState
 
 LossFn = Callable[[nnx.Module, Mapping[str, jax.Array], jax.Array],
@@ -46,21 +47,29 @@ class Steps:
     tx, schedule: the optimizer and its learning-rate schedule (for logging).
     grad_accum_steps: micro-batches per step (strided: each device keeps its rows).
     micro_batch_sharding: the sharding each micro-batch is constrained to.
+    split: params -> (trained, frozen) pure dicts (`train.state.trainable_split`); gradients
+      and the optimizer see only the trained part (LoRA: adapters and heads). Default: all.
   """
 
   def __init__(self, graphdef: Any, loss_fn: LossFn, tx: optax.GradientTransformation,
                schedule: Callable[[jax.Array], jax.Array], grad_accum_steps: int,
-               micro_batch_sharding: NamedSharding):
+               micro_batch_sharding: NamedSharding,
+               split: Callable[[Any], tuple[Any, Any]] | None = None):
     self.graphdef, self.loss_fn, self.tx, self.schedule = graphdef, loss_fn, tx, schedule
     self.accum = grad_accum_steps
     self.micro_batch_sharding = micro_batch_sharding
+    self.split = split or (lambda params: (params, {}))
 
   def loss(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
     """The loss function on the module rebuilt from `params`."""
     return self.loss_fn(nnx.merge(self.graphdef, params), batch, rng)
 
   def _grads(self, params: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
-    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+    """(loss, aux, gradients of the trained params); frozen ones get no gradient at all."""
+    trained, frozen = self.split(params)
+    grad_fn = jax.value_and_grad(
+        lambda t, b, r: self.loss(combine_params(t, frozen), b, r), has_aux=True)
+    params = trained
     if self.accum == 1:
       (loss, aux), grads = grad_fn(params, batch, rng)
       return loss, aux, grads
@@ -86,8 +95,9 @@ class Steps:
     """One optimizer step; see the module docstring for the metrics."""
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     loss, aux, grads = self._grads(state.params, batch, step_rng)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trained, frozen = self.split(state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, trained)
+    params = combine_params(optax.apply_updates(trained, updates), frozen)
     grad_norm = optax.global_norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_is_finite(params)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from model import lora
 from model import sharding as msharding
 from model.config import ModelConfig
 from model.transformer import Transformer
@@ -34,8 +35,9 @@ from train.metrics import MetricsWriter
 from train.optim import make_optimizer
 from train.restore import InitAdapter
 from train.runtime import Runtime
-from train.state import (ModelFactory, TrainState, abstract_model, make_init_fn,
-                         mesh_shardings, opt_state_shardings, with_shardings)
+from train.state import (ModelFactory, TrainState, abstract_model, add_adapters_fn,
+                         make_init_fn, mesh_shardings, opt_state_shardings, trainable_split,
+                         with_shardings)
 from train.step import LossFn, Steps
 
 
@@ -95,11 +97,16 @@ class Trainer:
     self.mesh = msharding.make_mesh(dict(config.mesh.shape), devices)
     check_batch_sizes(config, self.mesh, self.rules)
     self.graphdef, abstract_params, self.logical_specs = abstract_model(model_factory, model_cfg)
-    self.tx, self.schedule = make_optimizer(config.optim, self.num_steps, self.logical_specs)
+    # LoRA (model_cfg.lora_rank > 0): only adapters and heads are trained (train/state.py).
+    self.split = trainable_split(model_cfg)
+    self.tx, self.schedule = make_optimizer(config.optim, self.num_steps,
+                                            self.split(self.logical_specs)[0])
     self.param_shardings = mesh_shardings(self.logical_specs, self.mesh, self.rules)
     self.runtime = Runtime(self.mesh, self.rules, self.graphdef, self.param_shardings)
     self.batch_sharding = self.runtime.batch_sharding
-    self._init = make_init_fn(model_factory, model_cfg, self.tx)
+    lora_cfg = config.get("lora")
+    self._init = make_init_fn(model_factory, model_cfg, self.tx,
+                              lora_cfg.base_dtype if lora_cfg is not None else "")
     abstract_state = jax.eval_shape(self._init, jax.random.key(0))
     rep = self.runtime.replicated
     self.state_shardings = TrainState(
@@ -107,11 +114,11 @@ class Trainer:
         opt_state=(jax.tree.map(lambda _: rep, abstract_state.opt_state)
                    if config.optim.flatten_update else  # one flat vector, replicated
                    opt_state_shardings(self.tx, abstract_state.opt_state,
-                                       self.param_shardings, self.mesh)),
+                                       self.split(self.param_shardings)[0], self.mesh)),
         rng=rep)
     self.abstract_state = with_shardings(abstract_state, self.state_shardings)
     self.steps = Steps(self.graphdef, loss_fn, self.tx, self.schedule,
-                       config.train.grad_accum_steps, self.batch_sharding)
+                       config.train.grad_accum_steps, self.batch_sharding, self.split)
     # The one place where the train and eval steps are jitted.
     self._jit = self.steps.compile(self.state_shardings, self.batch_sharding,
                                    self.runtime.stacked_batch_sharding, self.param_shardings,
@@ -119,6 +126,8 @@ class Trainer:
     self._jit_init = jax.jit(self._init, out_shardings=self.state_shardings)
     self._jit_init_from = jax.jit(self._init, in_shardings=(rep, self.param_shardings),
                                   out_shardings=self.state_shardings)
+    self._jit_add_adapters = jax.jit(add_adapters_fn(model_factory, model_cfg),
+                                     out_shardings=self.param_shardings)
     self.checkpointer: ckpt_lib.Checkpointer | None = None
     self.writer = MetricsWriter("", enabled=False)
     self.hooks: list[Hook] = []
@@ -131,6 +140,7 @@ class Trainer:
     self.data_state_fn: Callable[[], bytes] | None = None
     self.run_stats: dict[str, float] = {}  # steady-state totals of the last train() call
     self.preempted: str | None = None
+    self.base_checksum = ""
 
   # ------------------------------------------------------------------ files
   def open(self) -> None:
@@ -196,11 +206,20 @@ class Trainer:
 
   def load_init_params(self) -> tuple[Any, dict[str, Any]]:
     """The `init_from` checkpoint's params as this run's model, on this mesh, with the
-    parent's metadata. DPO's and PPO's frozen reference is exactly this."""
-    return restore_lib.load_init_params(
+    parent's metadata. DPO's and PPO's frozen reference is exactly this.
+
+    With LoRA the parent gives the base (a LoRA parent is merged first) and the adapters
+    are fresh, B = 0: the params compute the parent's function."""
+    lora_on = bool(self.model_cfg.lora_rank)
+    params, meta = restore_lib.load_init_params(
         self.config.init_from, model_cfg=self.model_cfg, model_factory=self.model_factory,
-        abstract_params=self.abstract_state.params, runtime=self.runtime,
+        abstract_params=(lora.base_params(self.abstract_state.params) if lora_on else
+                         self.abstract_state.params), runtime=self.runtime,
         adapter=self.init_adapter)
+    if lora_on:
+      with self.mesh_context():
+        params = self._jit_add_adapters(jax.random.key(self.config.seed + 1), params)
+    return params, meta
 
   def check_resume(self, meta: Mapping[str, Any], where: Any = None) -> None:
     """A checkpoint of this workdir must have this model and optimizer layout."""
@@ -215,6 +234,14 @@ class Trainer:
         init_from=self.config.init_from, load_parent=self.load_init_params,
         init_state=self.init_state)
     self.parent = start.parent
+    if self.model_cfg.lora_rank:
+      # A cheap fingerprint of the frozen base (sum and sum of squares of every weight): a
+      # checkpoint of this run names the exact base weights its adapters were trained on.
+      frozen = jax.tree.leaves(self.split(start.state.params)[1])
+      sums = jax.jit(lambda xs: jax.numpy.stack(
+          [sum(jax.numpy.sum(x.astype("float32") ** p) for x in xs) for p in (1, 2)]))(frozen)
+      total, squares = (float(v) for v in jax.device_get(sums))
+      self.base_checksum = f"sum={total:.9g};sumsq={squares:.9g}"
     # Records past the starting step are re-done (and a run from scratch redoes them all).
     self.writer.truncate_after(int(jax.device_get(start.state.step)))
     return start.state, start.data_state
@@ -228,10 +255,21 @@ class Trainer:
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
             "model_class": getattr(self.model_factory, "__name__", ""),
             "process_count": jax.process_count(), **self.extra_metadata}
+    if self.model_cfg.lora_rank:
+      meta["lora"] = self.lora_metadata()
     data_state = self.data_state_fn() if self.data_state_fn else None
     self.checkpointer.save(step, state.params,
                            {"opt_state": state.opt_state, "step": state.step, "rng": state.rng},
                            metadata=meta, tokenizer=self.tokenizer_bytes, data_state=data_state)
+
+  def lora_metadata(self) -> dict[str, Any]:
+    """What a LoRA checkpoint says about itself: adapter shape, and its base (the parent
+    checkpoint or hf:<dir> it was initialised from, merged if that was a LoRA run)."""
+    c = self.model_cfg
+    lora_cfg = self.config.get("lora")
+    return {"rank": c.lora_rank, "alpha": c.lora_alpha, "targets": c.lora_targets,
+            "base_dtype": lora_cfg.base_dtype if lora_cfg is not None else "",
+            "base": self.parent, "base_checksum": self.base_checksum}
 
   def wait(self) -> None:
     self.checkpointer.wait()
