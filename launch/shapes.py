@@ -67,7 +67,7 @@ def model_config(config: Any, parent: Any | None = None) -> ModelConfig:
   parent_cfg = model_config(parent)
   reserved = set(str(parent.data.tokenizer.get("user_defined_symbols", "")).split(","))
   vocab = parent_cfg.vocab_size + sum(m not in reserved for m in CHAT_MARKERS)
-  return child_model_config(parent_cfg, config.model, vocab, config.get("lora"))
+  return child_model_config(parent_cfg, config.model, vocab, lora_cfg=config.get("lora"))
 
 
 def programs(config: Any, model_cfg: ModelConfig) -> list[Program]:

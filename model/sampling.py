@@ -352,7 +352,7 @@ def respond(sampler: Sampler, params: Any, template: Any,
 
   Args:
     sampler, params: the model's sampler and parameters.
-    template: a chat template (data/chat.py: `prompt_ids`, `end_id`, `decode_response`,
+    template: a chat template (data/chat.py: `prompt_ids`, `end_ids`, `decode_response`,
       `tokenizer`) bound to the model's tokenizer.
     conversations: message lists ({"role", "content"}), each ending before the reply.
     sampling_cfg: length limit, temperature, top-k / top-p, prompt bucket.
@@ -369,8 +369,11 @@ def respond(sampler: Sampler, params: Any, template: Any,
       (its index is named), or an empty one.
   """
   tokenizer = template.tokenizer
-  cfg = dataclasses.replace(sampling_cfg, pad_id=tokenizer.pad_id,
-                            eos_ids=tuple(dict.fromkeys((template.end_id, tokenizer.eos_id))))
+  # The id written after a row stops: pad, else eos, else 0 (Llama-3 has no pad token;
+  # the positions are masked either way). Generation stops at every end-of-turn id.
+  fill = next(i for i in (tokenizer.pad_id, tokenizer.eos_id, 0) if i >= 0)
+  cfg = dataclasses.replace(sampling_cfg, pad_id=fill, eos_ids=tuple(
+      dict.fromkeys(i for i in (*template.end_ids, tokenizer.eos_id) if i >= 0)))
   context = sampler.model_cfg.max_seq_len
   prompts = [template.prompt_ids(c).tolist() for c in conversations]
   if not prompts:
@@ -395,5 +398,5 @@ def respond(sampler: Sampler, params: Any, template: Any,
       n = int(out.response_mask[row].sum())
       ids = out.response[row, :n]
       results.append({"response": template.decode_response(ids),
-                      "ended": bool(n and ids[-1] == template.end_id), "tokens": n})
+                      "ended": bool(n and ids[-1] == template.end_ids[0]), "tokens": n})
   return results
