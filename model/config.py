@@ -85,9 +85,9 @@ class ModelConfig:
     rope_scaling_low_freq_factor: llama3 `low_freq_factor`.
     rope_scaling_high_freq_factor: llama3 `high_freq_factor`.
     rope_scaling_original_max_len: llama3 `original_max_position_embeddings`.
-    sliding_window: 0 (none) or the Mistral attention window. Sliding-window attention is
-      not implemented: a window is accepted only when max_seq_len <= sliding_window, where
-      it masks nothing (so the model is exact), and kept so that export writes it back.
+    sliding_window: 0 (none) or the Mistral attention window W: a token attends to itself
+      and the W - 1 slots before it (transformers' `kv_idx > q_idx - W`), in every kernel
+      (`model.attention.attend(window=...)`) and in decoding.
   """
 
   vocab_size: int = 0
@@ -167,10 +167,6 @@ class ModelConfig:
         bad("rope_scaling_original_max_len", "a positive integer")
     if self.sliding_window < 0:
       bad("sliding_window", "0 (no window) or a positive integer")
-    if 0 < self.sliding_window < self.max_seq_len:
-      bad("sliding_window", f">= max_seq_len={self.max_seq_len} or 0: sliding-window "
-          "attention is not implemented, so the context must fit in the window (lower "
-          "max_seq_len)")
     if self.lora_rank < 0:
       bad("lora_rank", "0 (no adapters) or a positive rank")
     if self.lora_rank and not self.lora_targets.strip(" ,"):

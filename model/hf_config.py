@@ -8,8 +8,7 @@ What each family adds to the Llama block, and the ModelConfig field that carries
   llama    rope scaling "llama3" (3.1 / 3.2)           rope_scaling_*
   qwen2    q/k/v biases, tied embeddings when small    qkv_bias, tie_embeddings
   qwen3    per-head q/k RMSNorm, explicit head_dim     qk_norm, head_dim
-  mistral  sliding_window (refused unless the context  sliding_window, max_seq_len
-           fits in it: see ModelConfig.sliding_window)
+  mistral  sliding_window                              sliding_window
 Gemma is not converted: its block differs in more than switches (embeddings scaled by
 sqrt(E), (1 + w) norm scales, GeGLU, Gemma 2's soft-capping and post-norms).
 """
@@ -75,8 +74,8 @@ def _family_fields(family: str, config: Mapping[str, Any], where: str) -> dict[s
   if family in ("llama", "qwen3"):  # their attention_bias also adds an o_proj bias
     expect("attention_bias", (False, None), "false")
   if family in ("qwen2", "qwen3"):
-    expect("use_sliding_window", (False, None), "false: sliding-window attention is not "
-           "implemented")
+    expect("use_sliding_window", (False, None), "false: Qwen's per-layer windows "
+           "(max_window_layers) are not converted")
     kinds = set(config.get("layer_types") or ["full_attention"])
     if kinds != {"full_attention"}:
       raise _bad(where, "layer_types", sorted(kinds), "only 'full_attention'")
@@ -91,8 +90,7 @@ def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") 
   """Our ModelConfig of a Llama / Qwen2 / Qwen3 / Mistral config.json.
 
   Every field that changes the function is read or checked; `param_dtype` stays float32
-  (a run chooses its own). A Mistral sliding window caps `max_seq_len` at the window, where
-  the model is exact without sliding-window attention.
+  (a run chooses its own). A Mistral sliding window is kept (every attention kernel applies it).
 
   Raises:
     ValueError: "<where>: <field>=<value> is not supported (expected ...)" for an unknown
@@ -109,8 +107,6 @@ def model_config_from_hf(config: Mapping[str, Any], where: str = "config.json") 
   heads, hidden = config["num_attention_heads"], config["hidden_size"]
   head_dim = config.get("head_dim") or (128 if family == "qwen3" else hidden // heads)
   max_len = int(config.get("max_position_embeddings") or _MAX_POSITIONS[family])
-  if fields.get("sliding_window"):
-    max_len = min(max_len, fields["sliding_window"])
   try:
     return ModelConfig(
         vocab_size=config["vocab_size"], embed_dim=hidden,

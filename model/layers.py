@@ -180,6 +180,7 @@ class Attention(nnx.Module):
     if self.cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    window = self.cfg.sliding_window or None  # Mistral: the W most recent slots
     if kv_cache is not None:
       k_all, v_all, layer = kv_cache
       k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # new slots [B, K, T, D]
@@ -192,10 +193,11 @@ class Attention(nnx.Module):
       if layer is not None:
         k_all = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
         v_all = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-      out = attend(q, k_all.astype(dt), v_all.astype(dt), *segments,
+      out = attend(q, k_all.astype(dt), v_all.astype(dt), *segments, window=window,
                    cache_index=cache_index)
     else:
-      out = attend(q, k, v, *segments, opts=attention_options(self.cfg))  # [B, T, N, D]
+      out = attend(q, k, v, *segments, window=window,
+                   opts=attention_options(self.cfg))  # [B, T, N, D]
     out = lora.adapt(self, "o", out, jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt)))
     return out if kv_cache is None else (out, kv_cache)
 

@@ -75,6 +75,16 @@ def mesh():
 def import_and_run(path, layout, tokens):
   """Our float32 logits of the directory read by the streaming reader, and the params."""
   cfg = read_hf_config(path).replace(**layout)
+  params, logits = _stream_and_run(path, cfg, tokens)
+  return cfg, params, logits
+
+
+def import_and_run_cfg(path, cfg, tokens):
+  """Our logits of the directory read as `cfg` (e.g. another attention kernel)."""
+  return _stream_and_run(path, cfg, tokens)[1]
+
+
+def _stream_and_run(path, cfg, tokens):
   graphdef, abstract, logical = abstract_model(Transformer, cfg)
   m = mesh()
   params = load_hf_params(path, cfg, with_shardings(
@@ -83,7 +93,7 @@ def import_and_run(path, layout, tokens):
   assert len(leaf.sharding.device_set) == 4  # really on the mesh
   with jax.set_mesh(m):
     logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, tokens)
-  return cfg, params, np.asarray(logits)
+  return params, np.asarray(logits)
 
 
 def tokens(seed=1):
@@ -133,7 +143,7 @@ def test_family_switches_are_read(tmp_path):
   assert cfgs["qwen2"].qkv_bias and cfgs["qwen2"].tie_embeddings
   assert cfgs["qwen3"].qk_norm and cfgs["qwen3"].resolved_head_dim == 24
   assert not cfgs["qwen3"].qkv_bias
-  assert cfgs["mistral"].sliding_window == 64 and cfgs["mistral"].max_seq_len == 64
+  assert cfgs["mistral"].sliding_window == 64 and cfgs["mistral"].max_seq_len == 128
 
 
 def test_llama3_rope_frequencies_match_transformers():
@@ -239,10 +249,21 @@ def test_missing_files_are_named(tmp_path):
     read_hf_config(path)
 
 
-def test_sliding_window_shorter_than_the_context_is_refused():
-  with pytest.raises(ValueError, match=r"ModelConfig.sliding_window=64: expected >= "
-                     r"max_seq_len=128 or 0: sliding-window attention is not implemented"):
-    ModelConfig(vocab_size=8, max_seq_len=128, sliding_window=64)
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_mistral_sliding_window_shorter_than_the_sequence_matches(impl, tmp_path):
+  """A window of 8 over 24 tokens masks most of each row: logits still equal transformers'
+  (whose Mistral mask is kv_idx > q_idx - window), in both CPU kernels."""
+  config_cls, extra = FAMILIES["mistral"]
+  config = config_cls(**{**COMMON, **extra, "sliding_window": 8})
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+  toks = tokens()
+  cfg = read_hf_config(str(tmp_path)).replace(attention_impl=impl, attention_block_size=5)
+  assert cfg.sliding_window == 8 and cfg.max_seq_len == 128
+  full = read_hf_config(str(tmp_path)).replace(sliding_window=0)
+  ours = import_and_run_cfg(str(tmp_path), cfg, toks)
+  np.testing.assert_allclose(ours, hf_logits(str(tmp_path), toks), atol=1e-4, rtol=0)
+  assert np.abs(ours - import_and_run_cfg(str(tmp_path), full, toks)).max() > 1e-2
 
 
 # ------------------------------------------------------------------- init_from=hf:<dir>

@@ -31,7 +31,8 @@ def _model(cfg, **overrides):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"scan_layers": True},
-                                       {"fuse_projections": True, "tie_embeddings": True}])
+                                       {"fuse_projections": True, "tie_embeddings": True},
+                                       {"sliding_window": 3}])  # Mistral's window
 def test_cached_decoding_matches_full_recomputation(tiny_cfg, overrides):
   model, _, _ = _model(tiny_cfg, **overrides)
   cfg = SamplingConfig(max_new_tokens=6, prompt_bucket=4)
