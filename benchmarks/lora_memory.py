@@ -3,8 +3,8 @@
   python benchmarks/lora_memory.py [--rank=8] [--targets=attn,mlp] [--compile]
 
 The shape is Qwen2.5-0.5B's (vocab 151936, hidden 896, 24 layers, 14 query / 2 kv heads of
-64, SwiGLU 4864, tied embeddings) without its q/k/v biases (2.6e4 parameters per layer,
-0.005% of the model), which this ModelConfig does not have. Everything is abstract: the
+64, SwiGLU 4864, tied embeddings, q/k/v biases: the `qwen2_5_0_5b` preset, 494,032,768
+parameters as published). Everything is abstract: the
 Trainer is built with workdir=None, and its state comes from `jax.eval_shape` of the
 sharded init, so nothing is allocated. `--compile` also compiles one SFT train step (batch
 1 x 256, one CPU device) for each and prints XLA's memory analysis (arguments, outputs,
@@ -29,9 +29,8 @@ from train.parent import lora_fields  # noqa: E402
 from train.pretrain import lm_batch  # noqa: E402
 from train.trainer import Trainer  # noqa: E402
 
-QWEN25_05B = dict(vocab_size=151936, embed_dim=896, num_layers=24, num_heads=14,
-                  num_kv_heads=2, head_dim=64, mlp_dim=4864, max_seq_len=32768,
-                  rope_theta=1000000.0, norm_eps=1e-6, tie_embeddings=True, scan_layers=True)
+# Qwen2.5-0.5B's real shape (the preset: q/k/v biases, tied embeddings), scanned layers.
+QWEN25_05B = ModelConfig.preset("qwen2_5_0_5b", scan_layers=True).to_dict()
 
 
 def _bytes(tree) -> int:
@@ -68,7 +67,7 @@ def main() -> None:
   args = parser.parse_args()
   full = measure(0, args.targets, "", args.compile)
   low = measure(args.rank, args.targets, args.base_dtype, args.compile)
-  print(f"Qwen2.5-0.5B shape (no q/k/v biases): {full['total_params']:,} parameters")
+  print(f"Qwen2.5-0.5B shape (preset qwen2_5_0_5b): {full['total_params']:,} parameters")
   for name, m in (("full fine-tuning", full),
                   (f"LoRA r={args.rank} {args.targets}, base {args.base_dtype or 'f32'}", low)):
     line = (f"{name:>40}: trainable {m['trainable_params']:>12,} | params "
