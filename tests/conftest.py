@@ -203,6 +203,17 @@ def reference_run(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------- stage chain
+@pytest.fixture(scope="session")
+def base_run(tmp_path_factory):
+  """A 40-step shakespeare_char pretraining run (char tokenizer without chat markers): the
+  parent of the SFT and LoRA stage tests."""
+  workdir = str(tmp_path_factory.mktemp("base") / "run")
+  out = run_cmd(pretrain_cmd(workdir, *SMALL_MODEL_FLAGS, "--config.train.num_steps=40",
+                             "--config.train.eval_every=0", "--config.data.val_fraction=0.005"))
+  assert out.returncode == 0, out.stdout[-3000:]
+  return workdir
+
+
 SFT_FLAGS = ("--config.train.num_steps=30", "--config.train.eval_every=30",
              "--config.optim.lr=3e-3", "--config.optim.warmup_steps=5",
              "--config.sample_every=30")
@@ -266,8 +277,8 @@ def english_rm_run(english_sft_run, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------- tiers
 # Fixtures that run entry points as subprocesses: a test that uses one (directly or through
-# another fixture) is in the `cli` tier (pytest.ini). Module-level ones too: base_run
-# (test_train_sft.py), interrupted_run (test_train_pretrain_cli.py).
+# another fixture) is in the `cli` tier (pytest.ini). Module-level ones too: interrupted_run
+# (test_train_pretrain_cli.py).
 CLI_FIXTURES = {"reference_run", "english_sft_run", "english_rm_run", "base_run",
                 "interrupted_run"}
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from conftest import (SFT_FLAGS, SMALL_MODEL_FLAGS, pretrain_cmd, random_lm_batch, run_cmd,
-                      sft_cmd, tiny_run_config)
+from conftest import SFT_FLAGS, random_lm_batch, run_cmd, sft_cmd, tiny_run_config
 from model import lora
 from model.config import ModelConfig
 from train import checkpoint as ckpt_lib
@@ -140,15 +139,6 @@ def test_init_from_a_lora_checkpoint_sees_merged_weights(tmp_path):
 
 
 # ------------------------------------------------------------------------------ stages (cli)
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("base") / "run")
-  out = run_cmd(pretrain_cmd(workdir, *SMALL_MODEL_FLAGS, "--config.train.num_steps=40",
-                             "--config.train.eval_every=0", "--config.data.val_fraction=0.005"))
-  assert out.returncode == 0, out.stdout[-3000:]
-  return workdir
-
-
 @pytest.fixture(scope="module")
 def lora_sft_run(tmp_path_factory, base_run):
   workdir = str(tmp_path_factory.mktemp("sft") / "run")

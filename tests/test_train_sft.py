@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SFT_FLAGS, SMALL_MODEL_FLAGS, pretrain_cmd, run_cmd, sft_cmd
+from conftest import SFT_FLAGS, run_cmd, sft_cmd
 from data.chat import CHAT_MARKERS, ChatTemplate
 from data.sft_rows import build_rows
 from data.tokenizer import train_tokenizer, Tokenizer
@@ -19,16 +19,6 @@ from train import checkpoint as ckpt_lib
 from train.losses import lm_loss
 from train.restore import InitAdapter
 from train.trainer import Trainer
-
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-  """A 40-step shakespeare_char pretraining run (char tokenizer without chat markers)."""
-  workdir = str(tmp_path_factory.mktemp("base") / "run")
-  out = run_cmd(pretrain_cmd(workdir, *SMALL_MODEL_FLAGS, "--config.train.num_steps=40",
-                             "--config.train.eval_every=0", "--config.data.val_fraction=0.005"))
-  assert out.returncode == 0, out.stdout[-3000:]
-  return workdir
-
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, base_run):
