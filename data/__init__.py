@@ -43,6 +43,9 @@ This package never imports jax or model code.
 
 import os
 
-# TensorFlow prints C++ start-up lines on first import unless this is set before it (the
-# entry points' --verbose brings them back; see train/quiet.py).
+# TensorFlow prints C++ start-up lines on first import unless these are set before it (the
+# entry points' --verbose brings them back; see train/quiet.py). TF 2.21 prints its oneDNN
+# notice whatever TF_CPP_MIN_LOG_LEVEL says; TF runs only host-side tf.data here, whose ops do
+# not use oneDNN's custom kernels, so turning them off changes no number this project computes.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")

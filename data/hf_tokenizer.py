@@ -33,6 +33,14 @@ from data.tokenizer import Tokenizer
 SPACE = "\u2581"
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_MAP_FILE = "special_tokens_map.json"
+# tokenizer_config.json key of an export from a self-trained SentencePiece model: the file
+# holding that model. Import reads it back instead of tokenizer.json, so export -> import
+# returns the very tokenizer (same backend, same fingerprint); `transformers` ignores the key.
+# The model's own Jinja template, if it carried one, is kept under SP_TEMPLATE_KEY: the config's
+# `chat_template` is the rendering for `transformers` (the project's markers as Jinja for a
+# self-trained model), which the tokenizer itself never held.
+SP_MODEL_KEY = "lmlife_sentencepiece_model"
+SP_TEMPLATE_KEY = "lmlife_sentencepiece_chat_template"
 TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
@@ -113,7 +121,8 @@ def save_hf_tokenizer(tokenizer: Any, template: Any, out_dir: str) -> dict[str, 
   """Writes the tokenizer and chat template in the Hugging Face layout.
 
   Files: tokenizer.json, tokenizer_config.json (bos/eos/pad/unk tokens, `chat_template` =
-  `template.jinja`, `PreTrainedTokenizerFast`), special_tokens_map.json.
+  `template.jinja`, `PreTrainedTokenizerFast`), special_tokens_map.json; for a SentencePiece
+  tokenizer also its own `tokenizer.model`, named in the config under `SP_MODEL_KEY`.
 
   Args:
     tokenizer: Either backend (a SentencePiece one must be self-trained, see
@@ -134,6 +143,11 @@ def save_hf_tokenizer(tokenizer: Any, template: Any, out_dir: str) -> dict[str, 
             "clean_up_tokenization_spaces": False,
             "model_max_length": 1_000_000}
   os.makedirs(out_dir, exist_ok=True)
+  if isinstance(tokenizer, Tokenizer):
+    tokenizer.save(os.path.join(out_dir, "tokenizer.model"))
+    config[SP_MODEL_KEY] = "tokenizer.model"
+    if tokenizer.chat_template is not None:
+      config[SP_TEMPLATE_KEY] = tokenizer.chat_template
   with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
     f.write(text)
   for name, content in ((CONFIG_FILE, config),
@@ -226,6 +240,12 @@ def tokenizer_from_hf_dir(hf_dir: str) -> Tokenizer | HFTokenizer:
   template = _chat_template(config, hf_dir)
   json_path, model_path = (os.path.join(hf_dir, n) for n in ("tokenizer.json", "tokenizer.model"))
   tiktoken_files = sorted(n for n in os.listdir(hf_dir) if n.endswith(".tiktoken"))
+  if config.get(SP_MODEL_KEY):  # our own export of a self-trained SentencePiece model
+    model_path, json_path = os.path.join(hf_dir, str(config[SP_MODEL_KEY])), ""
+    template = config.get(SP_TEMPLATE_KEY)
+    if not os.path.isfile(model_path):
+      raise ValueError(f"{config_path}: field {SP_MODEL_KEY!r} names {model_path}, which is "
+                       "missing (expected the exported SentencePiece model)")
   if not os.path.isfile(json_path) and not tiktoken_files and os.path.isfile(model_path):
     if _is_tiktoken(model_path):
       tiktoken_files = ["tokenizer.model"]

@@ -22,7 +22,7 @@ import ml_dtypes  # noqa: F401 - numpy bfloat16 for safetensors
 
 from data.chat import get_template
 from data.hf_tokenizer import save_hf_tokenizer
-from data.tokenizer import Tokenizer, load_tokenizer
+from data.tokenizer import load_tokenizer
 from model import lora
 from model import sharding as msharding
 from model.config import ModelConfig
@@ -67,11 +67,9 @@ def export_template(tokenizer: Any, meta: dict[str, Any]) -> Any:
 
 def save_hf_tokenizer_files(tokenizer: Any, out_dir: str, template: Any) -> dict[str, Any]:
   """THE tokenizer write of an export: `data.hf_tokenizer.save_hf_tokenizer` (tokenizer.json,
-  tokenizer_config.json with the chat template, special_tokens_map.json), plus the
-  SentencePiece `tokenizer.model` of a SentencePiece-backed tokenizer. Returns the
+  tokenizer_config.json with the chat template, special_tokens_map.json, and the
+  SentencePiece `tokenizer.model` of a SentencePiece-backed tokenizer). Returns the
   generation ids (every end-of-turn id is an `eos_token_id`)."""
-  if isinstance(tokenizer, Tokenizer):  # SentencePiece: also its own model file
-    tokenizer.save(os.path.join(out_dir, "tokenizer.model"))
   return save_hf_tokenizer(tokenizer, template, out_dir)
 
 
