@@ -8,7 +8,7 @@ setup(
     version="0.1.0",
     description="Train a language model through its whole lifecycle in JAX/Flax NNX.",
     python_requires=">=3.10",
-    packages=find_packages(include=["model*", "data*", "train*", "rlhf*", "eval*", "configs*", "launch*"]),
+    packages=find_packages(include=["model*", "data*", "train*", "rlhf*", "eval*", "configs*", "launch*", "serve*"]),
     install_requires=[
         # Versions tested together on CPU (see README 'Dependencies'); ranges stay within
         # the minor releases whose APIs this code uses (NNX out_sharding metadata, Orbax
@@ -32,6 +32,11 @@ setup(
         # PNG curves of RLHF runs (score / KL / entropy per iteration).
         "matplotlib>=3.8,<4",
         "numpy>=1.26",
+        # serve/: the OpenAI-compatible server (FastAPI on uvicorn: request validation by
+        # pydantic, server-sent events, a well-kept ASGI stack) and its Prometheus /metrics.
+        "fastapi>=0.115,<1",
+        "uvicorn>=0.30,<1",
+        "prometheus-client>=0.20,<1",
     ],
     extras_require={
         # Hugging Face interop (model/hf.py) and its parity tests against transformers.
@@ -44,7 +49,9 @@ setup(
         # import-linter: tests/test_layering.py checks the import layers in .importlinter
         # (2.17 tested; its acyclic_siblings contract is recent).
         # tiktoken: Meta's reference encoder for the Llama-3 tokenizer parity test.
-        "test": ["pytest>=8,<10", "import-linter>=2.17,<3", "tiktoken>=0.7,<0.15", *HF],
+        # openai: the real client drives the server in tests/test_serve_*.py (on localhost).
+        "test": ["pytest>=8,<10", "import-linter>=2.17,<3", "tiktoken>=0.7,<0.15",
+                 "openai>=1.40,<4", *HF],
         # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.
         "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0"],
     },
