@@ -69,9 +69,12 @@ def _log_once(message: str, fallback: bool) -> None:
 def reference_mask(q_seg: jax.Array, kv_seg: jax.Array, *, causal: bool = True,
                    q_offset: jax.Array | int = 0, window: int | None = None,
                    cache: bool = False) -> jax.Array:
-  """The dense mask [B, T, S] (True = may attend) of the rules in the module docstring."""
+  """The dense mask [B, T, S] (True = may attend) of the rules in the module docstring.
+
+  `q_offset`: the slot of the first query, an int or per row ([B], continuous batching).
+  """
   spec = MaskSpec(causal, window, cache, 0, 0)
-  q_pos = q_offset + jnp.arange(q_seg.shape[1])
+  q_pos = jnp.asarray(q_offset)[..., None] + jnp.arange(q_seg.shape[1])  # [T] or [B, T]
   return block_visible(q_pos, jnp.arange(kv_seg.shape[1]), q_seg, kv_seg, spec)
 
 
@@ -250,7 +253,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | 
       required with a cache). kv defaults to the query ids in self-attention.
     causal: queries see only keys at or before their own slot.
     window: sliding-window (local) attention: a query sees its `window` most recent slots.
-    cache_index: decoding: the queries sit at cache slots [cache_index, cache_index + T);
+    cache_index: decoding: the queries sit at cache slots [cache_index, cache_index + T)
+      (an int, or [B] per-row slots: each row of a continuous batch at its own length);
       always the xla kernel, with the decode mask rules of the module docstring.
     opts: which kernel (`Options.impl`) and its block size.
 

@@ -50,16 +50,18 @@ def block_visible(q_pos: jax.Array, kv_pos: jax.Array, q_seg: jax.Array, kv_seg:
                   spec: MaskSpec) -> jax.Array:
   """Which (query, key) pairs may attend: [B, Tq] x [B, Sk] -> bool [B, Tq, Sk].
 
-  q_pos [Tq] and kv_pos [Sk] are absolute slots; the rules are `model.attention`'s.
+  q_pos [Tq] (or [B, Tq]: per-row offsets, continuous-batching decode) and kv_pos [Sk] are
+  absolute slots; the rules are `model.attention`'s.
   """
   ok = q_seg[:, :, None] == kv_seg[:, None, :]
-  rel = q_pos[:, None] - kv_pos[None, :]  # [Tq, Sk]
+  rel = q_pos[..., :, None] - kv_pos  # [Tq, Sk] or [B, Tq, Sk]
+  rel = rel[None] if rel.ndim == 2 else rel
   if spec.causal:
-    ok &= (rel >= 0)[None]
+    ok &= rel >= 0
   if spec.window is not None:
-    ok &= (rel < spec.window)[None]
+    ok &= rel < spec.window
   if spec.cache:
-    ok = (ok & (kv_seg != 0)[:, None, :]) | (rel == 0)[None]
+    ok = (ok & (kv_seg != 0)[:, None, :]) | (rel == 0)
   return ok
 
 

@@ -112,6 +112,27 @@ def attention_options(cfg: ModelConfig) -> Options:
   return Options(impl=cfg.attention_impl, block_size=cfg.attention_block_size)
 
 
+def write_cache(cache: jax.Array, new: jax.Array, cache_index: jax.Array | int,
+                layer: jax.Array | int | None) -> jax.Array:
+  """Writes `new` [B, K, T, D] into `cache` [B, K, S, D] (or a stacked [L, B, K, S, D] at
+  `layer`) at slots [cache_index, cache_index + T).
+
+  A scalar index is one `dynamic_update_slice` for the whole batch; a [B] index (every row
+  at its own length, continuous batching) is a per-row one, vmapped into a scatter that
+  touches only the new slots.
+  """
+  if jnp.ndim(cache_index) == 0:
+    start = (0, 0, cache_index, 0)
+    if layer is not None:  # stacked cache: write into this layer's slice
+      new, start = new[None], (layer, *start)
+    return jax.lax.dynamic_update_slice(cache, new, start)
+  if layer is None:
+    row = lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (0, i, 0))  # c [K, S, D]
+    return jax.vmap(row)(cache, new, cache_index)
+  row = lambda c, n, i: jax.lax.dynamic_update_slice(c, n[None], (layer, 0, i, 0))  # [L,K,S,D]
+  return jax.vmap(row, in_axes=(1, 0, 0), out_axes=1)(cache, new, cache_index)
+
+
 class Attention(nnx.Module):
   """Multi-head attention with grouped-query heads and rotary position embeddings."""
 
@@ -154,7 +175,8 @@ class Attention(nnx.Module):
     `segments` = (query ids [B, T], key ids [B, S]) or (None, None) for one document per
     row; the kernel (`cfg.attention_impl`) turns them into its own mask (`model.attention`).
     With `kv_cache` = (k, v, layer): this call's keys/values are written at slots
-    [cache_index, cache_index + T) (in place: only the new slots are written), queries
+    [cache_index, cache_index + T) (in place: only the new slots are written; `cache_index`
+    is an int or [B], each row's own slot in a continuous batch), queries
     attend to all S slots (key ids: 0 = empty slot), and the result is (output, (updated
     k, updated v)). k and v are this layer's cache [B, K, S, D] (layer None) or the whole
     stacked cache [L, B, K, S, D] with this layer's index (scanned layers).
@@ -184,11 +206,8 @@ class Attention(nnx.Module):
     if kv_cache is not None:
       k_all, v_all, layer = kv_cache
       k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # new slots [B, K, T, D]
-      start = (0, 0, cache_index, 0)
-      if layer is not None:  # stacked cache: write into, then read, this layer's slice
-        k, v, start = k[None], v[None], (layer, *start)
-      k_all = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype), start)
-      v_all = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype), start)
+      k_all = write_cache(k_all, k.astype(k_all.dtype), cache_index, layer)
+      v_all = write_cache(v_all, v.astype(v_all.dtype), cache_index, layer)
       kv_cache = (k_all, v_all)
       if layer is not None:
         k_all = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)

@@ -101,7 +101,8 @@ class Transformer(nnx.Module):
              cache_index: jax.Array | int = 0, kv_segment_ids: jax.Array | None = None):
     """Final normalised hidden states [B, T, E] (compute dtype).
 
-    With `cache` (decoding): the T tokens occupy cache slots [cache_index, cache_index + T),
+    With `cache` (decoding): the T tokens occupy cache slots [cache_index, cache_index + T)
+    (`cache_index` an int, or [B] when every row sits at its own slot: continuous batching),
     `kv_segment_ids` [B, S] gives the segment of every slot (0 = empty; it must already
     include these T tokens), and the result is (hidden states, updated cache).
     """

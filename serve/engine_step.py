@@ -1,0 +1,202 @@
+"""The device programs of the continuous-batching engine (`serve/engine.py`).
+
+  prefill   one request's prompt, right-padded to a bucket P, through the model into a fresh
+            one-row cache; the row is then written into row `row` of the engine's cache
+            (slots [0, P)) and the first token is drawn. Compiled once per bucket.
+  decode    up to `steps` decode steps for every slot inside one `lax.while_loop` (one host
+            round trip per chunk), over the first `cache_len` slots of the cache only.
+            Compiled once per cache-length bucket.
+
+Cache layout. Row r of the cache belongs to slot r; a request's prompt token t sits at
+slot t and its i-th generated token is fed at slot L + i (L = prompt length), so slot =
+position and every row has its own write index (`cache_index` [B] in the model). The
+decode mask is causal per row (key slot <= the row's slot), which is all the masking a
+row needs: slots past its own index hold stale keys of an earlier request or prompt
+padding, and causality hides them until this request overwrites them. Hence kv segment ids
+are all 1 and rows never need re-alignment when requests join or leave.
+
+Sampling is per row, all parameters being [B] arrays of ONE compiled step (`RowParams`):
+temperature 0 = greedy (argmax of the raw logits); otherwise logits / T, then per-row
+top-k and top-p (nucleus) filtering, then a categorical draw with the row's own key:
+token i of a request uses fold_in(key(seed), i), so a draw never depends on the other
+rows of the batch. The full-vocabulary sort that filtering needs runs only when some row
+samples with top_k / top_p (`lax.cond`); the same for the Gumbel noise (some row samples)
+and the top-20 log-probabilities (some row asked for them). Log-probabilities are
+model/sampling.py's: log softmax(logits / T) of the drawn token, unfiltered, T = 1 when
+greedy. Filtering keeps every token whose logit reaches the cut-off one (ties at the
+cut-off are kept, as `model.sampling.filter_logits` keeps them for top-k).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.transformer import KVCache, init_cache
+
+TOP_LOGPROBS = 20  # the most top log-probabilities a request may ask for (OpenAI's limit)
+MAX_STOP_IDS = 16  # stop ids per request (a static width: no recompilation per request mix)
+
+
+class RowParams(NamedTuple):
+  """Per-row sampling parameters, each [B] (key [B, 2], stop_ids [B, MAX_STOP_IDS])."""
+  temperature: jax.Array  # float32, 0 = greedy
+  top_p: jax.Array  # float32 in (0, 1], 1 = off
+  top_k: jax.Array  # int32, 0 = off
+  key: jax.Array  # uint32 raw key data of jax.random.key(seed)
+  stop_ids: jax.Array  # int32, -1 = unused
+  max_tokens: jax.Array  # int32
+  want_top: jax.Array  # bool: the row asked for top log-probabilities
+
+
+class Draw(NamedTuple):
+  """What one step drew per row: token [B], logprob [B], top ids / logprobs [B, 20]."""
+  token: jax.Array
+  logprob: jax.Array
+  top_ids: jax.Array
+  top_logprobs: jax.Array
+
+
+def filter_rows(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Per-row top-k then top-p filtering of scaled logits [B, V] (-inf outside the set).
+
+  One descending sort per row; the kept set is a prefix of it, so its last logit is the
+  cut-off and a token is kept iff its logit reaches the cut-off.
+  """
+  v = scaled.shape[-1]
+  ranks = jnp.arange(v)[None, :]
+  ordered = -jnp.sort(-scaled, axis=-1)  # [B, V], most likely first
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)[:, None]  # [B, 1]
+  in_k = ranks < k
+  probs = jax.nn.softmax(jnp.where(in_k, ordered, -jnp.inf), axis=-1)
+  # Keep a token if the mass strictly before it is < p (the first token is always kept).
+  in_p = (jnp.cumsum(probs, axis=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
+  n_keep = jnp.sum(in_k & in_p, axis=-1, keepdims=True)  # >= 1
+  cutoff = jnp.take_along_axis(ordered, n_keep - 1, axis=-1)  # [B, 1]
+  return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+
+def sample_rows(logits: jax.Array, rp: RowParams, index: jax.Array) -> Draw:
+  """Draws token number `index` [B] of every row from float32 logits [B, V]."""
+  greedy = rp.temperature == 0.0
+  scaled = logits / jnp.where(greedy, 1.0, rp.temperature)[:, None]
+  filtering = ~greedy & ((rp.top_k > 0) | (rp.top_p < 1.0))
+  filtered = jax.lax.cond(jnp.any(filtering), filter_rows, lambda s, k, p: s, scaled,
+                          rp.top_k, rp.top_p)
+
+  def draw(filtered):
+    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(rp.key), index)
+    return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+
+  drawn = jax.lax.cond(jnp.any(~greedy), draw, lambda f: jnp.zeros(f.shape[:1], jnp.int32),
+                       filtered)
+  token = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+  logp = jax.nn.log_softmax(scaled, axis=-1)
+  logprob = jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+  k = min(TOP_LOGPROBS, logits.shape[-1])
+  top_logp, top_ids = jax.lax.cond(
+      jnp.any(rp.want_top), lambda x: tuple(jax.lax.top_k(x, k)),
+      lambda x: (jnp.zeros((x.shape[0], k), x.dtype), jnp.zeros((x.shape[0], k), jnp.int32)),
+      logp)
+  return Draw(token, logprob, top_ids.astype(jnp.int32), top_logp)
+
+
+def _is_stop(token: jax.Array, stop_ids: jax.Array) -> jax.Array:
+  return jnp.any(token[:, None] == stop_ids, axis=-1)
+
+
+def prefill(model: nnx.Module, cache: KVCache, row: jax.Array, tokens: jax.Array,
+            length: jax.Array, rp: RowParams) -> tuple[KVCache, Draw]:
+  """Runs one prompt (tokens [1, P], right-padded; `length` real) into cache row `row`.
+
+  Returns the updated cache and the draw of the request's first token (index 0).
+  """
+  p = tokens.shape[1]
+  ones = jnp.ones((1, p), jnp.int32)  # padding comes after the prompt: causality hides it
+  h, one = model.hidden(tokens, jnp.arange(p)[None], ones, cache=init_cache(model.cfg, 1, p),
+                        cache_index=0, kv_segment_ids=ones)
+  last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)  # [1, 1, E]
+  draw = sample_rows(model.logits(last)[:, 0], rp, jnp.zeros((1,), jnp.int32))
+  stacked = model.cfg.scan_layers  # [L, B, K, S, D] instead of L arrays [B, K, S, D]
+  start = (0, row, 0, 0, 0) if stacked else (row, 0, 0, 0)
+  cache = jax.tree.map(lambda big, new: jax.lax.dynamic_update_slice(big, new, start),
+                       cache, one)
+  return cache, draw
+
+
+class DecodeState(NamedTuple):
+  """Per-slot decode state, each [B]: the token to feed next, its slot (= position), the
+  number of tokens generated so far, and whether the slot is still generating."""
+  token: jax.Array
+  pos: jax.Array
+  count: jax.Array
+  active: jax.Array
+
+
+class ChunkOutput(NamedTuple):
+  """A chunk's draws [B, steps] (top ones [B, steps, 20]) and the number of tokens each
+  row produced in it [B] (a row's tokens are the first n of its draws)."""
+  tokens: jax.Array
+  logprobs: jax.Array
+  top_ids: jax.Array
+  top_logprobs: jax.Array
+  produced: jax.Array
+
+
+def _slice_cache(cache: KVCache, n: int, stacked: bool) -> KVCache:
+  axis = 3 if stacked else 2
+  return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, n, axis=axis), cache)
+
+
+def decode(model: nnx.Module, cache: KVCache, state: DecodeState, rp: RowParams, *,
+           steps: int, cache_len: int) -> tuple[KVCache, DecodeState, ChunkOutput]:
+  """Up to `steps` decode steps for every active row, attending to slots [0, cache_len).
+
+  The loop ends early once no row is active. A row stops after a stop id or its
+  max_tokens-th token; the host cuts its output at `produced`. Free rows are computed and
+  ignored (the batch shape never changes). Every active row must have pos + steps <=
+  cache_len (the host picks the bucket) or stop before.
+  """
+  stacked = model.cfg.scan_layers
+  b = state.token.shape[0]
+  sub = _slice_cache(cache, cache_len, stacked)  # the occupied prefix, updated in place
+  kv_seg = jnp.ones((b, cache_len), jnp.int32)
+  ones = jnp.ones((b, 1), jnp.int32)
+
+  def cond(carry):
+    i, _, st, _ = carry
+    return (i < steps) & jnp.any(st.active)
+
+  def body(carry):
+    i, sub, st, out = carry
+    h, sub = model.hidden(st.token[:, None], st.pos[:, None], ones, cache=sub,
+                          cache_index=st.pos, kv_segment_ids=kv_seg)
+    d = sample_rows(model.logits(h)[:, 0], rp, st.count)
+    out = ChunkOutput(out.tokens.at[:, i].set(d.token), out.logprobs.at[:, i].set(d.logprob),
+                      out.top_ids.at[:, i].set(d.top_ids),
+                      out.top_logprobs.at[:, i].set(d.top_logprobs),
+                      out.produced + st.active.astype(jnp.int32))
+    count = st.count + st.active.astype(jnp.int32)
+    done = _is_stop(d.token, rp.stop_ids) | (count >= rp.max_tokens)
+    st = DecodeState(jnp.where(st.active, d.token, st.token),
+                     st.pos + (st.active & ~done).astype(jnp.int32), count, st.active & ~done)
+    return i + 1, sub, st, out
+
+  k = min(TOP_LOGPROBS, model.cfg.vocab_size)
+  out = ChunkOutput(jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.float32),
+                    jnp.zeros((b, steps, k), jnp.int32), jnp.zeros((b, steps, k), jnp.float32),
+                    jnp.zeros((b,), jnp.int32))
+  _, sub, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), sub, state, out))
+  start = (0, 0, 0, 0, 0) if stacked else (0, 0, 0, 0)
+  cache = jax.tree.map(lambda big, s: jax.lax.dynamic_update_slice(big, s, start), cache, sub)
+  return cache, state, out
+
+
+def bound(graphdef: Any, fn):
+  """`fn(model, ...)` as `fn(params, ...)`: the model is merged from `graphdef` inside jit."""
+  def run(params, *args, **kwargs):
+    return fn(nnx.merge(graphdef, params), *args, **kwargs)
+  return run
