@@ -129,6 +129,11 @@ def create_app(deployment: Deployment, *, keys: Sequence[Client | str] | None = 
   async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
     return error_response(APIError(400, f"Invalid request: {e.errors()[:1]}"))
 
+  @app.exception_handler(Exception)
+  async def _internal(request: Request, e: Exception) -> JSONResponse:
+    # Starlette logs the traceback after this answer; the server keeps serving.
+    return error_response(APIError(500, f"Internal error: {type(e).__name__}: {e}"))
+
   @app.exception_handler(StarletteHTTPException)
   async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
     return error_response(APIError(e.status_code, str(e.detail), code="not_found"
@@ -202,6 +207,8 @@ def create_app(deployment: Deployment, *, keys: Sequence[Client | str] | None = 
     except KeyError as e:
       raise APIError(404, f"No completion with id {body.completion_id!r}",
                      param="completion_id", code="completion_not_found") from e
+    except ValueError as e:  # nothing to record (no rating, preferred answer or comment)
+      raise APIError(400, str(e), code="invalid_value") from e
     return {"id": row, "object": "feedback", "completion_id": body.completion_id}
 
   @app.get("/health")
