@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import Any, Sequence
@@ -78,6 +79,17 @@ def _check_flags(f: Any) -> None:
     raise ValueError(f"--registry={f.registry}: no such directory")
 
 
+def _log_to_console() -> None:
+  """The server's own lines (start-up, one per request, swaps, refusals) on stderr with the
+  time; absl owns the root logger, so "serve" gets its own handler."""
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+  log = logging.getLogger("serve")
+  log.addHandler(handler)
+  log.setLevel(logging.INFO)
+  log.propagate = False
+
+
 def _listen(host: str, port: int) -> socket.socket:
   """The listening socket, bound before the model loads (a port in use fails at once)."""
   family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -96,9 +108,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     exit_with_error(f"unexpected arguments {argv[1:]}")
   set_library_logs(f.verbose)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                      datefmt="%H:%M:%S", stream=sys.stderr)
-  logging.getLogger("uvicorn.error").setLevel(logging.INFO if f.verbose else logging.WARNING)
+  _log_to_console()
   try:
     _check_flags(f)
     limits, safety_cfg = _limits(f), _safety_config(f)
@@ -129,8 +139,13 @@ def main(argv: Sequence[str]) -> None:
         f"{feedback_path or 'off'}", file=sys.stderr, flush=True)
   server = uvicorn.Server(uvicorn.Config(server_app, log_level="warning", access_log=False,
                                          lifespan="off", timeout_graceful_shutdown=30))
+  # uvicorn shuts down gracefully on SIGINT / SIGTERM, then re-raises the signal to the
+  # handler it found: make both a normal end (exit 0) that stops the engines first.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
   try:
     server.run(sockets=[sock])
+  except KeyboardInterrupt:
+    pass
   finally:
     deployment.stop()
     print("Server stopped.", file=sys.stderr, flush=True)

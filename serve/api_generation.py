@@ -20,6 +20,7 @@ line up with the streamed text; tokens whose text lies after a stop string are d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import threading
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -166,22 +167,23 @@ async def generate(handle: Any, decode: Callable[[Sequence[int]], str], *,
   given = 0                      # events already attached to a piece
   finished: Finished | None = None
   try:
-    async for event in engine_events(handle):
-      if isinstance(event, Finished):
-        finished = event
-        break
-      if on_token is not None:
-        on_token()
-      if int(event.token) in end or text.stop_at is not None:
-        continue
-      events.append(event)
-      new = text.push(event.token)
-      if text.stop_at is not None:
-        handle.cancel()
-      if new:
-        upto = text.tokens_before(text.sent)
-        yield Piece(new, events[given:upto], text.starts[given:upto])
-        given = upto
+    async with contextlib.aclosing(engine_events(handle)) as stream:
+      async for event in stream:
+        if isinstance(event, Finished):
+          finished = event
+          break
+        if on_token is not None:
+          on_token()
+        if int(event.token) in end or text.stop_at is not None:
+          continue
+        events.append(event)
+        new = text.push(event.token)
+        if text.stop_at is not None:
+          handle.cancel()
+        if new:
+          upto = text.tokens_before(text.sent)
+          yield Piece(new, events[given:upto], text.starts[given:upto])
+          given = upto
   finally:
     if finished is None:
       handle.cancel()

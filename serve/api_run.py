@@ -13,6 +13,7 @@ one that disconnects mid-answer cancels the engine request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, AsyncIterator, Callable
@@ -54,7 +55,6 @@ def _record(ctx: ServeContext, job: Job, out: Outcome | None, verdict: Verdict |
   reason = out.finish_reason if out else "client_gone"
   if verdict is not None:
     ctx.metrics.refusals.labels(verdict.check).inc()
-    log.warning("refused %s (%s, key %s): %s", job.id, job.endpoint, job.client.name, verdict)
   if ctx.feedback is not None and out is not None and reason != "error":
     request = {("messages" if job.kind == "chat" else "prompt"):
                job.conversation if job.kind == "chat" else job.conversation[0]["content"],
@@ -67,8 +67,11 @@ def _record(ctx: ServeContext, job: Job, out: Outcome | None, verdict: Verdict |
       ctx.feedback.record_completion(job.id, job.served.name, job.kind, request, sent)
     except Exception as e:  # noqa: BLE001 - a full disk must not fail the answer
       log.error("feedback store: %s not recorded: %s: %s", job.id, type(e).__name__, e)
-  log.info("%s %s %s key=%s %d+%d tokens %.2fs %s", job.id, job.endpoint, job.served.name,
-           job.client.name, prompt, completion, time.perf_counter() - job.timer.start, reason)
+  # One line per request; a refusal says which check refused and why.
+  log.log(logging.WARNING if verdict else logging.INFO, "%s %s %s key=%s %d+%d tokens %.2fs %s%s",
+          job.id, job.endpoint, job.served.name, job.client.name, prompt, completion,
+          time.perf_counter() - job.timer.start, reason,
+          f" (refused: {verdict})" if verdict else "")
 
 
 def start(ctx: ServeContext, job: Job) -> Any:
@@ -95,16 +98,18 @@ async def run(ctx: ServeContext, job: Job, handle: Any) -> AsyncIterator[Piece |
   try:
     hold = ctx.safety is not None and ctx.safety.checks_output
     held: list[Piece] = []
-    async for item in generate(handle, job.served.tokenizer.decode, stops=job.stops,
-                               end_ids=job.params.stop_ids,
-                               prompt_tokens=len(job.prompt_ids), on_token=job.timer.token):
-      if isinstance(item, Outcome):
-        out = item
-      elif hold:
-        held.append(item)
-      else:
-        sent.append(item.text)
-        yield item
+    pieces = generate(handle, job.served.tokenizer.decode, stops=job.stops,
+                      end_ids=job.params.stop_ids, prompt_tokens=len(job.prompt_ids),
+                      on_token=job.timer.token)
+    async with contextlib.aclosing(pieces):  # closed now if we are (cancels the request)
+      async for item in pieces:
+        if isinstance(item, Outcome):
+          out = item
+        elif hold:
+          held.append(item)
+        else:
+          sent.append(item.text)
+          yield item
     if hold and out.finish_reason != "error":
       verdict = await _check(ctx, job, out.text)
       if verdict is not None:

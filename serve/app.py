@@ -97,6 +97,129 @@ def _clients(keys: Sequence[Client | str] | None, limits: ServerLimits) -> list[
           for i, k in enumerate(keys or [])]
 
 
+async def _generation(ctx: ServeContext, request: Request, kind: str, model: type) -> Any:
+  """A chat / text completion: the checks up to the version's lease, then the job."""
+  arrival = time.perf_counter()
+  endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+  client = ctx.access.authenticate(request.headers.get("authorization"))
+  ctx.access.admit(client)
+  body = parse_body(await read_body(request, ctx.access.limits.max_body_bytes), model)
+  try:
+    served = ctx.deployment.acquire()
+  except RuntimeError as e:
+    raise APIError(503, str(e)) from e
+  released = []
+
+  def release() -> None:  # exactly once, whoever ends the request
+    if not released:
+      released.append(True)
+      ctx.deployment.release(served)
+
+  try:
+    job = prepare(ctx, kind, client, body, served, RequestTimer(ctx.metrics, endpoint, arrival))
+  except BaseException:
+    release()
+    raise
+  return await respond(ctx, job, release)
+
+
+async def _guarded(ctx: ServeContext, request: Request, kind: str, model: type) -> Any:
+  """`_generation` with every failure answered (and logged in one line)."""
+  try:
+    return await _generation(ctx, request, kind, model)
+  except APIError as e:
+    log.info("%d %s: %s", e.status, request.url.path, e.message)
+    return error_response(e)
+  except Exception as e:  # noqa: BLE001 - one failed request, the server stays up
+    log.exception("request failed")
+    return error_response(APIError(500, f"Internal error: {type(e).__name__}: {e}"))
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+  """Every error as OpenAI's body; FastAPI's 422 becomes a 400."""
+
+  @app.exception_handler(APIError)
+  async def _api_error(request: Request, e: APIError) -> JSONResponse:
+    return error_response(e)
+
+  @app.exception_handler(RequestValidationError)
+  async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+    return error_response(APIError(400, f"Invalid request: {e.errors()[:1]}"))
+
+  @app.exception_handler(Exception)
+  async def _internal(request: Request, e: Exception) -> JSONResponse:
+    # Starlette logs the traceback after this answer; the server keeps serving.
+    return error_response(APIError(500, f"Internal error: {type(e).__name__}: {e}"))
+
+  @app.exception_handler(StarletteHTTPException)
+  async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    return error_response(APIError(e.status_code, str(e.detail), code="not_found"
+                                   if e.status_code == 404 else None))
+
+
+def _add_routes(app: FastAPI, ctx: ServeContext) -> None:
+  """The endpoints of the module doc."""
+  access, deployment = ctx.access, ctx.deployment
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(request: Request) -> Any:
+    return await _guarded(ctx, request, "chat", ChatRequest)
+
+  @app.post("/v1/completions")
+  async def completions(request: Request) -> Any:
+    return await _guarded(ctx, request, "text", CompletionRequest)
+
+  @app.get("/v1/models")
+  async def models(request: Request) -> Any:
+    access.authenticate(request.headers.get("authorization"))
+    return {"object": "list", "data": deployment.models()}
+
+  @app.get("/v1/models/{name}")
+  async def model(name: str, request: Request) -> Any:
+    access.authenticate(request.headers.get("authorization"))
+    for entry in deployment.models():
+      if entry["id"] == name:
+        return entry
+    raise APIError(404, f"The model {name!r} does not exist", param="model",
+                   code="model_not_found")
+
+  @app.post("/v1/feedback")
+  async def post_feedback(request: Request) -> Any:
+    access.admit(access.authenticate(request.headers.get("authorization")))
+    body = parse_body(await read_body(request, access.limits.max_body_bytes), FeedbackRequest)
+    return _record_feedback(ctx, body)
+
+  @app.get("/health")
+  async def health() -> Any:
+    served = deployment.current
+    if served is None:
+      raise APIError(503, "No model is being served")
+    queue, busy, slots = deployment.stats()
+    return {"status": "ok", "model": served.name, "swaps": deployment.swaps,
+            "queue_depth": queue, "slots_in_use": busy, "slots": slots}
+
+  @app.get("/metrics")
+  async def scrape() -> Response:
+    ctx.metrics.swaps.set(deployment.swaps)
+    body, content_type = ctx.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+def _record_feedback(ctx: ServeContext, body: FeedbackRequest) -> dict[str, Any]:
+  """POST /v1/feedback into the store: 404 for an unknown completion (or no store)."""
+  if ctx.feedback is None:
+    raise APIError(404, "This server keeps no feedback store", code="feedback_disabled")
+  try:
+    row = ctx.feedback.record_feedback(body.completion_id, rating=body.rating,
+                                       preferred=body.preferred, comment=body.comment)
+  except KeyError as e:
+    raise APIError(404, f"No completion with id {body.completion_id!r}",
+                   param="completion_id", code="completion_not_found") from e
+  except ValueError as e:  # nothing to record (no rating, preferred answer or comment)
+    raise APIError(400, str(e), code="invalid_value") from e
+  return {"id": row, "object": "feedback", "completion_id": body.completion_id}
+
+
 def create_app(deployment: Deployment, *, keys: Sequence[Client | str] | None = None,
                limits: ServerLimits = ServerLimits(), safety: SafetyFilter | None = None,
                feedback: Any = None, metrics: ServerMetrics | None = None) -> FastAPI:
@@ -120,110 +243,6 @@ def create_app(deployment: Deployment, *, keys: Sequence[Client | str] | None = 
   app = FastAPI(title="lmlife", docs_url=None, redoc_url=None, openapi_url=None)
   app.state.ctx = ctx
   app.add_middleware(CountRequests, metrics=metrics)
-
-  @app.exception_handler(APIError)
-  async def _api_error(request: Request, e: APIError) -> JSONResponse:
-    return error_response(e)
-
-  @app.exception_handler(RequestValidationError)
-  async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-    return error_response(APIError(400, f"Invalid request: {e.errors()[:1]}"))
-
-  @app.exception_handler(Exception)
-  async def _internal(request: Request, e: Exception) -> JSONResponse:
-    # Starlette logs the traceback after this answer; the server keeps serving.
-    return error_response(APIError(500, f"Internal error: {type(e).__name__}: {e}"))
-
-  @app.exception_handler(StarletteHTTPException)
-  async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-    return error_response(APIError(e.status_code, str(e.detail), code="not_found"
-                                   if e.status_code == 404 else None))
-
-  async def generation(request: Request, kind: str, model: type) -> Any:
-    arrival = time.perf_counter()
-    endpoint = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
-    client = access.authenticate(request.headers.get("authorization"))
-    access.admit(client)
-    body = parse_body(await read_body(request, limits.max_body_bytes), model)
-    try:
-      served = deployment.acquire()
-    except RuntimeError as e:
-      raise APIError(503, str(e)) from e
-    released = []
-
-    def release() -> None:
-      if not released:
-        released.append(True)
-        deployment.release(served)
-
-    try:
-      job = prepare(ctx, kind, client, body, served, RequestTimer(metrics, endpoint, arrival))
-    except BaseException:
-      release()
-      raise
-    return await respond(ctx, job, release)
-
-  async def guarded(request: Request, kind: str, model: type) -> Any:
-    try:
-      return await generation(request, kind, model)
-    except APIError as e:
-      return error_response(e)
-    except Exception as e:  # noqa: BLE001 - one failed request, the server stays up
-      log.exception("request failed")
-      return error_response(APIError(500, f"Internal error: {type(e).__name__}: {e}"))
-
-  @app.post("/v1/chat/completions")
-  async def chat_completions(request: Request) -> Any:
-    return await guarded(request, "chat", ChatRequest)
-
-  @app.post("/v1/completions")
-  async def completions(request: Request) -> Any:
-    return await guarded(request, "text", CompletionRequest)
-
-  @app.get("/v1/models")
-  async def models(request: Request) -> Any:
-    access.authenticate(request.headers.get("authorization"))
-    return {"object": "list", "data": deployment.models()}
-
-  @app.get("/v1/models/{name}")
-  async def model(name: str, request: Request) -> Any:
-    access.authenticate(request.headers.get("authorization"))
-    for entry in deployment.models():
-      if entry["id"] == name:
-        return entry
-    raise APIError(404, f"The model {name!r} does not exist", param="model",
-                   code="model_not_found")
-
-  @app.post("/v1/feedback")
-  async def post_feedback(request: Request) -> Any:
-    client = access.authenticate(request.headers.get("authorization"))
-    access.admit(client)
-    body = parse_body(await read_body(request, limits.max_body_bytes), FeedbackRequest)
-    if feedback is None:
-      raise APIError(404, "This server keeps no feedback store", code="feedback_disabled")
-    try:
-      row = feedback.record_feedback(body.completion_id, rating=body.rating,
-                                     preferred=body.preferred, comment=body.comment)
-    except KeyError as e:
-      raise APIError(404, f"No completion with id {body.completion_id!r}",
-                     param="completion_id", code="completion_not_found") from e
-    except ValueError as e:  # nothing to record (no rating, preferred answer or comment)
-      raise APIError(400, str(e), code="invalid_value") from e
-    return {"id": row, "object": "feedback", "completion_id": body.completion_id}
-
-  @app.get("/health")
-  async def health() -> Any:
-    served = deployment.current
-    if served is None:
-      raise APIError(503, "No model is being served")
-    queue, busy, slots = deployment.stats()
-    return {"status": "ok", "model": served.name, "swaps": deployment.swaps,
-            "queue_depth": queue, "slots_in_use": busy, "slots": slots}
-
-  @app.get("/metrics")
-  async def scrape() -> Response:
-    metrics.swaps.set(deployment.swaps)
-    body, content_type = metrics.render()
-    return Response(body, media_type=content_type)
-
+  _add_error_handlers(app)
+  _add_routes(app, ctx)
   return app

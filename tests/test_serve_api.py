@@ -12,6 +12,8 @@ tests/test_serve_safety.py, hot swap in tests/test_serve_swap.py.
 import concurrent.futures
 import contextlib
 import json
+import logging
+import time
 
 import httpx
 import numpy as np
@@ -181,6 +183,32 @@ def test_32_concurrent_requests_all_equal_the_offline_sampler(server, offline):
     futures = [pool.submit(ask, p) for p in prompts]
     answers = [f.result(timeout=120) for f in futures]
   assert answers == [greedy_chat(offline, user(p), 16)["response"] for p in prompts]
+
+
+def test_a_client_that_goes_away_cancels_its_request(server, deployment, monkeypatch,
+                                                      caplog):
+  _, url = server
+  served = deployment.current
+  # About 50 tokens/s, so the answer (up to 100 tokens) is far from done at the disconnect.
+  monkeypatch.setattr(served.engine, "on_step", lambda tokens, seconds: time.sleep(0.3))
+  handles, submit = [], served.engine.submit
+  monkeypatch.setattr(served.engine, "submit",
+                      lambda ids, params: handles.append(submit(ids, params)) or handles[-1])
+  with caplog.at_level(logging.INFO, logger="serve"):
+    with httpx.stream("POST", f"{url}/completions", timeout=TIMEOUT,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"prompt": "hello", "max_tokens": 100, "temperature": 0,
+                            "stream": True}) as response:
+      first = next(response.iter_lines())
+    assert first.startswith("data: ")
+    deadline = time.monotonic() + TIMEOUT
+    while served.leases or served.engine.slots_in_use:  # the lease back, the slot free
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+  (line,) = [r.getMessage() for r in caplog.records if "/v1/completions" in r.getMessage()]
+  assert line.endswith("client_gone")
+  _, finished = handles[0].result(timeout=TIMEOUT)
+  assert finished.reason == "cancelled" and finished.completion_tokens < 100
 
 
 def _error(response, status, code=None):

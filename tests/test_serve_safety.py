@@ -124,9 +124,9 @@ def test_blocklisted_input_is_refused_and_logged(deployment, tmp_path, caplog):
     assert text.choices[0].finish_reason == "content_filter"
     metrics = httpx.get(url.replace("/v1", "/metrics"), timeout=TIMEOUT).text
   assert re.search(r'lmlife_refusals_total\{check="blocklist"\} 3\.0', metrics)
-  refused = [r for r in caplog.records if "refused" in r.getMessage()]
-  assert len(refused) == 3 and "blocklist on input" in refused[0].getMessage()
-  assert "how to (build|make) a bomb" in refused[0].getMessage()
+  refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+  assert len(refused) == 3 and "content_filter (refused: blocklist on input" in refused[0]
+  assert "how to (build|make) a bomb" in refused[0]
   rows = store.completions()
   assert sum(r["output"] == REFUSAL for r in rows) == 3 and len(rows) == 4
 
