@@ -57,6 +57,12 @@ class _Request(BaseModel):
   """Fields common to both generation endpoints (OpenAI's names and ranges)."""
   model_config = ConfigDict(extra="ignore", strict=False)
 
+  @pydantic.model_validator(mode="before")
+  @classmethod
+  def _null_is_default(cls, data: Any) -> Any:
+    """`"temperature": null` (as many clients send) means the default, as at OpenAI."""
+    return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
   model: str | None = None
   max_tokens: int | None = Field(None, ge=1)
   temperature: float = Field(1.0, ge=0.0, le=2.0)

@@ -131,6 +131,9 @@ def test_request_fields_and_unsupported_ones():
   assert chat.messages[0].plain() == {"role": "system", "content": "ab"}
   assert chat.stop_strings() == ["x"] and chat.token_limit() == 7
   assert len(chat.unsupported()) == 2  # n and tools
+  nulls = parse_body(b'{"messages": [{"role": "user", "content": "a"}], "temperature": null, '
+                     b'"top_p": null, "stop": null, "n": null, "max_tokens": null}', ChatRequest)
+  assert (nulls.temperature, nulls.top_p, nulls.n, nulls.stop_strings()) == (1.0, 1.0, 1, [])
   text = parse_body(b'{"prompt": [5, 6], "logprobs": 2, "echo": true}', CompletionRequest)
   assert text.prompt == [5, 6] and text.unsupported() == ["echo"]
   with pytest.raises(APIError):
