@@ -217,7 +217,11 @@ class Attention(nnx.Module):
     else:
       out = attend(q, k, v, *segments, window=window,
                    opts=attention_options(self.cfg))  # [B, T, N, D]
-    out = lora.adapt(self, "o", out, jnp.einsum("btnd,nde->bte", out, self.wo[...].astype(dt)))
+    # One contraction over N * D in the weights' own layout: as an einsum over (n, d),
+    # XLA:CPU transposed wo to [D, N, E] on every decode step.
+    b, t, n, d = out.shape
+    wo = self.wo[...].astype(dt).reshape(n * d, -1)  # [N * D, E]
+    out = lora.adapt(self, "o", out, (out.reshape(b, t, n * d) @ wo))
     return out if kv_cache is None else (out, kv_cache)
 
 

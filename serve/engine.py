@@ -65,11 +65,15 @@ __all__ = ["Engine", "Finished", "GenerationParams", "RequestHandle", "TokenEven
 log = logging.getLogger(__name__)
 
 
-def buckets(start: int, limit: int) -> list[int]:
-  """start * 2^k below `limit`, then `limit`: the compiled lengths (prefill, cache)."""
+def buckets(start: int, limit: int, fine: bool = False) -> list[int]:
+  """The compiled lengths: start * 2^k below `limit`, then `limit`. `fine` adds
+  start * 1.5 * 2^k (consecutive buckets at most 1.5x apart: decode attention reads the
+  whole bucket every step, so finer buckets pay; prefill runs once per request)."""
   out, n = [], start
   while n < limit:
     out.append(n)
+    if fine and n * 3 // 2 < limit and n % 2 == 0 and n > start:
+      out.append(n * 3 // 2)
     n *= 2
   return out + [limit]
 
@@ -116,7 +120,7 @@ class Engine:
                                                                         param_shardings)
     self._slots = slots
     self.prompt_buckets = buckets(min(prompt_bucket, self.max_len), self.max_len)
-    self.cache_buckets = self.prompt_buckets
+    self.cache_buckets = buckets(self.prompt_buckets[0], self.max_len, fine=True)
     self._prefill_fns: dict[int, Any] = {}
     self._decode_fns: dict[int, Any] = {}
     self._cache = self._new_cache()
@@ -397,7 +401,8 @@ def _row_params(req: Request | None, n: int) -> RowParams:
   key = _key_data(seed)
   return RowParams(np.full(n, p.temperature, np.float32), np.full(n, p.top_p, np.float32),
                    np.full(n, p.top_k, np.int32), np.tile(key, (n, 1)), stops,
-                   np.full(n, p.max_tokens, np.int32), np.full(n, p.top_logprobs > 0))
+                   np.full(n, p.max_tokens, np.int32),
+                   np.full(n, p.logprobs or p.top_logprobs > 0), np.full(n, p.top_logprobs > 0))
 
 
 @functools.lru_cache(maxsize=1024)

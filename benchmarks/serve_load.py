@@ -1,0 +1,213 @@
+"""Benchmark: the serving engine and its HTTP server under load, against transformers.
+
+  python benchmarks/serve_load.py [--clients=1,4,16,64] [--requests_per_client=4]
+      [--new_tokens=128] [--prompt_len=16] [--skip_http]
+
+Model: benchmarks/sample_throughput.py's SHAPE (4 layers, 256 wide, SwiGLU 688, vocab
+8192, random weights, float32), fused projections on our side; transformers gets the same
+weights (model/hf.py export), so greedy outputs are comparable. Every request: a
+`prompt_len`-token prompt, `new_tokens` greedy tokens, no stop id (EOS off).
+
+  (a) transformers LlamaForCausalLM.generate (torch CPU, eager): batch 1 sequentially
+      (`hf_generate_tokens_per_sec`), then batch 8 and 16.
+  (b) serve/engine.py without HTTP: `slots` requests submitted at once to an engine of
+      that many slots (prefill, decode and the scheduler thread included), for 8 and 16
+      slots; decode_speedup_batch8 = engine at 8 / transformers at batch 8.
+  (c) the server (`python -m serve`, a subprocess on 127.0.0.1, --slots=--server_slots)
+      serving a checkpoint of the same model with a SentencePiece tokenizer of 8192
+      pieces trained on tinyshakespeare; N concurrent streaming clients (N in --clients)
+      each send --requests_per_client `/v1/completions` requests (stream, temperature 0,
+      max_tokens new_tokens); per N: tokens/s (completion tokens / wall time), p50/p95
+      time to first token and end-to-end latency. --skip_http leaves (c) out.
+
+Timings are the best of --repeats after one warm-up (compilation / allocator) for (a) and
+(b); (c) runs each N once after warm-up requests. Bounded: every phase has fixed work and
+(c) a --phase_timeout_s. Prints a table per part; the last line is one JSON object with
+tokens_per_sec_16, p95_ttft_s_16, hf_generate_tokens_per_sec, speedup_vs_hf_sequential,
+speedup_vs_hf_batch16, decode_speedup_batch8 and the measured figures behind them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from serve_load_http import run_http_phases  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("clients", ["1", "4", "16", "64"], "Concurrent HTTP clients per phase.")
+flags.DEFINE_integer("requests_per_client", 4, "Requests each HTTP client sends.")
+flags.DEFINE_integer("new_tokens", 128, "Tokens generated per request.")
+flags.DEFINE_integer("prompt_len", 16, "Prompt length (tokens) for (a) and (b).")
+flags.DEFINE_integer("repeats", 5, "Timed repetitions of (a) and (b) (best is reported).")
+flags.DEFINE_integer("hf_sequential_prompts", 4, "Prompts generated one by one in (a).")
+flags.DEFINE_integer("steps_per_sync", 16, "Engine decode steps per host round trip.")
+flags.DEFINE_integer("server_slots", 16, "Engine slots of the HTTP server.")
+flags.DEFINE_float("phase_timeout_s", 300.0, "Limit of one HTTP phase.")
+flags.DEFINE_bool("skip_http", False, "Leave out the HTTP load (c).")
+
+
+def build_models():
+  """Our model (fused layout) and transformers' LlamaForCausalLM with the same weights."""
+  import numpy as np
+  import torch
+  import transformers
+  from flax import nnx
+  from model.config import ModelConfig
+  from model.hf import to_hf_state_dict
+  from model.transformer import build_model
+  from sample_throughput import JAX_LAYOUT, SHAPE
+  cfg = ModelConfig.from_dict({**ModelConfig().to_dict(), **SHAPE, **JAX_LAYOUT})
+  graphdef, state = nnx.split(build_model(cfg, seed=0))
+  params = nnx.to_pure_dict(state)
+  config = transformers.LlamaConfig(
+      vocab_size=SHAPE["vocab_size"], hidden_size=SHAPE["embed_dim"],
+      intermediate_size=SHAPE["mlp_dim"], num_hidden_layers=SHAPE["num_layers"],
+      num_attention_heads=SHAPE["num_heads"], num_key_value_heads=SHAPE["num_kv_heads"],
+      max_position_embeddings=SHAPE["max_seq_len"], rope_theta=SHAPE["rope_theta"],
+      rms_norm_eps=cfg.norm_eps, tie_word_embeddings=False, bos_token_id=2,
+      eos_token_id=None, pad_token_id=0)
+  hf = transformers.LlamaForCausalLM(config).eval()
+  state_dict = {k: torch.from_numpy(np.ascontiguousarray(v))
+                for k, v in to_hf_state_dict(params, cfg).items()}
+  hf.load_state_dict(state_dict, strict=False)  # rotary inv_freq buffers are not weights
+  return cfg, graphdef, params, hf
+
+
+def best_time(fn, repeats: int) -> float:
+  fn()  # warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return min(times)
+
+
+def hf_tokens_per_sec(hf, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+  """transformers.generate on `prompts` as one batch; (tokens/s, the generated ids)."""
+  import torch
+  input_ids = torch.tensor(prompts, dtype=torch.long)
+  out = []
+
+  def run():
+    with torch.inference_mode():
+      ids = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                        max_new_tokens=FLAGS.new_tokens, min_new_tokens=FLAGS.new_tokens,
+                        do_sample=False, pad_token_id=0)
+    assert ids.shape == (len(prompts), FLAGS.prompt_len + FLAGS.new_tokens)
+    out[:] = ids[:, FLAGS.prompt_len:].tolist()
+  return len(prompts) * FLAGS.new_tokens / best_time(run, FLAGS.repeats), out
+
+
+def hf_sequential_tokens_per_sec(hf, prompts: list[list[int]]) -> float:
+  def run():
+    for p in prompts:
+      hf_tokens_per_sec_once(hf, p)
+  return len(prompts) * FLAGS.new_tokens / best_time(run, max(1, FLAGS.repeats // 2))
+
+
+def hf_tokens_per_sec_once(hf, prompt: list[int]) -> None:
+  import torch
+  ids = torch.tensor([prompt], dtype=torch.long)
+  with torch.inference_mode():
+    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=FLAGS.new_tokens,
+                min_new_tokens=FLAGS.new_tokens, do_sample=False, pad_token_id=0)
+
+
+def engine_tokens_per_sec(cfg, graphdef, params, prompts: list[list[int]]
+                          ) -> tuple[float, list[list[int]]]:
+  """serve/engine.py with len(prompts) slots, all requests submitted at once."""
+  from serve.engine import Engine, GenerationParams
+  engine = Engine(graphdef, params, cfg, slots=len(prompts), prompt_bucket=FLAGS.prompt_len,
+                  steps_per_sync=FLAGS.steps_per_sync)
+  engine.warmup()
+  engine.start()
+  gen = GenerationParams(max_tokens=FLAGS.new_tokens, temperature=0.0)
+  out = []
+
+  def run():
+    handles = [engine.submit(p, gen) for p in prompts]
+    results = [h.result(timeout=600) for h in handles]
+    assert all(fin.completion_tokens == FLAGS.new_tokens for _, fin in results)
+    out[:] = [[e.token for e in events] for events, _ in results]
+  try:
+    return len(prompts) * FLAGS.new_tokens / best_time(run, FLAGS.repeats), out
+  finally:
+    engine.stop()
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+  """Mean fraction of leading tokens two greedy runs share (float32 rounding may split
+  them late)."""
+  def prefix(x, y):
+    n = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), len(x))
+    return n / len(x)
+  return sum(prefix(x, y) for x, y in zip(a, b)) / len(a)
+
+
+def main(argv):
+  del argv
+  import numpy as np
+  cfg, graphdef, params, hf = build_models()
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(4, cfg.vocab_size, (16, FLAGS.prompt_len)).tolist()
+  results: dict[str, float] = {}
+  hf_seq = hf_sequential_tokens_per_sec(hf, prompts[:FLAGS.hf_sequential_prompts])
+  print(f"(a) transformers.generate batch 1 (sequential): {hf_seq:8,.0f} tokens/s", flush=True)
+  hf_out = {}
+  for b in (8, 16):
+    results[f"hf_tokens_per_sec_batch{b}"], hf_out[b] = hf_tokens_per_sec(hf, prompts[:b])
+    print(f"(a) transformers.generate batch {b:2d}:             "
+          f"{results[f'hf_tokens_per_sec_batch{b}']:8,.0f} tokens/s", flush=True)
+  for b in (8, 16):
+    tps, out = engine_tokens_per_sec(cfg, graphdef, params, prompts[:b])
+    results[f"engine_tokens_per_sec_batch{b}"] = tps
+    results[f"greedy_agreement_with_hf_batch{b}"] = agreement(out, hf_out[b])
+    print(f"(b) engine, {b:2d} slots busy:                    {tps:8,.0f} tokens/s "
+          f"({tps / results[f'hf_tokens_per_sec_batch{b}']:.2f}x transformers at batch {b}; "
+          f"greedy tokens shared with transformers: "
+          f"{results[f'greedy_agreement_with_hf_batch{b}']:.0%})", flush=True)
+  summary = {
+      "hf_generate_tokens_per_sec": hf_seq,
+      "decode_speedup_batch8": (results["engine_tokens_per_sec_batch8"]
+                                / results["hf_tokens_per_sec_batch8"]),
+      **results,
+  }
+  if not FLAGS.skip_http:
+    with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
+      phases = run_http_phases(cfg, params, tmp, [int(n) for n in FLAGS.clients],
+                               requests_per_client=FLAGS.requests_per_client,
+                               new_tokens=FLAGS.new_tokens, slots=FLAGS.server_slots,
+                               steps_per_sync=FLAGS.steps_per_sync,
+                               timeout_s=FLAGS.phase_timeout_s)
+    print(f"(c) HTTP server, {FLAGS.server_slots} slots, {FLAGS.requests_per_client} "
+          f"streaming requests per client, {FLAGS.new_tokens} tokens each")
+    print(f"{'clients':>8} {'tokens/s':>10} {'p50 TTFT s':>11} {'p95 TTFT s':>11} "
+          f"{'p50 e2e s':>10} {'p95 e2e s':>10} {'errors':>7}")
+    for n, ph in phases.items():
+      print(f"{n:>8} {ph['tokens_per_sec']:>10,.0f} {ph['p50_ttft_s']:>11.3f} "
+            f"{ph['p95_ttft_s']:>11.3f} {ph['p50_e2e_s']:>10.3f} {ph['p95_e2e_s']:>10.3f} "
+            f"{ph['errors']:>7}")
+      for key, value in ph.items():
+        summary[f"{key}_{n}"] = value
+    if 16 in phases:
+      tps16 = phases[16]["tokens_per_sec"]
+      summary.update(tokens_per_sec_16=tps16, p95_ttft_s_16=phases[16]["p95_ttft_s"],
+                     speedup_vs_hf_sequential=tps16 / hf_seq,
+                     speedup_vs_hf_batch16=tps16 / results["hf_tokens_per_sec_batch16"])
+  summary.update(new_tokens=FLAGS.new_tokens, prompt_len=FLAGS.prompt_len)
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  app.run(main)
