@@ -7,7 +7,9 @@
 One pass, in this order (every input is checked before the first stage starts):
 1. The serving version is the registry's current one (serve/registry.py). The feedback is
    every row of the feedback store (serve/feedback.py) recorded since that version was
-   registered.
+   registered; for a version this loop made, every row after the last one it was trained
+   on (its metrics' `feedback.last_id`), so rows that came in while it was being trained
+   are not lost.
 2. Feedback -> training data (serve/feedback.py conversions): preference pairs
    (`<workdir>/<name>/data/pairs.jsonl`, prompt/chosen/rejected) and SFT examples
    (`sft.jsonl`, HH transcripts). Prompts are split into train / held-out by a hash of the
@@ -89,7 +91,10 @@ def collect(registry: Registry, feedback_path: str, cfg: Any) -> dict[str, Any]:
                      "promote the served model first (python -m serve.registry)")
   if not os.path.exists(feedback_path):
     raise ValueError(f"no feedback database at {feedback_path}")
-  rows = FeedbackStore(feedback_path).feedback(since_time=serving["created"])
+  last_id = serving.get("metrics", {}).get("feedback", {}).get("last_id")
+  store = FeedbackStore(feedback_path)
+  rows = (store.feedback(since_id=last_id) if last_id is not None
+          else store.feedback(since_time=serving["created"]))
   f = cfg.feedback
   pairs = to_preference_pairs(rows, f.low_rating)
   examples = to_sft_examples(rows, f.high_rating)
@@ -107,8 +112,8 @@ def collect(registry: Registry, feedback_path: str, cfg: Any) -> dict[str, Any]:
     if not train or not val:
       raise ValueError(
           f"too little feedback for {stage}: {train} training and {val} held-out {what} from "
-          f"{len(rows)} feedback rows since {serving['name']} was registered (each part needs "
-          "one; collect more feedback or change feedback.val_fraction)")
+          f"{len(rows)} feedback rows since {serving['name']} (each part needs one; collect "
+          "more feedback or change feedback.val_fraction)")
   # Held-out prompts: those of held-out items that no stage of this update trains on.
   trained = {render(p.prompt) for p in train_pairs if "dpo" in cfg.updates}
   trained |= {render(c[:-1]) for c in train_convs if "sft" in cfg.updates}

@@ -35,7 +35,6 @@ import fcntl
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from typing import Any, Iterator, Sequence

@@ -62,8 +62,9 @@ class _FakeRegistry:
   """`current()` and `root` only: collect() needs nothing else."""
   root = "/nowhere"
 
-  def __init__(self, created):
-    self._current = {"name": "v0", "created": created, "checkpoint": "/ckpt"}
+  def __init__(self, created, metrics=None):
+    self._current = {"name": "v0", "created": created, "checkpoint": "/ckpt",
+                     "metrics": metrics or {}}
 
   def current(self):
     return self._current
@@ -91,6 +92,12 @@ def test_too_little_feedback_is_bad_input(tmp_path):
                      "held-out preference pairs from 0 feedback rows since v0"):
     continual.collect(_FakeRegistry(store.feedback()[-1]["created"] + 1), store.path,
                       _config())
+  # A version the loop made: the rows after the last one it was trained on, whatever
+  # their time (here the last 4, two prompts' rows: too few for a held-out part).
+  rows = store.feedback()
+  made = _FakeRegistry(rows[-1]["created"] + 1, {"feedback": {"last_id": rows[-5]["id"]}})
+  with pytest.raises(ValueError, match="from 4 feedback rows since v0"):
+    continual.collect(made, store.path, _config())
   with pytest.raises(ValueError, match="no feedback database"):
     continual.collect(_FakeRegistry(0.0), str(tmp_path / "none.db"), _config())
   with pytest.raises(ValueError, match="config.updates names 'ppo'"):
