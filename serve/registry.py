@@ -35,7 +35,6 @@ import fcntl
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 from typing import Any, Iterator, Sequence
@@ -44,7 +43,7 @@ from absl import app, flags
 
 from eval.cli import exit_with_error
 from train import checkpoint as ckpt_lib
-from train import quiet
+from train import entry, quiet
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MAX_LINEAGE = 32  # parent checkpoints followed (a guard against a cycle of links)
@@ -297,14 +296,6 @@ def define_flags() -> None:
   flags.DEFINE_string("note", "", "Free text kept with the version (register).")
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a bad flag as one `error:` line and exit code 2."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    exit_with_error(str(e).splitlines()[0])
-
-
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=entry.parse_flags)  # a bad flag: one error line, exit 2

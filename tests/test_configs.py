@@ -27,8 +27,12 @@ DATA_CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p.startswith(os.path.join("c
 LAUNCH_CONFIG_FILES = [p for p in ALL_CONFIG_FILES
                        if p.startswith((os.path.join("configs", "pipeline"),
                                         os.path.join("configs", "ablations")))]
-CONFIG_FILES = [p for p in ALL_CONFIG_FILES
-                if p not in DATA_CONFIG_FILES and p not in LAUNCH_CONFIG_FILES]
+# The continual loop's configs (launch/continual.py) name stage configs; checked in
+# tests/test_launch_continual.py.
+CONTINUAL_CONFIG_FILES = [p for p in ALL_CONFIG_FILES
+                          if p.startswith(os.path.join("configs", "continual"))]
+CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p not in DATA_CONFIG_FILES
+                and p not in LAUNCH_CONFIG_FILES and p not in CONTINUAL_CONFIG_FILES]
 SMALL = 200e6  # parameters; bigger models are only counted, never traced
 TEST_VOCAB = 256  # stands in for "take it from the tokenizer" (vocab_size 0)
 

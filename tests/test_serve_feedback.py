@@ -104,10 +104,6 @@ def test_many_threads_record_at_once(tmp_path):
   assert all(r["output"] == "a" + r["completion_id"].split("-")[1] for r in rows)
 
 
-def _rows(store):
-  return store.feedback()
-
-
 @pytest.fixture
 def rated(tmp_path):
   """Feedback as a server records it: corrections, ratings of two answers to one prompt, a
@@ -131,7 +127,7 @@ def rated(tmp_path):
 
 
 def test_preference_pairs(rated, tmp_path):
-  pairs, skipped = to_preference_pairs(_rows(rated))
+  pairs, skipped = to_preference_pairs(rated.feedback())
   got = {(render(p["prompt"]), p["chosen"], p["rejected"]) for p in pairs}
   system_prompt = render([{"role": "system", "content": "Be a poet."},
                           {"role": "user", "content": "Rhyme?"}])
@@ -140,7 +136,7 @@ def test_preference_pairs(rated, tmp_path):
                  (system_prompt, "Moon, June.", "No.")}
   assert skipped == {"text_completion": 1}
   # A higher threshold makes c1's correction a pair too.
-  assert len(to_preference_pairs(_rows(rated), low_rating=1.0).records) == 4
+  assert len(to_preference_pairs(rated.feedback(), low_rating=1.0).records) == 4
   # The stages read them back: data/preferences.py's prompt_chosen_rejected format.
   path = str(tmp_path / "pairs.jsonl")
   assert write_jsonl(path, pairs) == 3
@@ -151,7 +147,7 @@ def test_preference_pairs(rated, tmp_path):
 
 
 def test_sft_examples(rated, tmp_path):
-  examples, skipped = to_sft_examples(_rows(rated))
+  examples, skipped = to_sft_examples(rated.feedback())
   texts = {e["text"] for e in examples}
   assert texts == {"\n\nHuman: Capital of France?\n\nAssistant: Paris.",
                    "\n\nHuman: Say hi.\n\nAssistant: Hi there!",
