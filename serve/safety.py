@@ -14,8 +14,9 @@ A deployment's config (JSON file, `--safety_config`; the flags `--blocklist` and
    "refusal_message": "I can't help with that request."}
 
 - Blocklist terms (from the list and the file, one per line, `#` comments) are matched
-  case-insensitively: a plain term as a whole word or phrase (not inside a longer word), a
-  term starting with `re:` as a Python regular expression.
+  case-insensitively: a plain term as a whole word or phrase (not inside a longer word; the
+  matching of data/filters.py, which the continual loop's gate uses too), a term starting
+  with `re:` as a Python regular expression.
 - The reward check scores the conversation with any reward-model checkpoint of the project
   (`eval.loading.load_checkpoint` of a RewardModel): the input check the conversation so far,
   encoded by the model's chat template, read at its last token; the output check the
@@ -36,6 +37,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from data import filters
 from data.chat import get_template
 from eval.loading import LoadedCheckpoint, load_checkpoint
 from model.heads import RewardModel
@@ -107,22 +109,24 @@ class Verdict:
 
 
 class Blocklist:
-  """Case-insensitive terms (whole words / phrases) and regular expressions."""
+  """Plain terms (data/filters.py's whole-word, any-case matching, the one the continual
+  loop's gate uses too) and `re:` regular expressions (case-insensitive)."""
 
   def __init__(self, terms: Sequence[str]):
-    self.patterns: list[tuple[str, re.Pattern]] = []
+    words: list[str] = []
+    self.regexes: list[tuple[str, re.Pattern]] = []
     for term in terms:
       term = term.strip()
       if not term or term.startswith("#"):
         continue
       if term.startswith(REGEX_PREFIX):
         try:
-          pattern = re.compile(term[len(REGEX_PREFIX):], re.IGNORECASE)
+          self.regexes.append((term, re.compile(term[len(REGEX_PREFIX):], re.IGNORECASE)))
         except re.error as e:
           raise ValueError(f"blocklist regex {term!r}: {e}") from e
-      else:  # not inside a longer word: "ass" must not match "class"
-        pattern = re.compile(rf"(?<!\w){re.escape(term)}(?!\w)", re.IGNORECASE)
-      self.patterns.append((term, pattern))
+      else:
+        words.append(term)
+    self.words = filters.Blocklist(words)
 
   @classmethod
   def from_config(cls, cfg: SafetyConfig) -> "Blocklist":
@@ -133,14 +137,14 @@ class Blocklist:
     return cls(terms)
 
   def __len__(self) -> int:
-    return len(self.patterns)
+    return len(self.words.terms) + len(self.regexes)
 
   def find(self, text: str) -> str | None:
-    """The first term matching `text`, or None."""
-    for term, pattern in self.patterns:
-      if pattern.search(text):
-        return term
-    return None
+    """A term matching `text` (a plain term lower-cased), or None."""
+    words = self.words.matches(text)
+    if words:
+      return words[0]
+    return next((term for term, pattern in self.regexes if pattern.search(text)), None)
 
 
 def _last_token_scores(model: RewardModel, batch: Mapping[str, Any]) -> Any:

@@ -39,7 +39,7 @@ def test_blocklist_matches_whole_words_and_regexes(tmp_path):
   assert blocklist.find("bombastic") is None and blocklist.find("subclass") is None
   assert blocklist.find("how to MAKE a cake") == "re:how to (build|make) a \\w+"
   assert blocklist.find("some rat poison here") == "rat poison"
-  assert blocklist.find("the class starts") == "Class"
+  assert blocklist.find("the CLASS starts") == "class"
   with pytest.raises(ValueError, match="blocklist regex"):
     Blocklist(["re:(unclosed"])
 
@@ -86,7 +86,8 @@ def test_scorer_equals_the_reward_models_score_at_the_last_token(checkpoints, sc
 
 @pytest.fixture(scope="module")
 def deployment(checkpoints):
-  deployment = Deployment(model_loader(slots=4), checkpoint=checkpoints[0]).start()
+  deployment = Deployment(model_loader(slots=4, engine_options={"prompt_bucket": 64}),
+                          checkpoint=checkpoints[0]).start()
   yield deployment
   deployment.stop()
 

@@ -98,7 +98,7 @@ def test_swap_under_streaming_load_loses_nothing_and_rollback_restores(registry)
     # every step.
     on_step = slow_or_paused if not loads else None
     loads.append(name)
-    return model_loader(slots=16, engine_options={"steps_per_sync": 2},
+    return model_loader(slots=16, engine_options={"steps_per_sync": 2, "prompt_bucket": 64},
                         on_step=on_step)(name, checkpoint)
 
   deployment = Deployment(load, registry=registry, poll_seconds=0.1).start()
