@@ -1,7 +1,7 @@
 """From an engine request's token events to text pieces: incremental detokenization, stop
 strings, log-probabilities per piece.
 
-  async for item in generate(handle, tokenizer, stops=["\\n\\n"], end_ids=(2, 5)):
+  async for item in generate(handle, tokenizer.decode, stops=["\\n\\n"], end_ids=(2, 5)):
     if isinstance(item, Piece): send(item.text, item.tokens)
     else: outcome = item          # the last item: Outcome (text, finish reason, usage)
 

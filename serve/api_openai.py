@@ -1,8 +1,8 @@
-"""The generation endpoints' flow: request -> prompt ids -> checks -> engine -> OpenAI's
-response bodies (whole, or server-sent events).
+"""The generation endpoints' preparation and bodies: request -> prompt ids and limits ->
+a Job; a finished job -> OpenAI's response body or stream chunks.
 
-  job = prepare(ctx, "chat", client, body, served)   # 400 / 429 before anything runs
-  return await respond(ctx, job)                     # JSON, or a StreamingResponse
+  job = prepare(ctx, "chat", client, body, served, timer)   # 400 / 429 before anything runs
+  return await api_run.respond(ctx, job, release)          # JSON, or a StreamingResponse
 
 Order of the checks (serve/app.py does the first ones): key (401), request rate (429),
 body size and schema (400), unsupported fields (400), the prompt through the model's own
@@ -21,24 +21,21 @@ Every answer (refusals too) is recorded in the feedback store, keyed by its id
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
-
-from fastapi.responses import JSONResponse, StreamingResponse
+from typing import Any
 
 from data.tokenizer import Tokenizer
-from serve.api_generation import Outcome, Piece, generate
+from serve.api_generation import Outcome, Piece
 from serve.auth import AccessControl, Client, Reservation
 from serve.deployment import Deployment, ServedModel
 from serve.engine import GenerationParams
 from serve.metrics import RequestTimer, ServerMetrics
-from serve.safety import SafetyFilter, Verdict
+from serve.safety import SafetyFilter
 from serve.schemas import APIError, ChatRequest, CompletionRequest
 
 log = logging.getLogger("serve")
@@ -164,6 +161,8 @@ def token_text(tokenizer: Any, token: int) -> tuple[str, list[int]]:
 
 
 def chat_logprobs(job: Job, piece: Piece | Outcome) -> dict | None:
+  """Chat's `logprobs` of the piece's tokens ({"content": [{token, logprob, bytes,
+  top_logprobs}]}), or None when the request did not ask."""
   if not job.params.logprobs:
     return None
   tok = job.served.tokenizer
@@ -177,6 +176,8 @@ def chat_logprobs(job: Job, piece: Piece | Outcome) -> dict | None:
 
 
 def text_logprobs(job: Job, piece: Piece | Outcome) -> dict | None:
+  """Completions' legacy `logprobs` (tokens, token_logprobs, top_logprobs as {token:
+  logprob}, text_offset in characters of the answer), or None when not asked."""
   if not job.params.logprobs:
     return None
   tok = job.served.tokenizer

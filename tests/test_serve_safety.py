@@ -9,7 +9,6 @@ import re
 
 import httpx
 import jax.numpy as jnp
-import numpy as np
 import openai
 import pytest
 from flax import nnx
