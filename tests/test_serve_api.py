@@ -47,7 +47,9 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def deployment(checkpoint):
-  deployment = Deployment(model_loader(slots=8), checkpoint=checkpoint).start()
+  # One prompt bucket (64) compiles fewer programs; the engine's buckets are its own tests'.
+  deployment = Deployment(model_loader(slots=8, engine_options={"prompt_bucket": 64}),
+                          checkpoint=checkpoint).start()
   yield deployment
   deployment.stop()
 
