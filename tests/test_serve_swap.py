@@ -9,6 +9,9 @@ running: new requests get v2's answers. Then v1 resumes: every stream completes 
 full v1 answer (the same text as v1 gave before the swap), and v1's engine is stopped,
 draining, only after its last request. A rollback then serves v1 again, and its greedy
 answers equal the earlier ones exactly.
+
+Without a model (fake registry and engines): a version that fails to load leaves the old
+one serving and is not retried until the registry changes again.
 """
 
 import concurrent.futures
@@ -19,7 +22,7 @@ import openai
 import pytest
 
 from serve.app import create_app
-from serve.deployment import Deployment, model_loader
+from serve.deployment import Deployment, ServedModel, model_loader
 from serve.registry import Registry
 from serve_fixtures import running, write_checkpoint
 
@@ -154,3 +157,56 @@ def test_swap_under_streaming_load_loses_nothing_and_rollback_restores(registry)
   finally:
     gate.set()
     deployment.stop()
+
+
+class FakeRegistry:
+  """snapshot() / versions() of a registry whose current version the test sets."""
+
+  def __init__(self):
+    self.generation, self.current = 1, {"name": "v1", "checkpoint": "/ckpt/v1"}
+
+  def set(self, name):
+    self.generation += 1
+    self.current = {"name": name, "checkpoint": f"/ckpt/{name}"}
+
+  def snapshot(self):
+    return self.generation, dict(self.current)
+
+  def versions(self):
+    return [{"name": n, "checkpoint": f"/ckpt/{n}", "created": 1.5} for n in ("v1", "v2")]
+
+
+class FakeEngine:
+  queue_depth, slots_in_use, slots = 0, 0, 4
+
+  def __init__(self):
+    self.stopped = threading.Event()
+
+  def stop(self, drain=True):
+    assert drain
+    self.stopped.set()
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving():
+  def load(name, checkpoint):
+    if name == "broken":
+      raise ValueError("unreadable checkpoint")
+    return ServedModel(name, checkpoint, FakeEngine(), None, None, None, 16)
+
+  registry = FakeRegistry()
+  deployment = Deployment(load, registry=registry, poll_seconds=3600).start()
+  v1 = deployment.current
+  registry.set("broken")
+  with pytest.raises(ValueError, match="unreadable"):
+    deployment.poll_once()
+  assert deployment.current is v1 and not deployment.poll_once()  # not retried
+  lease = deployment.acquire()  # a request still running on v1
+  registry.set("v2")
+  assert deployment.poll_once() and deployment.current.name == "v2"
+  assert [(m["id"], m["current"], m["created"]) for m in deployment.models()] == \
+      [("v1", False, 1), ("v2", True, 1)]
+  assert not v1.engine.stopped.wait(0.2)  # drained only after its last request
+  deployment.release(lease)
+  assert v1.engine.stopped.wait(10)
+  deployment.stop()
+  assert deployment.current is None and deployment.stats() == (0, 0, 0)
