@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import jax
+import flax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -25,7 +26,9 @@ from model.config import ModelConfig
 
 # Shardings are applied by the Trainer's jitted init (eval_shape -> specs -> out_shardings),
 # never eagerly at Variable creation, so the same module code runs with or without a mesh.
-nnx.use_eager_sharding(False)
+# The global flag, not `nnx.use_eager_sharding(False)`: that one is a thread-local context,
+# so a model built on another thread (the server's hot swap) would shard eagerly again.
+flax.config.update("flax_always_shard_variable", False)
 
 
 def _normal(std: float):

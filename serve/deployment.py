@@ -30,7 +30,6 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Mapping, Protocol
 
-from flax import nnx
 
 from eval.loading import load_checkpoint
 from eval.sample import RawTemplate, make_template
@@ -98,12 +97,6 @@ def model_loader(*, slots: int = 8, max_len: int | None = None,
     is missing or not a language model.
   """
   def load(name: str, checkpoint: str) -> ServedModel:
-    # model/layers.py turns eager sharding off for the importing thread only (flax keeps
-    # it in a thread-local stack); a swap loads on the polling thread.
-    with nnx.use_eager_sharding(False):
-      return _load(name, checkpoint)
-
-  def _load(name: str, checkpoint: str) -> ServedModel:
     loaded = load_checkpoint(checkpoint, mesh_shape, expect=Transformer)
     try:
       chat = make_template("auto", loaded.tokenizer)
