@@ -55,6 +55,12 @@ flags.DEFINE_integer("server_slots", 16, "Engine slots of the HTTP server.")
 flags.DEFINE_float("phase_timeout_s", 300.0, "Limit of one HTTP phase.")
 flags.DEFINE_bool("skip_http", False, "Leave out the HTTP load (c).")
 
+# benchmarks/sample_throughput.py's SHAPE and layout (that module defines absl flags of the
+# same names, so it cannot be imported here).
+SHAPE = dict(vocab_size=8192, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=4,
+             mlp_dim=688, max_seq_len=512, rope_theta=10000.0, tie_embeddings=False)
+JAX_LAYOUT = dict(fuse_projections=True)
+
 
 def build_models():
   """Our model (fused layout) and transformers' LlamaForCausalLM with the same weights."""
@@ -65,7 +71,6 @@ def build_models():
   from model.config import ModelConfig
   from model.hf import to_hf_state_dict
   from model.transformer import build_model
-  from sample_throughput import JAX_LAYOUT, SHAPE
   cfg = ModelConfig.from_dict({**ModelConfig().to_dict(), **SHAPE, **JAX_LAYOUT})
   graphdef, state = nnx.split(build_model(cfg, seed=0))
   params = nnx.to_pure_dict(state)

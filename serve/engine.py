@@ -10,9 +10,11 @@ Design. The engine owns one decode cache of `slots` rows ([slots, K, max_len, D]
 slot r owns row r from slot 0 and keeps its own write index (per-row `cache_index` in the
 model's cache path, per-row causal offset in the decode mask). Rows therefore never need
 re-aligning when requests join or leave: a new request is prefilled (prompt right-padded
-to a bucket, compiled once per bucket) into a fresh one-row cache that is written over its
-slot's row, and it joins the running batch at the next decode boundary; a finished (stop
-id, max_tokens) or cancelled request frees its slot at once. The alternative, one shared
+to a bucket) into a fresh cache row that is written over its slot's row, and it joins the
+running batch at the next decode boundary; a finished (stop id, max_tokens) or cancelled
+request frees its slot at once. Requests admitted at the same boundary are prefilled
+together, n rows per call (n a power of two; one compilation per (n, bucket) shape,
+`prefill_shapes`): one pass over the weights for all of them instead of one each. The alternative, one shared
 write index with left-padded rows (model/sampling.py's layout), would have to shift every
 row's cache whenever a request joins behind the others.
 
@@ -33,8 +35,8 @@ arrays and the [slots, steps] draws cross between host and device. On a mesh (`m
 `rules`, `param_shardings` as model/sampling.py's Sampler takes them) cache rows shard
 over the batch axes and kv heads over tensor, like the weights.
 
-Metrics: `on_step(step_tokens, seconds)` is called after every prefill (1 token) and every
-decode chunk (the tokens it delivered), from the scheduler thread.
+Metrics: `on_step(step_tokens, seconds)` is called after every prefill call (one token per
+request) and every decode chunk (the tokens it delivered), from the scheduler thread.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ class Engine:
     slots: requests decoded together (cache rows); a multiple of the mesh's batch split.
     max_len: cache slots per row (prompt + generated tokens); default the model context.
     mesh, rules, param_shardings: as model/sampling.py's Sampler.
-    prompt_bucket: prompts are padded to prompt_bucket * 2^k tokens (one compilation each).
+    prompt_bucket: prompts are padded to prompt_bucket * 2^k tokens (compiled per bucket and
+      per number of prompts prefilled together).
     steps_per_sync: decode steps per jit call (per host round trip).
     on_step: called with (tokens delivered, seconds) after each prefill and decode chunk.
   """
@@ -121,7 +124,12 @@ class Engine:
     self._slots = slots
     self.prompt_buckets = buckets(min(prompt_bucket, self.max_len), self.max_len)
     self.cache_buckets = buckets(self.prompt_buckets[0], self.max_len, fine=True)
-    self._prefill_fns: dict[int, Any] = {}
+    # Prefill shapes (rows n, bucket P): n a power of two up to `slots`, n * P within a
+    # token budget (one full-context prompt, or a smallest-bucket prompt per slot).
+    budget = max(self.max_len, slots * self.prompt_buckets[0])
+    self.prefill_shapes = [(n, p) for p in self.prompt_buckets
+                           for n in buckets(1, slots) if n == 1 or n * p <= budget]
+    self._prefill_fns: dict[tuple[int, int], Any] = {}
     self._decode_fns: dict[int, Any] = {}
     self._cache = self._new_cache()
     self._rows: list[Request | None] = [None] * slots
@@ -196,12 +204,11 @@ class Engine:
       self._cancel_queued()
 
   def warmup(self) -> None:
-    """Compiles every prefill bucket and decode bucket (before serving; runs on a free
-    row, so it is also safe while serving, if slower)."""
+    """Compiles every prefill shape and decode bucket (before serving; the prefills write
+    nothing, so it is also safe while serving, if slower)."""
     with self._device:
-      free = [r for r, req in enumerate(self._rows) if req is None]
-      for p in self.prompt_buckets if free else ():
-        self._prefill(free[0], np.ones(1, np.int32), p, _row_params(None, 1))
+      for n, p in self.prefill_shapes:
+        self._prefill([], n, p)
       inactive = DecodeState(*(np.zeros(self._slots, np.int32) for _ in range(3)),
                              np.zeros(self._slots, bool))
       for n in self.cache_buckets:
@@ -243,16 +250,23 @@ class Engine:
     with self._context():
       return jax.jit(make, out_shardings=self._cache_shardings())()
 
-  def _prefill(self, row: int, prompt: np.ndarray, bucket: int, rp: RowParams
+  def _prefill(self, batch: list[tuple[int, Request]], n: int, bucket: int
                ) -> engine_step.Draw:
-    if bucket not in self._prefill_fns:
-      self._prefill_fns[bucket] = self._jit(
+    """Prefills `batch` (slot, request) as n rows of `bucket` tokens (fillers after it
+    write nothing: their row index is out of range)."""
+    if (n, bucket) not in self._prefill_fns:
+      self._prefill_fns[n, bucket] = self._jit(
           engine_step.bound(self.graphdef, engine_step.prefill), n_args=6, n_out=2)
-    tokens = np.zeros((1, bucket), np.int32)
-    tokens[0, :prompt.size] = prompt
+    tokens = np.zeros((n, bucket), np.int32)
+    lengths, rows = np.ones(n, np.int32), np.full(n, self._slots, np.int32)
+    rp = _row_params(None, n)
+    for i, (row, req) in enumerate(batch):
+      tokens[i, :req.prompt.size], lengths[i], rows[i] = req.prompt, req.prompt.size, row
+      for field, value in zip(RowParams._fields, _row_params(req, 1)):
+        getattr(rp, field)[i] = value[0]
     with self._context():
-      self._cache, draw = self._prefill_fns[bucket](
-          self.params, self._cache, np.int32(row), tokens, np.int32(prompt.size), rp)
+      self._cache, draw = self._prefill_fns[n, bucket](self.params, self._cache, rows, tokens,
+                                                       lengths, rp)
     return jax.device_get(draw)
 
   def _decode(self, state: DecodeState, cache_len: int
@@ -312,8 +326,7 @@ class Engine:
 
   def _step(self, admit: list[tuple[int, Request]]) -> None:
     """Admits (prefills) new requests, frees cancelled ones, runs one decode chunk."""
-    for row, req in admit:
-      self._admit(row, req)
+    self._admit(admit)
     for row, req in enumerate(self._rows):
       if req is not None and req.handle.cancelled:
         self._finish(row, "cancelled")
@@ -339,16 +352,30 @@ class Engine:
     if self.on_step is not None:
       self.on_step(delivered, time.perf_counter() - t0)
 
-  def _admit(self, row: int, req: Request) -> None:
-    t0 = time.perf_counter()
-    rp = _row_params(req, 1)
-    bucket = _pick(self.prompt_buckets, req.prompt.size)
-    draw = self._prefill(row, req.prompt, bucket, rp)
+  def _admit(self, admit: list[tuple[int, Request]]) -> None:
+    """Prefills the admitted requests, those of one prompt bucket together (up to the
+    largest compiled row count), and starts decoding them."""
+    admit = sorted(admit, key=lambda x: x[1].prompt.size)
+    while admit:
+      t0 = time.perf_counter()
+      bucket = _pick(self.prompt_buckets, admit[0][1].prompt.size)
+      same = [x for x in admit if _pick(self.prompt_buckets, x[1].prompt.size) == bucket]
+      n_max = max(n for n, p in self.prefill_shapes if p == bucket)
+      batch, admit = same[:n_max], admit[min(len(same), n_max):]
+      n = min(n for n, p in self.prefill_shapes if p == bucket and n >= len(batch))
+      draw = self._prefill(batch, n, bucket)
+      for i, (row, req) in enumerate(batch):
+        self._start(row, req, engine_step.Draw(*(x[i] for x in draw)))
+      if self.on_step is not None:
+        self.on_step(len(batch), time.perf_counter() - t0)
+
+  def _start(self, row: int, req: Request, draw: engine_step.Draw) -> None:
+    """Puts a prefilled request in its slot with its first token delivered."""
     self._rows[row] = req
-    for field, value in zip(RowParams._fields, rp):
+    for field, value in zip(RowParams._fields, _row_params(req, 1)):
       getattr(self._rp, field)[row] = value[0]
-    self._deliver(req, draw.token[0], draw.logprob[0], draw.top_ids[0], draw.top_logprobs[0])
-    token = int(draw.token[0])
+    self._deliver(req, draw.token, draw.logprob, draw.top_ids, draw.top_logprobs)
+    token = int(draw.token)
     if token in req.params.stop_ids:
       self._finish(row, "stop")
     elif req.produced >= req.params.max_tokens:
@@ -356,8 +383,6 @@ class Engine:
     else:
       for field, value in zip(DecodeState._fields, (token, req.prompt.size, 1, True)):
         getattr(self._state, field)[row] = value
-    if self.on_step is not None:
-      self.on_step(1, time.perf_counter() - t0)
 
   def _deliver(self, req: Request, token, logprob, top_ids, top_logprobs) -> None:
     p = req.params
