@@ -314,7 +314,7 @@ class Engine:
     while self._queue and len(admit) < len(free):
       req = self._queue.popleft()
       if req.handle.cancelled:
-        req.handle.emit(Finished("cancelled", req.prompt.size, 0))
+        req.handle.emit([Finished("cancelled", req.prompt.size, 0)])
       else:
         admit.append((free[len(admit)], req))
     return admit
@@ -322,14 +322,14 @@ class Engine:
   def _cancel_queued(self) -> None:
     while self._queue:
       req = self._queue.popleft()
-      req.handle.emit(Finished("cancelled", req.prompt.size, 0))
+      req.handle.emit([Finished("cancelled", req.prompt.size, 0)])
 
   def _step(self, admit: list[tuple[int, Request]]) -> None:
     """Admits (prefills) new requests, frees cancelled ones, runs one decode chunk."""
     self._admit(admit)
     for row, req in enumerate(self._rows):
       if req is not None and req.handle.cancelled:
-        self._finish(row, "cancelled")
+        req.handle.emit([self._free(row, "cancelled")])
     if not self._state.active.any():
       return
     t0 = time.perf_counter()
@@ -339,16 +339,15 @@ class Engine:
     self._state = DecodeState(*(np.array(x) for x in state))
     delivered = 0
     for row, req in enumerate(self._rows):
-      if req is None:
+      n = 0 if req is None else int(out.produced[row])
+      if not n:
         continue
-      n = int(out.produced[row])
-      for j in range(n):
-        self._deliver(req, out.tokens[row, j], out.logprobs[row, j], out.top_ids[row, j],
-                      out.top_logprobs[row, j])
+      events = self._events(req, *(x[row, :n] for x in out[:4]))
+      if not self._state.active[row]:
+        last = events[-1].token
+        events.append(self._free(row, "stop" if last in req.params.stop_ids else "length"))
+      req.handle.emit(events)
       delivered += n
-      if n and not self._state.active[row]:
-        last = int(out.tokens[row, n - 1])
-        self._finish(row, "stop" if last in req.params.stop_ids else "length")
     if self.on_step is not None:
       self.on_step(delivered, time.perf_counter() - t0)
 
@@ -365,7 +364,7 @@ class Engine:
       n = min(n for n, p in self.prefill_shapes if p == bucket and n >= len(batch))
       draw = self._prefill(batch, n, bucket)
       for i, (row, req) in enumerate(batch):
-        self._start(row, req, engine_step.Draw(*(x[i] for x in draw)))
+        self._start(row, req, engine_step.Draw(*(x[i:i + 1] for x in draw)))
       if self.on_step is not None:
         self.on_step(len(batch), time.perf_counter() - t0)
 
@@ -374,46 +373,50 @@ class Engine:
     self._rows[row] = req
     for field, value in zip(RowParams._fields, _row_params(req, 1)):
       getattr(self._rp, field)[row] = value[0]
-    self._deliver(req, draw.token, draw.logprob, draw.top_ids, draw.top_logprobs)
-    token = int(draw.token)
+    events = self._events(req, *draw)
+    token = events[0].token
     if token in req.params.stop_ids:
-      self._finish(row, "stop")
+      events.append(self._free(row, "stop"))
     elif req.produced >= req.params.max_tokens:
-      self._finish(row, "length")
+      events.append(self._free(row, "length"))
     else:
       for field, value in zip(DecodeState._fields, (token, req.prompt.size, 1, True)):
         getattr(self._state, field)[row] = value
+    req.handle.emit(events)
 
-  def _deliver(self, req: Request, token, logprob, top_ids, top_logprobs) -> None:
+  def _events(self, req: Request, tokens, logprobs, top_ids, top_logprobs
+              ) -> list[TokenEvent]:
+    """TokenEvents of a request's new tokens ([n] arrays, top ones [n, 20])."""
     p = req.params
-    top = None
+    req.produced += len(tokens)
+    if not (p.logprobs or p.top_logprobs):
+      return [TokenEvent(t, None, None) for t in tokens.tolist()]
+    top = [None] * len(tokens)
     if p.top_logprobs:
-      top = [(int(i), float(v)) for i, v in zip(top_ids[:p.top_logprobs],
-                                                top_logprobs[:p.top_logprobs])]
-    req.produced += 1
-    req.handle.emit(TokenEvent(int(token), float(logprob) if p.logprobs or top else None,
-                                top))
+      top = [list(zip(i, v)) for i, v in zip(top_ids[:, :p.top_logprobs].tolist(),
+                                              top_logprobs[:, :p.top_logprobs].tolist())]
+    return [TokenEvent(t, lp, tl) for t, lp, tl in zip(tokens.tolist(), logprobs.tolist(), top)]
 
-  def _finish(self, row: int, reason: str, error: str | None = None) -> None:
-    """Ends the request in `row` and frees the slot (its row parameters back to greedy,
-    so an idle row never switches on the sampling branches)."""
+  def _free(self, row: int, reason: str, error: str | None = None) -> Finished:
+    """Frees `row` (its row parameters back to greedy, so an idle row never switches on
+    the sampling branches); returns the Finished of the request that held it."""
     req = self._rows[row]
     self._rows[row] = None
     for field, value in zip(DecodeState._fields, (0, 0, 0, False)):
       getattr(self._state, field)[row] = value
-    for field, value in zip(RowParams._fields, _row_params(None, 1)):
+    for field, value in zip(RowParams._fields, _idle_params()):
       getattr(self._rp, field)[row] = value[0]
-    req.handle.emit(Finished(reason, req.prompt.size, req.produced, error))
+    return Finished(reason, req.prompt.size, req.produced, error)
 
   def _fail_all(self, admit: list[tuple[int, Request]], error: str) -> None:
     """After a failed device call: every running and just-admitted request ends with
     "error", and the (possibly donated) cache is rebuilt."""
     for row, req in enumerate(self._rows):
       if req is not None:
-        self._finish(row, "error", error)
+        req.handle.emit([self._free(row, "error", error)])
     for _, req in admit:
       if not req.handle.done:
-        req.handle.emit(Finished("error", req.prompt.size, req.produced, error))
+        req.handle.emit([Finished("error", req.prompt.size, req.produced, error)])
     self._cache = self._new_cache()
 
 
@@ -434,3 +437,9 @@ def _row_params(req: Request | None, n: int) -> RowParams:
 def _key_data(seed: int) -> np.ndarray:
   """Raw key data of jax.random.key(seed) (cached: idle rows ask for seed 0 every time)."""
   return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+
+@functools.lru_cache(maxsize=1)
+def _idle_params() -> RowParams:
+  """The parameters of a free row (computed once, on first use: no jax work at import)."""
+  return _row_params(None, 1)

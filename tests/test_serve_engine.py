@@ -69,6 +69,11 @@ def test_greedy_equals_the_offline_sampler_alone_and_batched(engine, tiny, tiny_
     assert fin == Finished("length", len(PROMPTS[i]), 10)
   for i, result in enumerate(alone):
     assert _tokens(result) == _tokens(together[i])
+  # The same stream in batches: a list per wake-up, the Finished last.
+  batches = list(engine.submit(PROMPTS[1], GREEDY).event_batches(timeout=TIMEOUT))
+  flat = [e for batch in batches for e in batch]
+  assert [e.token for e in flat[:-1]] == _tokens(together[1])
+  assert flat[-1] == together[1][1] and len(batches) < len(flat)
 
 
 def test_requests_joining_mid_flight_do_not_change_a_greedy_one(engine):
