@@ -59,29 +59,12 @@ from model import sharding as msharding
 from model.transformer import CACHE_AXES, init_cache
 from serve import engine_step
 from serve.engine_requests import (Finished, GenerationParams, Request, RequestHandle,
-                                   TokenEvent)
-from serve.engine_step import MAX_STOP_IDS, DecodeState, RowParams
+                                   TokenEvent, idle_params, row_params)
+from serve.engine_step import DecodeState, RowParams, buckets
 
 __all__ = ["Engine", "Finished", "GenerationParams", "RequestHandle", "TokenEvent"]
 
 log = logging.getLogger(__name__)
-
-
-def buckets(start: int, limit: int, fine: bool = False) -> list[int]:
-  """The compiled lengths: start * 2^k below `limit`, then `limit`. `fine` adds
-  start * 1.5 * 2^k (consecutive buckets at most 1.5x apart: decode attention reads the
-  whole bucket every step, so finer buckets pay; prefill runs once per request)."""
-  out, n = [], start
-  while n < limit:
-    out.append(n)
-    if fine and n * 3 // 2 < limit and n % 2 == 0 and n > start:
-      out.append(n * 3 // 2)
-    n *= 2
-  return out + [limit]
-
-
-def _pick(options: Sequence[int], n: int) -> int:
-  return next(x for x in options if x >= n) if n <= options[-1] else options[-1]
 
 
 class Engine:
@@ -135,7 +118,7 @@ class Engine:
     self._rows: list[Request | None] = [None] * slots
     self._state = DecodeState(*(np.zeros(slots, np.int32) for _ in range(3)),
                               np.zeros(slots, bool))
-    self._rp = RowParams(*(np.asarray(x) for x in _row_params(None, slots)))
+    self._rp = RowParams(*(np.asarray(x) for x in row_params(None, slots)))
     self._queue: collections.deque[Request] = collections.deque()
     self._cv = threading.Condition()
     self._device = threading.Lock()  # the cache is donated: one device call at a time
@@ -259,10 +242,10 @@ class Engine:
           engine_step.bound(self.graphdef, engine_step.prefill), n_args=6, n_out=2)
     tokens = np.zeros((n, bucket), np.int32)
     lengths, rows = np.ones(n, np.int32), np.full(n, self._slots, np.int32)
-    rp = _row_params(None, n)
+    rp = row_params(None, n)
     for i, (row, req) in enumerate(batch):
       tokens[i, :req.prompt.size], lengths[i], rows[i] = req.prompt, req.prompt.size, row
-      for field, value in zip(RowParams._fields, _row_params(req, 1)):
+      for field, value in zip(RowParams._fields, row_params(req, 1)):
         getattr(rp, field)[i] = value[0]
     with self._context():
       self._cache, draw = self._prefill_fns[n, bucket](self.params, self._cache, rows, tokens,
@@ -334,7 +317,7 @@ class Engine:
       return
     t0 = time.perf_counter()
     pos = self._state.pos[self._state.active]
-    cache_len = _pick(self.cache_buckets, int(pos.max()) + self.steps_per_sync)
+    cache_len = engine_step.pick(self.cache_buckets, int(pos.max()) + self.steps_per_sync)
     state, out = self._decode(self._state, cache_len)
     self._state = DecodeState(*(np.array(x) for x in state))
     delivered = 0
@@ -357,8 +340,8 @@ class Engine:
     admit = sorted(admit, key=lambda x: x[1].prompt.size)
     while admit:
       t0 = time.perf_counter()
-      bucket = _pick(self.prompt_buckets, admit[0][1].prompt.size)
-      same = [x for x in admit if _pick(self.prompt_buckets, x[1].prompt.size) == bucket]
+      bucket = engine_step.pick(self.prompt_buckets, admit[0][1].prompt.size)
+      same = [x for x in admit if engine_step.pick(self.prompt_buckets, x[1].prompt.size) == bucket]
       n_max = max(n for n, p in self.prefill_shapes if p == bucket)
       batch, admit = same[:n_max], admit[min(len(same), n_max):]
       n = min(n for n, p in self.prefill_shapes if p == bucket and n >= len(batch))
@@ -371,7 +354,7 @@ class Engine:
   def _start(self, row: int, req: Request, draw: engine_step.Draw) -> None:
     """Puts a prefilled request in its slot with its first token delivered."""
     self._rows[row] = req
-    for field, value in zip(RowParams._fields, _row_params(req, 1)):
+    for field, value in zip(RowParams._fields, row_params(req, 1)):
       getattr(self._rp, field)[row] = value[0]
     events = self._events(req, *draw)
     token = events[0].token
@@ -404,7 +387,7 @@ class Engine:
     self._rows[row] = None
     for field, value in zip(DecodeState._fields, (0, 0, 0, False)):
       getattr(self._state, field)[row] = value
-    for field, value in zip(RowParams._fields, _idle_params()):
+    for field, value in zip(RowParams._fields, idle_params()):
       getattr(self._rp, field)[row] = value[0]
     return Finished(reason, req.prompt.size, req.produced, error)
 
@@ -418,28 +401,3 @@ class Engine:
       if not req.handle.done:
         req.handle.emit([Finished("error", req.prompt.size, req.produced, error)])
     self._cache = self._new_cache()
-
-
-def _row_params(req: Request | None, n: int) -> RowParams:
-  """RowParams arrays [n] of one request (None: an idle greedy row)."""
-  p = req.params if req is not None else GenerationParams(temperature=0.0, max_tokens=1)
-  seed = req.seed if req is not None else 0
-  stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
-  stops[:, :len(p.stop_ids)] = p.stop_ids
-  key = _key_data(seed)
-  return RowParams(np.full(n, p.temperature, np.float32), np.full(n, p.top_p, np.float32),
-                   np.full(n, p.top_k, np.int32), np.tile(key, (n, 1)), stops,
-                   np.full(n, p.max_tokens, np.int32),
-                   np.full(n, p.logprobs or p.top_logprobs > 0), np.full(n, p.top_logprobs > 0))
-
-
-@functools.lru_cache(maxsize=1024)
-def _key_data(seed: int) -> np.ndarray:
-  """Raw key data of jax.random.key(seed) (cached: idle rows ask for seed 0 every time)."""
-  return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
-
-
-@functools.lru_cache(maxsize=1)
-def _idle_params() -> RowParams:
-  """The parameters of a free row (computed once, on first use: no jax work at import)."""
-  return _row_params(None, 1)

@@ -5,18 +5,21 @@ A handle is fed by the engine's scheduler thread (`emit`, a request's new events
 decode chunk) and read by any other thread: `events()` streams one event at a time,
 `event_batches()` a list per wake-up, `result()` waits for the whole answer. `result()`
 sees every event; the two streams share one queue (read it from one consumer).
+`row_params` turns a request's parameters into its row of the decode step's RowParams.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 
-from serve.engine_step import MAX_STOP_IDS, TOP_LOGPROBS
+from serve.engine_step import MAX_STOP_IDS, TOP_LOGPROBS, RowParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,3 +155,28 @@ class Request:
   params: GenerationParams
   seed: int
   produced: int = 0
+
+
+def row_params(req: Request | None, n: int) -> RowParams:
+  """RowParams arrays [n] of one request (None: an idle greedy row)."""
+  p = req.params if req is not None else GenerationParams(temperature=0.0, max_tokens=1)
+  seed = req.seed if req is not None else 0
+  stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
+  stops[:, :len(p.stop_ids)] = p.stop_ids
+  key = key_data(seed)
+  return RowParams(np.full(n, p.temperature, np.float32), np.full(n, p.top_p, np.float32),
+                   np.full(n, p.top_k, np.int32), np.tile(key, (n, 1)), stops,
+                   np.full(n, p.max_tokens, np.int32),
+                   np.full(n, p.logprobs or p.top_logprobs > 0), np.full(n, p.top_logprobs > 0))
+
+
+@functools.lru_cache(maxsize=1024)
+def key_data(seed: int) -> np.ndarray:
+  """Raw key data of jax.random.key(seed) (cached: idle rows ask for seed 0 every time)."""
+  return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+
+@functools.lru_cache(maxsize=1)
+def idle_params() -> RowParams:
+  """The parameters of a free row (computed once, on first use: no jax work at import)."""
+  return row_params(None, 1)

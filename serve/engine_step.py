@@ -260,3 +260,20 @@ def bound(graphdef: Any, fn):
   def run(params, *args, **kwargs):
     return fn(nnx.merge(graphdef, params), *args, **kwargs)
   return run
+
+
+def buckets(start: int, limit: int, fine: bool = False) -> list[int]:
+  """The compiled lengths: start * 2^k below `limit`, then `limit`. `fine` adds
+  start * 1.5 * 2^k (consecutive buckets at most 1.5x apart: decode attention reads the
+  whole bucket every step, so finer buckets pay; prefill runs once per request)."""
+  out, n = [], start
+  while n < limit:
+    out.append(n)
+    if fine and n * 3 // 2 < limit and n % 2 == 0 and n > start:
+      out.append(n * 3 // 2)
+    n *= 2
+  return out + [limit]
+
+
+def pick(options: Sequence[int], n: int) -> int:
+  return next(x for x in options if x >= n) if n <= options[-1] else options[-1]
