@@ -1,7 +1,7 @@
 """Benchmark: the serving engine and its HTTP server under load, against transformers.
 
   python benchmarks/serve_load.py [--clients=1,4,16,64] [--requests_per_client=4]
-      [--new_tokens=128] [--prompt_len=16] [--skip_http]
+      [--new_tokens=128] [--prompt_len=16] [--skip_http] [--skip_hf]
 
 Model: benchmarks/sample_throughput.py's SHAPE (4 layers, 256 wide, SwiGLU 688, vocab
 8192, random weights, float32), fused projections on our side; transformers gets the same
@@ -54,6 +54,13 @@ flags.DEFINE_integer("steps_per_sync", 16, "Engine decode steps per host round t
 flags.DEFINE_integer("server_slots", 16, "Engine slots of the HTTP server.")
 flags.DEFINE_float("phase_timeout_s", 300.0, "Limit of one HTTP phase.")
 flags.DEFINE_bool("skip_http", False, "Leave out the HTTP load (c).")
+flags.DEFINE_bool("skip_hf", False, "Leave out transformers (a) (and the speedups).")
+
+# benchmarks/sample_throughput.py's SHAPE and layout (that module defines absl flags of the
+# same names, so it cannot be imported here).
+SHAPE = dict(vocab_size=8192, embed_dim=256, num_layers=4, num_heads=4, num_kv_heads=4,
+             mlp_dim=688, max_seq_len=512, rope_theta=10000.0, tie_embeddings=False)
+JAX_LAYOUT = dict(fuse_projections=True)
 
 
 def build_models():
@@ -65,7 +72,6 @@ def build_models():
   from model.config import ModelConfig
   from model.hf import to_hf_state_dict
   from model.transformer import build_model
-  from sample_throughput import JAX_LAYOUT, SHAPE
   cfg = ModelConfig.from_dict({**ModelConfig().to_dict(), **SHAPE, **JAX_LAYOUT})
   graphdef, state = nnx.split(build_model(cfg, seed=0))
   params = nnx.to_pure_dict(state)
@@ -130,8 +136,7 @@ def engine_tokens_per_sec(cfg, graphdef, params, prompts: list[list[int]]
   from serve.engine import Engine, GenerationParams
   engine = Engine(graphdef, params, cfg, slots=len(prompts), prompt_bucket=FLAGS.prompt_len,
                   steps_per_sync=FLAGS.steps_per_sync)
-  engine.warmup()
-  engine.start()
+  engine.start()  # compiles what it needs in best_time's warm-up call
   gen = GenerationParams(max_tokens=FLAGS.new_tokens, temperature=0.0)
   out = []
 
@@ -162,27 +167,32 @@ def main(argv):
   rng = np.random.default_rng(0)
   prompts = rng.integers(4, cfg.vocab_size, (16, FLAGS.prompt_len)).tolist()
   results: dict[str, float] = {}
-  hf_seq = hf_sequential_tokens_per_sec(hf, prompts[:FLAGS.hf_sequential_prompts])
-  print(f"(a) transformers.generate batch 1 (sequential): {hf_seq:8,.0f} tokens/s", flush=True)
+  summary: dict[str, float] = {}
   hf_out = {}
-  for b in (8, 16):
-    results[f"hf_tokens_per_sec_batch{b}"], hf_out[b] = hf_tokens_per_sec(hf, prompts[:b])
-    print(f"(a) transformers.generate batch {b:2d}:             "
-          f"{results[f'hf_tokens_per_sec_batch{b}']:8,.0f} tokens/s", flush=True)
+  if not FLAGS.skip_hf:
+    import torch
+    hf_seq = hf_sequential_tokens_per_sec(hf, prompts[:FLAGS.hf_sequential_prompts])
+    summary["hf_generate_tokens_per_sec"] = hf_seq
+    print(f"(a) transformers.generate batch 1 (sequential): {hf_seq:8,.0f} tokens/s "
+          f"(torch threads: {torch.get_num_threads()})", flush=True)
+    for b in (8, 16):
+      results[f"hf_tokens_per_sec_batch{b}"], hf_out[b] = hf_tokens_per_sec(hf, prompts[:b])
+      print(f"(a) transformers.generate batch {b:2d}:             "
+            f"{results[f'hf_tokens_per_sec_batch{b}']:8,.0f} tokens/s", flush=True)
   for b in (8, 16):
     tps, out = engine_tokens_per_sec(cfg, graphdef, params, prompts[:b])
     results[f"engine_tokens_per_sec_batch{b}"] = tps
-    results[f"greedy_agreement_with_hf_batch{b}"] = agreement(out, hf_out[b])
-    print(f"(b) engine, {b:2d} slots busy:                    {tps:8,.0f} tokens/s "
-          f"({tps / results[f'hf_tokens_per_sec_batch{b}']:.2f}x transformers at batch {b}; "
-          f"greedy tokens shared with transformers: "
-          f"{results[f'greedy_agreement_with_hf_batch{b}']:.0%})", flush=True)
-  summary = {
-      "hf_generate_tokens_per_sec": hf_seq,
-      "decode_speedup_batch8": (results["engine_tokens_per_sec_batch8"]
-                                / results["hf_tokens_per_sec_batch8"]),
-      **results,
-  }
+    line = f"(b) engine, {b:2d} slots busy:                    {tps:8,.0f} tokens/s"
+    if b in hf_out:
+      results[f"greedy_agreement_with_hf_batch{b}"] = agreement(out, hf_out[b])
+      line += (f" ({tps / results[f'hf_tokens_per_sec_batch{b}']:.2f}x transformers at "
+               f"batch {b}; greedy tokens shared with transformers: "
+               f"{results[f'greedy_agreement_with_hf_batch{b}']:.0%})")
+    print(line, flush=True)
+  if not FLAGS.skip_hf:
+    summary["decode_speedup_batch8"] = (results["engine_tokens_per_sec_batch8"]
+                                        / results["hf_tokens_per_sec_batch8"])
+  summary.update(results)
   if not FLAGS.skip_http:
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
       phases = run_http_phases(cfg, params, tmp, [int(n) for n in FLAGS.clients],
@@ -202,9 +212,11 @@ def main(argv):
         summary[f"{key}_{n}"] = value
     if 16 in phases:
       tps16 = phases[16]["tokens_per_sec"]
-      summary.update(tokens_per_sec_16=tps16, p95_ttft_s_16=phases[16]["p95_ttft_s"],
-                     speedup_vs_hf_sequential=tps16 / hf_seq,
-                     speedup_vs_hf_batch16=tps16 / results["hf_tokens_per_sec_batch16"])
+      summary.update(tokens_per_sec_16=tps16, p95_ttft_s_16=phases[16]["p95_ttft_s"])
+      if not FLAGS.skip_hf:
+        summary.update(
+            speedup_vs_hf_sequential=tps16 / summary["hf_generate_tokens_per_sec"],
+            speedup_vs_hf_batch16=tps16 / results["hf_tokens_per_sec_batch16"])
   summary.update(new_tokens=FLAGS.new_tokens, prompt_len=FLAGS.prompt_len)
   print(json.dumps(summary))
 

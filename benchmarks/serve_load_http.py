@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -133,6 +134,7 @@ def run_http_phases(cfg: Any, params: Any, workdir: str, clients: list[int], *,
   """Runs part (c); returns {N: figures}. The server log is kept in `workdir`."""
   del steps_per_sync  # the server's own default
   import httpx
+  logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
   from data.readers import resolve_data_path
   checkpoint = save_checkpoint(cfg, params, workdir)
   lines = [l.strip() for l in open(resolve_data_path("pretrain/tinyshakespeare.txt"))

@@ -10,9 +10,11 @@ Design. The engine owns one decode cache of `slots` rows ([slots, K, max_len, D]
 slot r owns row r from slot 0 and keeps its own write index (per-row `cache_index` in the
 model's cache path, per-row causal offset in the decode mask). Rows therefore never need
 re-aligning when requests join or leave: a new request is prefilled (prompt right-padded
-to a bucket, compiled once per bucket) into a fresh one-row cache that is written over its
-slot's row, and it joins the running batch at the next decode boundary; a finished (stop
-id, max_tokens) or cancelled request frees its slot at once. The alternative, one shared
+to a bucket) into a fresh cache row that is written over its slot's row, and it joins the
+running batch at the next decode boundary; a finished (stop id, max_tokens) or cancelled
+request frees its slot at once. Requests admitted at the same boundary are prefilled
+together, n rows per call (n a power of two; one compilation per (n, bucket) shape,
+`prefill_shapes`): one pass over the weights for all of them instead of one each. The alternative, one shared
 write index with left-padded rows (model/sampling.py's layout), would have to shift every
 row's cache whenever a request joins behind the others.
 
@@ -33,8 +35,8 @@ arrays and the [slots, steps] draws cross between host and device. On a mesh (`m
 `rules`, `param_shardings` as model/sampling.py's Sampler takes them) cache rows shard
 over the batch axes and kv heads over tensor, like the weights.
 
-Metrics: `on_step(step_tokens, seconds)` is called after every prefill (1 token) and every
-decode chunk (the tokens it delivered), from the scheduler thread.
+Metrics: `on_step(step_tokens, seconds)` is called after every prefill call (one token per
+request) and every decode chunk (the tokens it delivered), from the scheduler thread.
 """
 
 from __future__ import annotations
@@ -57,29 +59,12 @@ from model import sharding as msharding
 from model.transformer import CACHE_AXES, init_cache
 from serve import engine_step
 from serve.engine_requests import (Finished, GenerationParams, Request, RequestHandle,
-                                   TokenEvent)
-from serve.engine_step import MAX_STOP_IDS, DecodeState, RowParams
+                                   TokenEvent, idle_params, row_params)
+from serve.engine_step import DecodeState, RowParams, buckets
 
 __all__ = ["Engine", "Finished", "GenerationParams", "RequestHandle", "TokenEvent"]
 
 log = logging.getLogger(__name__)
-
-
-def buckets(start: int, limit: int, fine: bool = False) -> list[int]:
-  """The compiled lengths: start * 2^k below `limit`, then `limit`. `fine` adds
-  start * 1.5 * 2^k (consecutive buckets at most 1.5x apart: decode attention reads the
-  whole bucket every step, so finer buckets pay; prefill runs once per request)."""
-  out, n = [], start
-  while n < limit:
-    out.append(n)
-    if fine and n * 3 // 2 < limit and n % 2 == 0 and n > start:
-      out.append(n * 3 // 2)
-    n *= 2
-  return out + [limit]
-
-
-def _pick(options: Sequence[int], n: int) -> int:
-  return next(x for x in options if x >= n) if n <= options[-1] else options[-1]
 
 
 class Engine:
@@ -92,7 +77,8 @@ class Engine:
     slots: requests decoded together (cache rows); a multiple of the mesh's batch split.
     max_len: cache slots per row (prompt + generated tokens); default the model context.
     mesh, rules, param_shardings: as model/sampling.py's Sampler.
-    prompt_bucket: prompts are padded to prompt_bucket * 2^k tokens (one compilation each).
+    prompt_bucket: prompts are padded to prompt_bucket * 2^k tokens (compiled per bucket and
+      per number of prompts prefilled together).
     steps_per_sync: decode steps per jit call (per host round trip).
     on_step: called with (tokens delivered, seconds) after each prefill and decode chunk.
   """
@@ -121,13 +107,18 @@ class Engine:
     self._slots = slots
     self.prompt_buckets = buckets(min(prompt_bucket, self.max_len), self.max_len)
     self.cache_buckets = buckets(self.prompt_buckets[0], self.max_len, fine=True)
-    self._prefill_fns: dict[int, Any] = {}
+    # Prefill shapes (rows n, bucket P): n a power of two up to `slots`, n * P within a
+    # token budget (one full-context prompt, or a smallest-bucket prompt per slot).
+    budget = max(self.max_len, slots * self.prompt_buckets[0])
+    self.prefill_shapes = [(n, p) for p in self.prompt_buckets
+                           for n in buckets(1, slots) if n == 1 or n * p <= budget]
+    self._prefill_fns: dict[tuple[int, int], Any] = {}
     self._decode_fns: dict[int, Any] = {}
     self._cache = self._new_cache()
     self._rows: list[Request | None] = [None] * slots
     self._state = DecodeState(*(np.zeros(slots, np.int32) for _ in range(3)),
                               np.zeros(slots, bool))
-    self._rp = RowParams(*(np.asarray(x) for x in _row_params(None, slots)))
+    self._rp = RowParams(*(np.asarray(x) for x in row_params(None, slots)))
     self._queue: collections.deque[Request] = collections.deque()
     self._cv = threading.Condition()
     self._device = threading.Lock()  # the cache is donated: one device call at a time
@@ -196,12 +187,11 @@ class Engine:
       self._cancel_queued()
 
   def warmup(self) -> None:
-    """Compiles every prefill bucket and decode bucket (before serving; runs on a free
-    row, so it is also safe while serving, if slower)."""
+    """Compiles every prefill shape and decode bucket (before serving; the prefills write
+    nothing, so it is also safe while serving, if slower)."""
     with self._device:
-      free = [r for r, req in enumerate(self._rows) if req is None]
-      for p in self.prompt_buckets if free else ():
-        self._prefill(free[0], np.ones(1, np.int32), p, _row_params(None, 1))
+      for n, p in self.prefill_shapes:
+        self._prefill([], n, p)
       inactive = DecodeState(*(np.zeros(self._slots, np.int32) for _ in range(3)),
                              np.zeros(self._slots, bool))
       for n in self.cache_buckets:
@@ -243,16 +233,23 @@ class Engine:
     with self._context():
       return jax.jit(make, out_shardings=self._cache_shardings())()
 
-  def _prefill(self, row: int, prompt: np.ndarray, bucket: int, rp: RowParams
+  def _prefill(self, batch: list[tuple[int, Request]], n: int, bucket: int
                ) -> engine_step.Draw:
-    if bucket not in self._prefill_fns:
-      self._prefill_fns[bucket] = self._jit(
+    """Prefills `batch` (slot, request) as n rows of `bucket` tokens (fillers after it
+    write nothing: their row index is out of range)."""
+    if (n, bucket) not in self._prefill_fns:
+      self._prefill_fns[n, bucket] = self._jit(
           engine_step.bound(self.graphdef, engine_step.prefill), n_args=6, n_out=2)
-    tokens = np.zeros((1, bucket), np.int32)
-    tokens[0, :prompt.size] = prompt
+    tokens = np.zeros((n, bucket), np.int32)
+    lengths, rows = np.ones(n, np.int32), np.full(n, self._slots, np.int32)
+    rp = row_params(None, n)
+    for i, (row, req) in enumerate(batch):
+      tokens[i, :req.prompt.size], lengths[i], rows[i] = req.prompt, req.prompt.size, row
+      for field, value in zip(RowParams._fields, row_params(req, 1)):
+        getattr(rp, field)[i] = value[0]
     with self._context():
-      self._cache, draw = self._prefill_fns[bucket](
-          self.params, self._cache, np.int32(row), tokens, np.int32(prompt.size), rp)
+      self._cache, draw = self._prefill_fns[n, bucket](self.params, self._cache, rows, tokens,
+                                                       lengths, rp)
     return jax.device_get(draw)
 
   def _decode(self, state: DecodeState, cache_len: int
@@ -300,7 +297,7 @@ class Engine:
     while self._queue and len(admit) < len(free):
       req = self._queue.popleft()
       if req.handle.cancelled:
-        req.handle.emit(Finished("cancelled", req.prompt.size, 0))
+        req.handle.emit([Finished("cancelled", req.prompt.size, 0)])
       else:
         admit.append((free[len(admit)], req))
     return admit
@@ -308,104 +305,99 @@ class Engine:
   def _cancel_queued(self) -> None:
     while self._queue:
       req = self._queue.popleft()
-      req.handle.emit(Finished("cancelled", req.prompt.size, 0))
+      req.handle.emit([Finished("cancelled", req.prompt.size, 0)])
 
   def _step(self, admit: list[tuple[int, Request]]) -> None:
     """Admits (prefills) new requests, frees cancelled ones, runs one decode chunk."""
-    for row, req in admit:
-      self._admit(row, req)
+    self._admit(admit)
     for row, req in enumerate(self._rows):
       if req is not None and req.handle.cancelled:
-        self._finish(row, "cancelled")
+        req.handle.emit([self._free(row, "cancelled")])
     if not self._state.active.any():
       return
     t0 = time.perf_counter()
     pos = self._state.pos[self._state.active]
-    cache_len = _pick(self.cache_buckets, int(pos.max()) + self.steps_per_sync)
+    cache_len = engine_step.pick(self.cache_buckets, int(pos.max()) + self.steps_per_sync)
     state, out = self._decode(self._state, cache_len)
     self._state = DecodeState(*(np.array(x) for x in state))
     delivered = 0
     for row, req in enumerate(self._rows):
-      if req is None:
+      n = 0 if req is None else int(out.produced[row])
+      if not n:
         continue
-      n = int(out.produced[row])
-      for j in range(n):
-        self._deliver(req, out.tokens[row, j], out.logprobs[row, j], out.top_ids[row, j],
-                      out.top_logprobs[row, j])
+      events = self._events(req, *(x[row, :n] for x in out[:4]))
+      if not self._state.active[row]:
+        last = events[-1].token
+        events.append(self._free(row, "stop" if last in req.params.stop_ids else "length"))
+      req.handle.emit(events)
       delivered += n
-      if n and not self._state.active[row]:
-        last = int(out.tokens[row, n - 1])
-        self._finish(row, "stop" if last in req.params.stop_ids else "length")
     if self.on_step is not None:
       self.on_step(delivered, time.perf_counter() - t0)
 
-  def _admit(self, row: int, req: Request) -> None:
-    t0 = time.perf_counter()
-    rp = _row_params(req, 1)
-    bucket = _pick(self.prompt_buckets, req.prompt.size)
-    draw = self._prefill(row, req.prompt, bucket, rp)
+  def _admit(self, admit: list[tuple[int, Request]]) -> None:
+    """Prefills the admitted requests, those of one prompt bucket together (up to the
+    largest compiled row count), and starts decoding them."""
+    admit = sorted(admit, key=lambda x: x[1].prompt.size)
+    while admit:
+      t0 = time.perf_counter()
+      bucket = engine_step.pick(self.prompt_buckets, admit[0][1].prompt.size)
+      same = [x for x in admit if engine_step.pick(self.prompt_buckets, x[1].prompt.size) == bucket]
+      n_max = max(n for n, p in self.prefill_shapes if p == bucket)
+      batch, admit = same[:n_max], admit[min(len(same), n_max):]
+      n = min(n for n, p in self.prefill_shapes if p == bucket and n >= len(batch))
+      draw = self._prefill(batch, n, bucket)
+      for i, (row, req) in enumerate(batch):
+        self._start(row, req, engine_step.Draw(*(x[i:i + 1] for x in draw)))
+      if self.on_step is not None:
+        self.on_step(len(batch), time.perf_counter() - t0)
+
+  def _start(self, row: int, req: Request, draw: engine_step.Draw) -> None:
+    """Puts a prefilled request in its slot with its first token delivered."""
     self._rows[row] = req
-    for field, value in zip(RowParams._fields, rp):
+    for field, value in zip(RowParams._fields, row_params(req, 1)):
       getattr(self._rp, field)[row] = value[0]
-    self._deliver(req, draw.token[0], draw.logprob[0], draw.top_ids[0], draw.top_logprobs[0])
-    token = int(draw.token[0])
+    events = self._events(req, *draw)
+    token = events[0].token
     if token in req.params.stop_ids:
-      self._finish(row, "stop")
+      events.append(self._free(row, "stop"))
     elif req.produced >= req.params.max_tokens:
-      self._finish(row, "length")
+      events.append(self._free(row, "length"))
     else:
       for field, value in zip(DecodeState._fields, (token, req.prompt.size, 1, True)):
         getattr(self._state, field)[row] = value
-    if self.on_step is not None:
-      self.on_step(1, time.perf_counter() - t0)
+    req.handle.emit(events)
 
-  def _deliver(self, req: Request, token, logprob, top_ids, top_logprobs) -> None:
+  def _events(self, req: Request, tokens, logprobs, top_ids, top_logprobs
+              ) -> list[TokenEvent]:
+    """TokenEvents of a request's new tokens ([n] arrays, top ones [n, 20])."""
     p = req.params
-    top = None
+    req.produced += len(tokens)
+    if not (p.logprobs or p.top_logprobs):
+      return [TokenEvent(t, None, None) for t in tokens.tolist()]
+    top = [None] * len(tokens)
     if p.top_logprobs:
-      top = [(int(i), float(v)) for i, v in zip(top_ids[:p.top_logprobs],
-                                                top_logprobs[:p.top_logprobs])]
-    req.produced += 1
-    req.handle.emit(TokenEvent(int(token), float(logprob) if p.logprobs or top else None,
-                                top))
+      top = [list(zip(i, v)) for i, v in zip(top_ids[:, :p.top_logprobs].tolist(),
+                                              top_logprobs[:, :p.top_logprobs].tolist())]
+    return [TokenEvent(t, lp, tl) for t, lp, tl in zip(tokens.tolist(), logprobs.tolist(), top)]
 
-  def _finish(self, row: int, reason: str, error: str | None = None) -> None:
-    """Ends the request in `row` and frees the slot (its row parameters back to greedy,
-    so an idle row never switches on the sampling branches)."""
+  def _free(self, row: int, reason: str, error: str | None = None) -> Finished:
+    """Frees `row` (its row parameters back to greedy, so an idle row never switches on
+    the sampling branches); returns the Finished of the request that held it."""
     req = self._rows[row]
     self._rows[row] = None
     for field, value in zip(DecodeState._fields, (0, 0, 0, False)):
       getattr(self._state, field)[row] = value
-    for field, value in zip(RowParams._fields, _row_params(None, 1)):
+    for field, value in zip(RowParams._fields, idle_params()):
       getattr(self._rp, field)[row] = value[0]
-    req.handle.emit(Finished(reason, req.prompt.size, req.produced, error))
+    return Finished(reason, req.prompt.size, req.produced, error)
 
   def _fail_all(self, admit: list[tuple[int, Request]], error: str) -> None:
     """After a failed device call: every running and just-admitted request ends with
     "error", and the (possibly donated) cache is rebuilt."""
     for row, req in enumerate(self._rows):
       if req is not None:
-        self._finish(row, "error", error)
+        req.handle.emit([self._free(row, "error", error)])
     for _, req in admit:
       if not req.handle.done:
-        req.handle.emit(Finished("error", req.prompt.size, req.produced, error))
+        req.handle.emit([Finished("error", req.prompt.size, req.produced, error)])
     self._cache = self._new_cache()
-
-
-def _row_params(req: Request | None, n: int) -> RowParams:
-  """RowParams arrays [n] of one request (None: an idle greedy row)."""
-  p = req.params if req is not None else GenerationParams(temperature=0.0, max_tokens=1)
-  seed = req.seed if req is not None else 0
-  stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
-  stops[:, :len(p.stop_ids)] = p.stop_ids
-  key = _key_data(seed)
-  return RowParams(np.full(n, p.temperature, np.float32), np.full(n, p.top_p, np.float32),
-                   np.full(n, p.top_k, np.int32), np.tile(key, (n, 1)), stops,
-                   np.full(n, p.max_tokens, np.int32),
-                   np.full(n, p.logprobs or p.top_logprobs > 0), np.full(n, p.top_logprobs > 0))
-
-
-@functools.lru_cache(maxsize=1024)
-def _key_data(seed: int) -> np.ndarray:
-  """Raw key data of jax.random.key(seed) (cached: idle rows ask for seed 0 every time)."""
-  return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)

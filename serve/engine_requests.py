@@ -1,20 +1,25 @@
 """The request side of the serving engine (`serve/engine.py`): sampling parameters, the
 events a request streams (TokenEvent ... Finished) and the handle the caller holds.
 
-A handle is fed by the engine's scheduler thread (`emit`) and read by any other thread:
-`events()` streams, `result()` waits for the whole answer; both see every event.
+A handle is fed by the engine's scheduler thread (`emit`, a request's new events once per
+decode chunk) and read by any other thread: `events()` streams one event at a time,
+`event_batches()` a list per wake-up, `result()` waits for the whole answer. `result()`
+sees every event; the two streams share one queue (read it from one consumer).
+`row_params` turns a request's parameters into its row of the decode step's RowParams.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 from typing import Callable, Iterator
 
+import jax
 import numpy as np
 
-from serve.engine_step import MAX_STOP_IDS, TOP_LOGPROBS
+from serve.engine_step import MAX_STOP_IDS, TOP_LOGPROBS, RowParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +96,26 @@ class RequestHandle:
     Raises:
       TimeoutError: no event arrived within `timeout` seconds.
     """
+    for batch in self.event_batches(timeout):
+      yield from batch
+
+  def event_batches(self, timeout: float | None = None
+                    ) -> Iterator[list[TokenEvent | Finished]]:
+    """Like `events`, but yields every event available at once as one list (the engine
+    delivers a request's tokens once per decode chunk): one wake-up per chunk, not per
+    token, for a consumer that forwards them (e.g. into an event loop)."""
     while True:
       try:
-        event = self._queue.get(timeout=timeout)
+        batch = self._queue.get(timeout=timeout)
       except queue.Empty:
         raise TimeoutError(f"request {self.id}: no event within {timeout} s") from None
-      yield event
-      if isinstance(event, Finished):
+      while isinstance(batch[-1], TokenEvent):  # more may be waiting already
+        try:
+          batch = batch + self._queue.get_nowait()
+        except queue.Empty:
+          break
+      yield batch
+      if isinstance(batch[-1], Finished):
         return
 
   def cancel(self) -> None:
@@ -115,14 +133,18 @@ class RequestHandle:
   def done(self) -> bool:
     return self._done.is_set()
 
-  def emit(self, event: TokenEvent | Finished) -> None:
-    if isinstance(event, Finished):
-      self._finished = event
-      self._queue.put(event)
+  def emit(self, events: list[TokenEvent | Finished]) -> None:
+    """Delivers events (the engine's side): tokens, possibly ending with the Finished."""
+    if not events:
+      return
+    if isinstance(events[-1], Finished):
+      self._tokens.extend(events[:-1])
+      self._finished = events[-1]
+      self._queue.put(events)
       self._done.set()
     else:
-      self._tokens.append(event)
-      self._queue.put(event)
+      self._tokens.extend(events)
+      self._queue.put(events)
 
 
 @dataclasses.dataclass
@@ -133,3 +155,28 @@ class Request:
   params: GenerationParams
   seed: int
   produced: int = 0
+
+
+def row_params(req: Request | None, n: int) -> RowParams:
+  """RowParams arrays [n] of one request (None: an idle greedy row)."""
+  p = req.params if req is not None else GenerationParams(temperature=0.0, max_tokens=1)
+  seed = req.seed if req is not None else 0
+  stops = np.full((n, MAX_STOP_IDS), -1, np.int32)
+  stops[:, :len(p.stop_ids)] = p.stop_ids
+  key = key_data(seed)
+  return RowParams(np.full(n, p.temperature, np.float32), np.full(n, p.top_p, np.float32),
+                   np.full(n, p.top_k, np.int32), np.tile(key, (n, 1)), stops,
+                   np.full(n, p.max_tokens, np.int32),
+                   np.full(n, p.logprobs or p.top_logprobs > 0), np.full(n, p.top_logprobs > 0))
+
+
+@functools.lru_cache(maxsize=1024)
+def key_data(seed: int) -> np.ndarray:
+  """Raw key data of jax.random.key(seed) (cached: idle rows ask for seed 0 every time)."""
+  return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+
+
+@functools.lru_cache(maxsize=1)
+def idle_params() -> RowParams:
+  """The parameters of a free row (computed once, on first use: no jax work at import)."""
+  return row_params(None, 1)

@@ -1,8 +1,9 @@
 """The device programs of the continuous-batching engine (`serve/engine.py`).
 
-  prefill   one request's prompt, right-padded to a bucket P, through the model into a fresh
-            one-row cache; the row is then written into row `row` of the engine's cache
-            (slots [0, P)) and the first token is drawn. Compiled once per bucket.
+  prefill   n requests' prompts, right-padded to a bucket P, through the model into a fresh
+            n-row cache whose rows are then written into their slots' rows of the
+            engine's cache (slots [0, P)); the first tokens are drawn. Compiled once per
+            (n, P) bucket pair.
   decode    up to `steps` decode steps for every slot inside one `lax.while_loop` (one host
             round trip per chunk), over the first `cache_len` slots of the cache only.
             Compiled once per cache-length bucket.
@@ -145,23 +146,25 @@ def _is_stop(token: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(token[:, None] == stop_ids, axis=-1)
 
 
-def prefill(model: nnx.Module, cache: KVCache, row: jax.Array, tokens: jax.Array,
-            length: jax.Array, rp: RowParams) -> tuple[KVCache, Draw]:
-  """Runs one prompt (tokens [1, P], right-padded; `length` real) into cache row `row`.
+def prefill(model: nnx.Module, cache: KVCache, rows: jax.Array, tokens: jax.Array,
+            lengths: jax.Array, rp: RowParams) -> tuple[KVCache, Draw]:
+  """Runs n prompts (tokens [n, P], right-padded; `lengths` [n] real) into cache `rows` [n].
 
-  Returns the updated cache and the draw of the request's first token (index 0).
+  A row index out of range (the engine passes `slots`) marks a filler prompt whose cache
+  write is dropped. Returns the updated cache and the draw of each first token (index 0).
   """
-  p = tokens.shape[1]
-  ones = jnp.ones((1, p), jnp.int32)  # padding comes after the prompt: causality hides it
-  h, one = model.hidden(tokens, jnp.arange(p)[None], ones, cache=init_cache(model.cfg, 1, p),
+  n, p = tokens.shape
+  ones = jnp.ones((n, p), jnp.int32)  # padding comes after the prompt: causality hides it
+  positions = jnp.broadcast_to(jnp.arange(p), (n, p))
+  h, new = model.hidden(tokens, positions, ones, cache=init_cache(model.cfg, n, p),
                         cache_index=0, kv_segment_ids=ones)
-  last = jax.lax.dynamic_slice_in_dim(h, length - 1, 1, axis=1)  # [1, 1, E]
-  draw = sample_rows(model.logits(last)[:, 0], rp, jnp.zeros((1,), jnp.int32))
-  stacked = model.cfg.scan_layers  # [L, B, K, S, D] instead of L arrays [B, K, S, D]
-  start = (0, row, 0, 0, 0) if stacked else (row, 0, 0, 0)
-  cache = jax.tree.map(lambda big, new: jax.lax.dynamic_update_slice(big, new, start),
-                       cache, one)
-  return cache, draw
+  last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)  # [n, 1, E]
+  draw = sample_rows(model.logits(last)[:, 0], rp, jnp.zeros((n,), jnp.int32))
+  if model.cfg.scan_layers:  # [L, B, K, S, D]
+    write = lambda big, x: big.at[:, rows, :, :p].set(x, mode="drop")
+  else:  # L arrays [B, K, S, D]
+    write = lambda big, x: big.at[rows, :, :p].set(x, mode="drop")
+  return jax.tree.map(write, cache, new), draw
 
 
 class DecodeState(NamedTuple):
@@ -226,10 +229,30 @@ def decode(model: nnx.Module, cache: KVCache, state: DecodeState, rp: RowParams,
   out = ChunkOutput(jnp.zeros((b, steps), jnp.int32), jnp.zeros((b, steps), jnp.float32),
                     jnp.zeros((b, steps, k), jnp.int32), jnp.zeros((b, steps, k), jnp.float32),
                     jnp.zeros((b,), jnp.int32))
+  start = state.pos
   _, sub, state, out = jax.lax.while_loop(cond, body, (jnp.int32(0), sub, state, out))
-  start = (0, 0, 0, 0, 0) if stacked else (0, 0, 0, 0)
-  cache = jax.tree.map(lambda big, s: jax.lax.dynamic_update_slice(big, s, start), cache, sub)
-  return cache, state, out
+  if cache_len == (cache.k[0] if isinstance(cache.k, tuple) else cache.k).shape[-2]:
+    return sub, state, out  # the whole cache: it was updated in place
+  # Only slots [pos, pos + steps) of each row changed: copy those back, not the prefix.
+  # (A row's window is clamped inside the bucket; a row that was not active writes its
+  # own stale slots back unchanged.)
+  new = min(steps, cache_len)
+  if stacked:  # [L, B, K, S, D]: rows on axis 1
+    take = lambda s, i: jax.lax.dynamic_slice_in_dim(s, i, new, axis=2)  # s [L, K, S, D]
+    put = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=2)
+    axes = dict(in_axes=(1, 0), out_axes=1)
+  else:  # [B, K, S, D]
+    take = lambda s, i: jax.lax.dynamic_slice_in_dim(s, i, new, axis=1)  # s [K, S, D]
+    put = lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=1)
+    axes = dict(in_axes=(0, 0), out_axes=0)
+  first = jnp.clip(start, 0, cache_len - new)  # where dynamic_slice reads (it clamps so)
+
+  def write_back(big, s):
+    window = jax.vmap(take, **axes)(s, first)
+    return jax.vmap(put, in_axes=(axes["in_axes"][0], axes["out_axes"], 0),
+                    out_axes=axes["out_axes"])(big, window, first)
+
+  return jax.tree.map(write_back, cache, sub), state, out
 
 
 def bound(graphdef: Any, fn):
@@ -237,3 +260,20 @@ def bound(graphdef: Any, fn):
   def run(params, *args, **kwargs):
     return fn(nnx.merge(graphdef, params), *args, **kwargs)
   return run
+
+
+def buckets(start: int, limit: int, fine: bool = False) -> list[int]:
+  """The compiled lengths: start * 2^k below `limit`, then `limit`. `fine` adds
+  start * 1.5 * 2^k (consecutive buckets at most 1.5x apart: decode attention reads the
+  whole bucket every step, so finer buckets pay; prefill runs once per request)."""
+  out, n = [], start
+  while n < limit:
+    out.append(n)
+    if fine and n * 3 // 2 < limit and n % 2 == 0 and n > start:
+      out.append(n * 3 // 2)
+    n *= 2
+  return out + [limit]
+
+
+def pick(options: Sequence[int], n: int) -> int:
+  return next(x for x in options if x >= n) if n <= options[-1] else options[-1]

@@ -69,6 +69,11 @@ def test_greedy_equals_the_offline_sampler_alone_and_batched(engine, tiny, tiny_
     assert fin == Finished("length", len(PROMPTS[i]), 10)
   for i, result in enumerate(alone):
     assert _tokens(result) == _tokens(together[i])
+  # The same stream in batches: a list per wake-up, the Finished last.
+  batches = list(engine.submit(PROMPTS[1], GREEDY).event_batches(timeout=TIMEOUT))
+  flat = [e for batch in batches for e in batch]
+  assert [e.token for e in flat[:-1]] == _tokens(together[1])
+  assert flat[-1] == together[1][1] and len(batches) < len(flat)
 
 
 def test_requests_joining_mid_flight_do_not_change_a_greedy_one(engine):
@@ -142,13 +147,15 @@ def test_compiled_once_per_bucket(tiny, tiny_cfg):
   _, graphdef, params = tiny
   eng = Engine(graphdef, params, tiny_cfg, **SHAPE)
   assert eng.prompt_buckets == [8, 16, 32] and eng.cache_buckets == [8, 16, 24, 32]
+  # Up to 4 prompts per prefill call, at most 32 prompt tokens per call.
+  assert eng.prefill_shapes == [(1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (1, 32)]
   eng.warmup()
-  assert eng.compilations() == {"prefill": 3, "decode": 4}
+  assert eng.compilations() == {"prefill": 6, "decode": 4}
   eng.start()
   mix = [GREEDY, SAMPLED, GenerationParams(max_tokens=5, temperature=1.5, top_p=0.5,
                                            top_logprobs=3, stop_ids=(1, 2, 3))]
   _run(eng, [[1], list(range(9)), list(range(17))] * 2, mix * 2)
-  assert eng.compilations() == {"prefill": 3, "decode": 4}
+  assert eng.compilations() == {"prefill": 6, "decode": 4}
   eng.stop()
 
 
