@@ -224,5 +224,5 @@ def test_sharded_engine_matches_one_device(engine, tiny, tiny_cfg):
     np.testing.assert_allclose([e.logprob for e in events], [e.logprob for e in ref_events],
                                atol=2e-5)
     assert fin == ref_fin
-  assert sharded._cache.k[0].sharding.spec == jax.sharding.PartitionSpec(  # pylint: disable=protected-access
+  assert sharded._programs.cache.k[0].sharding.spec == jax.sharding.PartitionSpec(  # pylint: disable=protected-access
       ("data", "fsdp"), "tensor", None, None)
