@@ -4,9 +4,9 @@ Covers: greedy outputs equal model/sampling.py's offline Sampler (tokens and log
 alone and with requests of mixed lengths joining mid-flight; a sampled request does not
 depend on its batch mates and its log-probabilities are log softmax(logits / T) of a full
 forward pass; stop ids, max_tokens, cancellation (running and queued), top log-probs;
-compilation once per bucket; bad requests refused; drain / no-drain stop; the per-row
-filters and argmax against their references; the engine on an 8-device mesh equals one
-device.
+compilation once per bucket; bad requests refused; drain / no-drain stop; a failed device
+call ends its requests with "error" and the engine serves on; the per-row filters and
+argmax against their references; the engine on an 8-device mesh equals one device.
 """
 
 import jax
@@ -190,6 +190,27 @@ def test_stop_drains_or_cancels_and_reports_steps(tiny, tiny_cfg):
   eng.stop(drain=False)
   reasons = [h.result(timeout=TIMEOUT)[1].reason for h in handles]
   assert reasons[-1] == "cancelled" and set(reasons) <= {"cancelled", "length"}
+
+
+def test_a_failed_device_call_ends_its_requests_and_the_engine_serves_on(engine):
+  before = _tokens(_run(engine, [PROMPTS[0]], GREEDY)[0])
+  programs = engine._programs  # pylint: disable=protected-access
+  decode, calls = programs.decode, []
+
+  def failing(*args, **kwargs):
+    if not calls:
+      calls.append(1)
+      raise RuntimeError("device lost")
+    return decode(*args, **kwargs)
+
+  programs.decode = failing
+  try:
+    failed = _run(engine, PROMPTS[:2], GREEDY)
+  finally:
+    programs.decode = decode
+  assert [fin.reason for _, fin in failed] == ["error", "error"]
+  assert "device lost" in failed[0][1].error
+  assert _tokens(_run(engine, [PROMPTS[0]], GREEDY)[0]) == before  # a fresh cache
 
 
 def test_row_filters_and_argmax_match_their_references():
