@@ -76,6 +76,20 @@ def test_greedy_equals_the_offline_sampler_alone_and_batched(engine, tiny, tiny_
   assert flat[-1] == together[1][1] and len(batches) < len(flat)
 
 
+def test_scanned_layers_engine_equals_the_offline_sampler(tiny_cfg):
+  cfg = tiny_cfg.replace(scan_layers=True)  # the stacked [L, B, K, S, D] cache
+  graphdef, state = nnx.split(build_model(cfg, seed=3))
+  params = nnx.to_pure_dict(state)
+  prompts = [[5, 6, 7], [20], list(range(8, 18))]
+  ref = Sampler(graphdef, cfg).generate(
+      params, prompts, SamplingConfig(max_new_tokens=6, temperature=0.0, prompt_bucket=8))
+  eng = Engine(graphdef, params, cfg, slots=2, max_len=16, prompt_bucket=8,
+               steps_per_sync=4).start()
+  got = _run(eng, prompts, GenerationParams(max_tokens=6, temperature=0.0))
+  eng.stop()
+  assert [_tokens(r) for r in got] == ref.response.tolist()
+
+
 def test_requests_joining_mid_flight_do_not_change_a_greedy_one(engine):
   first = engine.submit(PROMPTS[3], GenerationParams(max_tokens=14, temperature=0.0))
   events = first.events(timeout=TIMEOUT)
