@@ -80,6 +80,9 @@ def start_server(checkpoint: str, slots: int, log_path: str) -> tuple[subprocess
 
 
 async def _one_request(client, url: str, body: dict) -> dict:
+  """One streaming completion: (time to first text, end to end, completion tokens). The
+  client parses as little as it can (the JSON of chunks up to the first text and of the
+  usage chunk only): it shares the machine with the server it measures."""
   t0 = time.perf_counter()
   ttft, chunks, usage = None, 0, None
   async with client.stream("POST", url + "/v1/completions", json=body) as response:
@@ -89,15 +92,22 @@ async def _one_request(client, url: str, body: dict) -> dict:
     async for line in response.aiter_lines():
       if not line.startswith("data: ") or line == "data: [DONE]":
         continue
-      data = json.loads(line[6:])
-      if data.get("usage"):
-        usage = data["usage"]
-      if any(c.get("text") for c in data.get("choices", [])):
-        chunks += 1
-        ttft = ttft if ttft is not None else time.perf_counter() - t0
+      if ttft is None or '"usage"' in line:
+        data = json.loads(line[6:])
+        usage = data.get("usage") or usage
+        if ttft is None and any(c.get("text") for c in data.get("choices", [])):
+          ttft = time.perf_counter() - t0
+      chunks += 1
   tokens = usage["completion_tokens"] if usage else chunks
   return {"ttft": ttft if ttft is not None else float("nan"), "e2e": time.perf_counter() - t0,
           "tokens": tokens}
+
+
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU seconds of a process so far (Linux /proc)."""
+  with open(f"/proc/{pid}/stat") as f:
+    fields = f.read().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _phase(url: str, model: str, n_clients: int, requests_per_client: int,
@@ -147,9 +157,15 @@ def run_http_phases(cfg: Any, params: Any, workdir: str, clients: list[int], *,
     asyncio.run(_phase(url, model, slots, 1, new_tokens, prompts, timeout_s))  # warm-up
     out = {}
     for n in clients:
+      server_cpu, client_cpu = _cpu_seconds(proc.pid), time.process_time()
       out[n] = asyncio.run(_phase(url, model, n, requests_per_client, new_tokens, prompts,
                                   timeout_s))
-      print(f"(c) {n} clients: {out[n]['tokens_per_sec']:,.0f} tokens/s", flush=True)
+      # Where the 2 machines' worth of CPU went: the server (engine + HTTP) and this client.
+      out[n]["server_cpu_s"] = _cpu_seconds(proc.pid) - server_cpu
+      out[n]["client_cpu_s"] = time.process_time() - client_cpu
+      print(f"(c) {n} clients: {out[n]['tokens_per_sec']:,.0f} tokens/s, server CPU "
+            f"{out[n]['server_cpu_s']:.1f} s, client CPU {out[n]['client_cpu_s']:.1f} s in "
+            f"{out[n]['wall_s']:.1f} s", flush=True)
     return out
   finally:
     proc.terminate()

@@ -12,59 +12,72 @@ model's cache path, per-row causal offset in the decode mask). Rows therefore ne
 re-aligning when requests join or leave: a new request is prefilled (prompt right-padded
 to a bucket) into a fresh cache row that is written over its slot's row, and it joins the
 running batch at the next decode boundary; a finished (stop id, max_tokens) or cancelled
-request frees its slot at once. Requests admitted at the same boundary are prefilled
+request frees its slot at once. The alternative, one shared write index with left-padded
+rows (model/sampling.py's layout), would have to shift every row's cache whenever a
+request joins behind the others. Requests admitted at the same boundary are prefilled
 together, n rows per call (n a power of two; one compilation per (n, bucket) shape,
-`prefill_shapes`): one pass over the weights for all of them instead of one each. The alternative, one shared
-write index with left-padded rows (model/sampling.py's layout), would have to shift every
-row's cache whenever a request joins behind the others.
+`prefill_shapes`): one pass over the weights for all of them.
 
-One background thread runs the scheduler: admit queued requests into free slots (prefill
-each), then one decode *chunk*: up to `steps_per_sync` decode steps for all slots inside
-one jit call (`serve/engine_step.py`), so the host syncs once per chunk, not per token;
-a request that finishes mid-chunk is cut at its stop on the host and its row idles for
-the rest of the chunk. The chunk attends only over the occupied prefix of the cache: the
+Decoding runs in *chunks*: up to `steps_per_sync` decode steps for all slots inside one
+jit call (a `lax.while_loop`, serve/engine_step.py), so the host syncs once per chunk,
+not per token; a request that finishes mid-chunk is cut at its stop and its row idles for
+the rest of the chunk. A chunk attends only over the occupied prefix of the cache: the
 host picks the smallest cache-length bucket holding every running row's slots for the
-chunk (buckets prompt_bucket * 2^k, capped at max_len; one compilation each). Sampling
-parameters are per-row arrays of the one compiled step (no recompilation per request
-mix; see serve/engine_step.py), and a request's randomness is its own: token i uses
-fold_in(key(seed), i), so its output does not depend on the other requests, and a greedy
-request equals model/sampling.py's offline greedy output.
+chunk (`cache_buckets`, at most 1.5x apart; one compilation each). Sampling parameters
+are per-row arrays of the one compiled step (no recompilation per request mix), and a
+request's randomness is its own: token i uses fold_in(key(seed), i), so its output does
+not depend on the other requests, and a greedy request equals model/sampling.py's offline
+greedy output.
 
-The cache is donated to every jit call (updated in place); per chunk only [slots] state
-arrays and the [slots, steps] draws cross between host and device. On a mesh (`mesh`,
-`rules`, `param_shardings` as model/sampling.py's Sampler takes them) cache rows shard
-over the batch axes and kv heads over tensor, like the weights.
+One background thread schedules, and it never lets the device wait for Python: the cache
+and the per-slot decode state stay on the device and flow from one call to the next
+(serve/engine_programs.py), so each iteration dispatches its prefills and the next chunk
+*first* and only then reads the previous chunk's tokens and hands them to the requests
+(one list per request per chunk, `RequestHandle.event_batches`). Host work (the
+scheduler's and the consumers' Python: tokenizing, streaming) overlaps device work.
+Admissions and cancellations also go to the device as calls (a prefill sets its rows'
+state; a cancel deactivates rows), never as a sync. The price: a finished request's slot
+is seen free one chunk later.
 
-Metrics: `on_step(step_tokens, seconds)` is called after every prefill call (one token per
-request) and every decode chunk (the tokens it delivered), from the scheduler thread.
+On a mesh (`mesh`, `rules`, `param_shardings` as model/sampling.py's Sampler takes them)
+cache rows shard over the batch axes and kv heads over tensor, like the weights.
+
+Metrics: `on_step(step_tokens, seconds)` is called, from the scheduler thread, each time
+the tokens of a prefill call or a decode chunk are delivered: their number and the busy
+wall time since the previous call.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import functools
 import itertools
 import logging
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from model import sharding as msharding
-from model.transformer import CACHE_AXES, init_cache
-from serve import engine_step
+from serve.engine_programs import Programs
 from serve.engine_requests import (Finished, GenerationParams, Request, RequestHandle,
                                    TokenEvent, idle_params, row_params)
-from serve.engine_step import DecodeState, RowParams, buckets
+from serve.engine_step import RowParams, buckets, pick
 
 __all__ = ["Engine", "Finished", "GenerationParams", "RequestHandle", "TokenEvent"]
 
 log = logging.getLogger(__name__)
+
+
+class _Pending(NamedTuple):
+  """Dispatched work whose results the host has not read yet: a prefill (`batch` of
+  (slot, request), `draw`) or a decode chunk (`owners` at dispatch, `state`, `out`)."""
+  batch: list[tuple[int, Request]] | None
+  draw: Any
+  owners: list[Request | None] | None
+  state: Any
+  out: Any
 
 
 class Engine:
@@ -99,11 +112,8 @@ class Engine:
     split = msharding.batch_parallel_size(mesh, self.rules) if mesh is not None else 1
     if slots % split:
       raise ValueError(f"slots={slots} must be a multiple of the mesh's batch split {split}")
-    self.graphdef, self.model_cfg, self.mesh = graphdef, model_cfg, mesh
-    self.param_shardings, self.steps_per_sync, self.on_step = (param_shardings,
-                                                               steps_per_sync, on_step)
-    self.params = params if param_shardings is None else jax.device_put(params,
-                                                                        param_shardings)
+    self.model_cfg, self.mesh = model_cfg, mesh
+    self.steps_per_sync, self.on_step = steps_per_sync, on_step
     self._slots = slots
     self.prompt_buckets = buckets(min(prompt_bucket, self.max_len), self.max_len)
     self.cache_buckets = buckets(self.prompt_buckets[0], self.max_len, fine=True)
@@ -112,13 +122,17 @@ class Engine:
     budget = max(self.max_len, slots * self.prompt_buckets[0])
     self.prefill_shapes = [(n, p) for p in self.prompt_buckets
                            for n in buckets(1, slots) if n == 1 or n * p <= budget]
-    self._prefill_fns: dict[tuple[int, int], Any] = {}
-    self._decode_fns: dict[int, Any] = {}
-    self._cache = self._new_cache()
-    self._rows: list[Request | None] = [None] * slots
-    self._state = DecodeState(*(np.zeros(slots, np.int32) for _ in range(3)),
-                              np.zeros(slots, bool))
+    self._programs = Programs(graphdef, params, model_cfg, slots=slots, max_len=self.max_len,
+                              steps_per_sync=steps_per_sync, mesh=mesh, rules=self.rules,
+                              param_shardings=param_shardings)
+    self._rows: list[Request | None] = [None] * slots  # the request each slot serves
     self._rp = RowParams(*(np.asarray(x) for x in row_params(None, slots)))
+    # Upper bound of each slot's next write slot after all dispatched work, and the last
+    # slot its request may write: they choose the cache-length bucket of a chunk.
+    self._pos_hi = np.zeros(slots, np.int64)
+    self._last = np.zeros(slots, np.int64)
+    self._pending: collections.deque[_Pending] = collections.deque()
+    self._busy_since: float | None = None
     self._queue: collections.deque[Request] = collections.deque()
     self._cv = threading.Condition()
     self._device = threading.Lock()  # the cache is donated: one device call at a time
@@ -188,82 +202,18 @@ class Engine:
 
   def warmup(self) -> None:
     """Compiles every prefill shape and decode bucket (before serving; the prefills write
-    nothing, so it is also safe while serving, if slower)."""
+    nothing and the chunks run idle rows, so it is also safe while serving, if slower)."""
     with self._device:
       for n, p in self.prefill_shapes:
-        self._prefill([], n, p)
-      inactive = DecodeState(*(np.zeros(self._slots, np.int32) for _ in range(3)),
-                             np.zeros(self._slots, bool))
+        self._programs.prefill(np.zeros((n, p), np.int32), np.ones(n, np.int32),
+                               np.full(n, self._slots, np.int32), row_params(None, n))
       for n in self.cache_buckets:
-        self._decode(inactive, n)
+        self._programs.decode(n, row_params(None, self._slots), self._programs.idle_state())
+      jax.block_until_ready(self._programs.cache)
 
   def compilations(self) -> dict[str, int]:
     """Compiled programs so far: {"prefill": n, "decode": n} (tests count them)."""
-    count = lambda fns: sum(f._cache_size() for f in fns.values())
-    return {"prefill": count(self._prefill_fns), "decode": count(self._decode_fns)}
-
-  # ------------------------------------------------------------------------ device calls
-  def _context(self) -> contextlib.ExitStack:
-    stack = contextlib.ExitStack()
-    if self.mesh is not None:  # the model's sharding constraints read these at trace time
-      stack.enter_context(jax.set_mesh(self.mesh))
-      stack.enter_context(nnx.logical_axis_rules(self.rules))
-    return stack
-
-  def _cache_shardings(self) -> Any:
-    axes = CACHE_AXES if self.model_cfg.scan_layers else CACHE_AXES[1:]
-    sharding = NamedSharding(self.mesh, msharding.logical_to_spec(axes, self.rules))
-    cache = jax.eval_shape(lambda: init_cache(self.model_cfg, self._slots, self.max_len))
-    return jax.tree.map(lambda _: sharding, cache)
-
-  def _jit(self, fn: Callable, n_args: int, n_out: int):
-    """jit of fn(params, cache, ...) -> (cache, ...) with the cache donated and, on a mesh,
-    explicit shardings: params as given, the cache by CACHE_AXES, the rest (small host
-    arrays) replicated."""
-    if self.mesh is None:
-      return jax.jit(fn, donate_argnums=(1,))
-    cache, replicated = self._cache_shardings(), NamedSharding(self.mesh, P())
-    return jax.jit(fn, in_shardings=(self.param_shardings, cache) + (replicated,) * (n_args - 2),
-                   out_shardings=(cache,) + (replicated,) * (n_out - 1), donate_argnums=(1,))
-
-  def _new_cache(self) -> Any:
-    make = lambda: init_cache(self.model_cfg, self._slots, self.max_len)
-    if self.mesh is None:
-      return jax.jit(make)()
-    with self._context():
-      return jax.jit(make, out_shardings=self._cache_shardings())()
-
-  def _prefill(self, batch: list[tuple[int, Request]], n: int, bucket: int
-               ) -> engine_step.Draw:
-    """Prefills `batch` (slot, request) as n rows of `bucket` tokens (fillers after it
-    write nothing: their row index is out of range)."""
-    if (n, bucket) not in self._prefill_fns:
-      self._prefill_fns[n, bucket] = self._jit(
-          engine_step.bound(self.graphdef, engine_step.prefill), n_args=6, n_out=2)
-    tokens = np.zeros((n, bucket), np.int32)
-    lengths, rows = np.ones(n, np.int32), np.full(n, self._slots, np.int32)
-    rp = row_params(None, n)
-    for i, (row, req) in enumerate(batch):
-      tokens[i, :req.prompt.size], lengths[i], rows[i] = req.prompt, req.prompt.size, row
-      for field, value in zip(RowParams._fields, row_params(req, 1)):
-        getattr(rp, field)[i] = value[0]
-    with self._context():
-      self._cache, draw = self._prefill_fns[n, bucket](self.params, self._cache, rows, tokens,
-                                                       lengths, rp)
-    return jax.device_get(draw)
-
-  def _decode(self, state: DecodeState, cache_len: int
-              ) -> tuple[DecodeState, engine_step.ChunkOutput]:
-    if cache_len not in self._decode_fns:
-      fn = functools.partial(engine_step.decode, steps=self.steps_per_sync,
-                             cache_len=cache_len)
-      run = engine_step.bound(self.graphdef, fn)
-      self._decode_fns[cache_len] = self._jit(
-          lambda params, cache, state, rp: run(params, cache, state, rp), n_args=4, n_out=3)
-    with self._context():
-      self._cache, state, out = self._decode_fns[cache_len](self.params, self._cache, state,
-                                                             self._rp)
-    return jax.device_get((state, out))
+    return self._programs.compilations()
 
   # ------------------------------------------------------------------------ scheduler
   def _wake(self) -> None:
@@ -273,14 +223,16 @@ class Engine:
   def _loop(self) -> None:
     while True:
       with self._cv:
-        while not (self._queue or self._stopping or self.slots_in_use):
+        while not (self._queue or self._stopping or self.slots_in_use or self._pending):
+          self._busy_since = None
           self._cv.wait()
         if self._stopping and not self._drain:
           self._cancel_queued()
-          for row, req in enumerate(self._rows):
+          for req in self._rows:
             if req is not None:
               req.handle.cancelled = True
-        if self._stopping and not self._queue and not self.slots_in_use:
+        if (self._stopping and not self._queue and not self.slots_in_use
+            and not self._pending):
           return
         admit = self._take_admissions()
       with self._device:
@@ -308,64 +260,92 @@ class Engine:
       req.handle.emit([Finished("cancelled", req.prompt.size, 0)])
 
   def _step(self, admit: list[tuple[int, Request]]) -> None:
-    """Admits (prefills) new requests, frees cancelled ones, runs one decode chunk."""
+    """Dispatches cancellations, prefills and the next decode chunk, then delivers the
+    results of everything dispatched before that chunk (which keeps running meanwhile)."""
+    if self._busy_since is None:
+      self._busy_since = time.perf_counter()
+    cancelled = [r for r, req in enumerate(self._rows)
+                 if req is not None and req.handle.cancelled]
+    if cancelled:
+      keep = np.ones(self._slots, bool)
+      keep[cancelled] = False
+      self._programs.deactivate(keep)
+      for row in cancelled:
+        self._rows[row].handle.emit([self._free(row, "cancelled")])
     self._admit(admit)
-    for row, req in enumerate(self._rows):
-      if req is not None and req.handle.cancelled:
-        req.handle.emit([self._free(row, "cancelled")])
-    if not self._state.active.any():
-      return
-    t0 = time.perf_counter()
-    pos = self._state.pos[self._state.active]
-    cache_len = engine_step.pick(self.cache_buckets, int(pos.max()) + self.steps_per_sync)
-    state, out = self._decode(self._state, cache_len)
-    self._state = DecodeState(*(np.array(x) for x in state))
-    delivered = 0
-    for row, req in enumerate(self._rows):
-      n = 0 if req is None else int(out.produced[row])
-      if not n:
-        continue
-      events = self._events(req, *(x[row, :n] for x in out[:4]))
-      if not self._state.active[row]:
-        last = events[-1].token
-        events.append(self._free(row, "stop" if last in req.params.stop_ids else "length"))
-      req.handle.emit(events)
-      delivered += n
-    if self.on_step is not None:
-      self.on_step(delivered, time.perf_counter() - t0)
+    chunk = self._dispatch_chunk()
+    while len(self._pending) > (1 if chunk else 0):
+      self._deliver(self._pending.popleft())
 
   def _admit(self, admit: list[tuple[int, Request]]) -> None:
-    """Prefills the admitted requests, those of one prompt bucket together (up to the
-    largest compiled row count), and starts decoding them."""
+    """Dispatches the prefills of the admitted requests, those of one prompt bucket
+    together (up to the largest compiled row count)."""
     admit = sorted(admit, key=lambda x: x[1].prompt.size)
     while admit:
-      t0 = time.perf_counter()
-      bucket = engine_step.pick(self.prompt_buckets, admit[0][1].prompt.size)
-      same = [x for x in admit if engine_step.pick(self.prompt_buckets, x[1].prompt.size) == bucket]
+      bucket = pick(self.prompt_buckets, admit[0][1].prompt.size)
+      same = [x for x in admit if pick(self.prompt_buckets, x[1].prompt.size) == bucket]
       n_max = max(n for n, p in self.prefill_shapes if p == bucket)
       batch, admit = same[:n_max], admit[min(len(same), n_max):]
       n = min(n for n, p in self.prefill_shapes if p == bucket and n >= len(batch))
-      draw = self._prefill(batch, n, bucket)
+      tokens = np.zeros((n, bucket), np.int32)
+      lengths, rows = np.ones(n, np.int32), np.full(n, self._slots, np.int32)
+      rp = row_params(None, n)
       for i, (row, req) in enumerate(batch):
-        self._start(row, req, engine_step.Draw(*(x[i:i + 1] for x in draw)))
-      if self.on_step is not None:
-        self.on_step(len(batch), time.perf_counter() - t0)
+        tokens[i, :req.prompt.size], lengths[i], rows[i] = req.prompt, req.prompt.size, row
+        for field, value in zip(RowParams._fields, row_params(req, 1)):
+          getattr(rp, field)[i] = getattr(self._rp, field)[row] = value[0]
+        self._rows[row] = req
+        self._pos_hi[row] = req.prompt.size
+        self._last[row] = req.prompt.size + req.params.max_tokens - 2
+      draw = self._programs.prefill(tokens, lengths, rows, rp)
+      self._pending.append(_Pending(batch, draw, None, None, None))
 
-  def _start(self, row: int, req: Request, draw: engine_step.Draw) -> None:
-    """Puts a prefilled request in its slot with its first token delivered."""
-    self._rows[row] = req
-    for field, value in zip(RowParams._fields, row_params(req, 1)):
-      getattr(self._rp, field)[row] = value[0]
-    events = self._events(req, *draw)
-    token = events[0].token
-    if token in req.params.stop_ids:
-      events.append(self._free(row, "stop"))
-    elif req.produced >= req.params.max_tokens:
-      events.append(self._free(row, "length"))
+  def _dispatch_chunk(self) -> bool:
+    """Dispatches a decode chunk if a slot is (as far as the host knows) generating."""
+    busy = [r for r, req in enumerate(self._rows) if req is not None]
+    if not busy:
+      return False
+    need = np.minimum(self._pos_hi[busy] + self.steps_per_sync, self._last[busy] + 1)
+    cache_len = pick(self.cache_buckets, int(need.max()))
+    rp = RowParams(*(np.array(x) for x in self._rp))  # copies: dispatch is asynchronous
+    state, out = self._programs.decode(cache_len, rp)
+    self._pos_hi[busy] += self.steps_per_sync
+    self._pending.append(_Pending(None, None, list(self._rows), state, out))
+    return True
+
+  def _deliver(self, item: _Pending) -> None:
+    """Reads one dispatched item's results (waiting for them) and hands the tokens to
+    their requests; requests that ended free their slots."""
+    delivered = 0
+    if item.batch is not None:  # a prefill: each request's first token
+      draw = jax.device_get(item.draw)
+      for i, (row, req) in enumerate(item.batch):
+        if not req.handle.done:
+          delivered += self._emit(row, req, [x[i:i + 1] for x in draw], None)
     else:
-      for field, value in zip(DecodeState._fields, (token, req.prompt.size, 1, True)):
-        getattr(self._state, field)[row] = value
+      state, out = jax.device_get((item.state, item.out))
+      for row, req in enumerate(item.owners):
+        if req is not None and not req.handle.done and out.produced[row]:
+          n = int(out.produced[row])
+          delivered += self._emit(row, req, [x[row, :n] for x in out[:4]],
+                                  bool(state.active[row]))
+    if self.on_step is not None and delivered:
+      now = time.perf_counter()
+      self.on_step(delivered, now - self._busy_since)
+      self._busy_since = now
+
+  def _emit(self, row: int, req: Request, draws: list[np.ndarray],
+            active: bool | None) -> int:
+    """Delivers a request's new tokens; frees its slot when it ended (`active` False, or
+    for a first token: a stop id or max_tokens 1). Returns the number of tokens."""
+    events = self._events(req, *draws)
+    last = events[-1].token
+    if active is None:
+      active = last not in req.params.stop_ids and req.produced < req.params.max_tokens
+    if not active:
+      events.append(self._free(row, "stop" if last in req.params.stop_ids else "length"))
     req.handle.emit(events)
+    return len(draws[0])
 
   def _events(self, req: Request, tokens, logprobs, top_ids, top_logprobs
               ) -> list[TokenEvent]:
@@ -385,19 +365,18 @@ class Engine:
     the sampling branches); returns the Finished of the request that held it."""
     req = self._rows[row]
     self._rows[row] = None
-    for field, value in zip(DecodeState._fields, (0, 0, 0, False)):
-      getattr(self._state, field)[row] = value
     for field, value in zip(RowParams._fields, idle_params()):
       getattr(self._rp, field)[row] = value[0]
     return Finished(reason, req.prompt.size, req.produced, error)
 
   def _fail_all(self, admit: list[tuple[int, Request]], error: str) -> None:
     """After a failed device call: every running and just-admitted request ends with
-    "error", and the (possibly donated) cache is rebuilt."""
+    "error", and the cache (possibly donated to the failed call) and state are rebuilt."""
     for row, req in enumerate(self._rows):
       if req is not None:
         req.handle.emit([self._free(row, "error", error)])
     for _, req in admit:
       if not req.handle.done:
         req.handle.emit([Finished("error", req.prompt.size, req.produced, error)])
-    self._cache = self._new_cache()
+    self._pending.clear()
+    self._programs.reset()

@@ -2,8 +2,8 @@
 
   prefill   n requests' prompts, right-padded to a bucket P, through the model into a fresh
             n-row cache whose rows are then written into their slots' rows of the
-            engine's cache (slots [0, P)); the first tokens are drawn. Compiled once per
-            (n, P) bucket pair.
+            engine's cache (slots [0, P)); the first tokens are drawn and the slots'
+            decode state set. Compiled once per (n, P) bucket pair.
   decode    up to `steps` decode steps for every slot inside one `lax.while_loop` (one host
             round trip per chunk), over the first `cache_len` slots of the cache only.
             Compiled once per cache-length bucket.
@@ -146,12 +146,15 @@ def _is_stop(token: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(token[:, None] == stop_ids, axis=-1)
 
 
-def prefill(model: nnx.Module, cache: KVCache, rows: jax.Array, tokens: jax.Array,
-            lengths: jax.Array, rp: RowParams) -> tuple[KVCache, Draw]:
+def prefill(model: nnx.Module, cache: KVCache, state: "DecodeState", rows: jax.Array,
+            tokens: jax.Array, lengths: jax.Array, rp: RowParams
+            ) -> tuple[KVCache, "DecodeState", Draw]:
   """Runs n prompts (tokens [n, P], right-padded; `lengths` [n] real) into cache `rows` [n].
 
-  A row index out of range (the engine passes `slots`) marks a filler prompt whose cache
-  write is dropped. Returns the updated cache and the draw of each first token (index 0).
+  The first token of each is drawn (index 0) and the rows' decode state set: feed it at
+  slot `length`, active unless it is a stop id or max_tokens is 1. A row index out of
+  range (the engine passes `slots`) marks a filler prompt whose writes are dropped.
+  Returns the updated cache, state and the draws.
   """
   n, p = tokens.shape
   ones = jnp.ones((n, p), jnp.int32)  # padding comes after the prompt: causality hides it
@@ -164,7 +167,15 @@ def prefill(model: nnx.Module, cache: KVCache, rows: jax.Array, tokens: jax.Arra
     write = lambda big, x: big.at[:, rows, :, :p].set(x, mode="drop")
   else:  # L arrays [B, K, S, D]
     write = lambda big, x: big.at[rows, :, :p].set(x, mode="drop")
-  return jax.tree.map(write, cache, new), draw
+  active = ~_is_stop(draw.token, rp.stop_ids) & (rp.max_tokens > 1)
+  state = DecodeState(*(x.at[rows].set(v, mode="drop") for x, v in zip(
+      state, (draw.token, lengths, jnp.ones_like(lengths), active))))
+  return jax.tree.map(write, cache, new), state, draw
+
+
+def deactivate(state: "DecodeState", keep: jax.Array) -> "DecodeState":
+  """Stops the rows where `keep` [B] is False (cancelled requests)."""
+  return state._replace(active=state.active & keep)
 
 
 class DecodeState(NamedTuple):

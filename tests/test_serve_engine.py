@@ -4,9 +4,9 @@ Covers: greedy outputs equal model/sampling.py's offline Sampler (tokens and log
 alone and with requests of mixed lengths joining mid-flight; a sampled request does not
 depend on its batch mates and its log-probabilities are log softmax(logits / T) of a full
 forward pass; stop ids, max_tokens, cancellation (running and queued), top log-probs;
-compilation once per bucket; bad requests refused; drain / no-drain stop; the per-row
-filters and argmax against their references; the engine on an 8-device mesh equals one
-device.
+compilation once per bucket; bad requests refused; drain / no-drain stop; a failed device
+call ends its requests with "error" and the engine serves on; the per-row filters and
+argmax against their references; the engine on an 8-device mesh equals one device.
 """
 
 import jax
@@ -74,6 +74,20 @@ def test_greedy_equals_the_offline_sampler_alone_and_batched(engine, tiny, tiny_
   flat = [e for batch in batches for e in batch]
   assert [e.token for e in flat[:-1]] == _tokens(together[1])
   assert flat[-1] == together[1][1] and len(batches) < len(flat)
+
+
+def test_scanned_layers_engine_equals_the_offline_sampler(tiny_cfg):
+  cfg = tiny_cfg.replace(scan_layers=True)  # the stacked [L, B, K, S, D] cache
+  graphdef, state = nnx.split(build_model(cfg, seed=3))
+  params = nnx.to_pure_dict(state)
+  prompts = [[5, 6, 7], [20], list(range(8, 18))]
+  ref = Sampler(graphdef, cfg).generate(
+      params, prompts, SamplingConfig(max_new_tokens=6, temperature=0.0, prompt_bucket=8))
+  eng = Engine(graphdef, params, cfg, slots=2, max_len=16, prompt_bucket=8,
+               steps_per_sync=4).start()
+  got = _run(eng, prompts, GenerationParams(max_tokens=6, temperature=0.0))
+  eng.stop()
+  assert [_tokens(r) for r in got] == ref.response.tolist()
 
 
 def test_requests_joining_mid_flight_do_not_change_a_greedy_one(engine):
@@ -192,6 +206,27 @@ def test_stop_drains_or_cancels_and_reports_steps(tiny, tiny_cfg):
   assert reasons[-1] == "cancelled" and set(reasons) <= {"cancelled", "length"}
 
 
+def test_a_failed_device_call_ends_its_requests_and_the_engine_serves_on(engine):
+  before = _tokens(_run(engine, [PROMPTS[0]], GREEDY)[0])
+  programs = engine._programs  # pylint: disable=protected-access
+  decode, calls = programs.decode, []
+
+  def failing(*args, **kwargs):
+    if not calls:
+      calls.append(1)
+      raise RuntimeError("device lost")
+    return decode(*args, **kwargs)
+
+  programs.decode = failing
+  try:
+    failed = _run(engine, PROMPTS[:2], GREEDY)
+  finally:
+    programs.decode = decode
+  assert [fin.reason for _, fin in failed] == ["error", "error"]
+  assert "device lost" in failed[0][1].error
+  assert _tokens(_run(engine, [PROMPTS[0]], GREEDY)[0]) == before  # a fresh cache
+
+
 def test_row_filters_and_argmax_match_their_references():
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(4, 300)) * 3, jnp.float32)
@@ -224,5 +259,5 @@ def test_sharded_engine_matches_one_device(engine, tiny, tiny_cfg):
     np.testing.assert_allclose([e.logprob for e in events], [e.logprob for e in ref_events],
                                atol=2e-5)
     assert fin == ref_fin
-  assert sharded._cache.k[0].sharding.spec == jax.sharding.PartitionSpec(  # pylint: disable=protected-access
+  assert sharded._programs.cache.k[0].sharding.spec == jax.sharding.PartitionSpec(  # pylint: disable=protected-access
       ("data", "fsdp"), "tensor", None, None)
