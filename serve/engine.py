@@ -108,6 +108,9 @@ class Engine:
     if slots < 1 or prompt_bucket < 1 or steps_per_sync < 1:
       raise ValueError(f"slots={slots}, prompt_bucket={prompt_bucket} and steps_per_sync="
                        f"{steps_per_sync} must be >= 1")
+    if jax.process_count() > 1:
+      raise ValueError("The serving engine runs in one process (its scheduler admits "
+                       "requests on its own); use a mesh of this process's devices")
     self.rules = tuple(rules) if rules is not None else msharding.DEFAULT_RULES
     split = msharding.batch_parallel_size(mesh, self.rules) if mesh is not None else 1
     if slots % split:
