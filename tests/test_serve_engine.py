@@ -162,15 +162,15 @@ def test_compiled_once_per_bucket(tiny, tiny_cfg):
   _, graphdef, params = tiny
   eng = Engine(graphdef, params, tiny_cfg, **SHAPE)
   assert eng.prompt_buckets == [8, 16, 32] and eng.cache_buckets == [8, 16, 24, 32]
-  # Up to 4 prompts per prefill call, at most 32 prompt tokens per call.
-  assert eng.prefill_shapes == [(1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (1, 32)]
+  # 1 or 4 (= slots) prompts per prefill call, at most 32 prompt tokens per call.
+  assert eng.prefill_shapes == [(1, 8), (4, 8), (1, 16), (1, 32)]
   eng.warmup()
-  assert eng.compilations() == {"prefill": 6, "decode": 4}
+  assert eng.compilations() == {"prefill": 4, "decode": 4}
   eng.start()
   mix = [GREEDY, SAMPLED, GenerationParams(max_tokens=5, temperature=1.5, top_p=0.5,
                                            top_logprobs=3, stop_ids=(1, 2, 3))]
   _run(eng, [[1], list(range(9)), list(range(17))] * 2, mix * 2)
-  assert eng.compilations() == {"prefill": 6, "decode": 4}
+  assert eng.compilations() == {"prefill": 4, "decode": 4}
   eng.stop()
 
 
