@@ -20,8 +20,10 @@ weights (model/hf.py export), so greedy outputs are comparable. Every request: a
       max_tokens new_tokens); per N: tokens/s (completion tokens / wall time), p50/p95
       time to first token and end-to-end latency. --skip_http leaves (c) out.
 
-Timings are the best of --repeats after one warm-up (compilation / allocator) for (a) and
-(b); (c) runs each N once after warm-up requests. Bounded: every phase has fixed work and
+Timings of (a) and (b) are the best of --repeats after one warm-up call each
+(compilation / allocator), the runs interleaved (a round runs every measurement once) so
+that the machine's load changes hit both frameworks alike; (c) runs each N once after
+warm-up requests. Bounded: every phase has fixed work and
 (c) a --phase_timeout_s. Prints a table per part; the last line is one JSON object with
 tokens_per_sec_16, p95_ttft_s_16, hf_generate_tokens_per_sec, speedup_vs_hf_sequential,
 speedup_vs_hf_batch16, decode_speedup_batch8 and the measured figures behind them.
@@ -34,6 +36,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any, Callable
 
 from absl import app, flags
 
@@ -89,21 +92,24 @@ def build_models():
   return cfg, graphdef, params, hf
 
 
-def best_time(fn, repeats: int) -> float:
-  fn()  # warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
+def best_times(fns: dict[str, Any], repeats: int) -> dict[str, float]:
+  """Best wall time of each function: one warm-up call each, then `repeats` rounds that
+  run them in turn (interleaved, so a change in the machine's load hits all alike)."""
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - t0)
-  return min(times)
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: min(t) for name, t in times.items()}
 
 
-def hf_tokens_per_sec(hf, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
-  """transformers.generate on `prompts` as one batch; (tokens/s, the generated ids)."""
+def hf_run(hf, prompts: list[list[int]], out: list) -> Callable[[], None]:
+  """transformers.generate on `prompts` as one batch (the generated ids into `out`)."""
   import torch
   input_ids = torch.tensor(prompts, dtype=torch.long)
-  out = []
 
   def run():
     with torch.inference_mode():
@@ -112,43 +118,26 @@ def hf_tokens_per_sec(hf, prompts: list[list[int]]) -> tuple[float, list[list[in
                         do_sample=False, pad_token_id=0)
     assert ids.shape == (len(prompts), FLAGS.prompt_len + FLAGS.new_tokens)
     out[:] = ids[:, FLAGS.prompt_len:].tolist()
-  return len(prompts) * FLAGS.new_tokens / best_time(run, FLAGS.repeats), out
+  return run
 
 
-def hf_sequential_tokens_per_sec(hf, prompts: list[list[int]]) -> float:
-  def run():
-    for p in prompts:
-      hf_tokens_per_sec_once(hf, p)
-  return len(prompts) * FLAGS.new_tokens / best_time(run, max(1, FLAGS.repeats // 2))
+def hf_sequential_run(hf, prompts: list[list[int]]) -> Callable[[], None]:
+  """transformers.generate on each prompt alone, one after another."""
+  runs = [hf_run(hf, [p], []) for p in prompts]
+  return lambda: [run() for run in runs]
 
 
-def hf_tokens_per_sec_once(hf, prompt: list[int]) -> None:
-  import torch
-  ids = torch.tensor([prompt], dtype=torch.long)
-  with torch.inference_mode():
-    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=FLAGS.new_tokens,
-                min_new_tokens=FLAGS.new_tokens, do_sample=False, pad_token_id=0)
-
-
-def engine_tokens_per_sec(cfg, graphdef, params, prompts: list[list[int]]
-                          ) -> tuple[float, list[list[int]]]:
-  """serve/engine.py with len(prompts) slots, all requests submitted at once."""
-  from serve.engine import Engine, GenerationParams
-  engine = Engine(graphdef, params, cfg, slots=len(prompts), prompt_bucket=FLAGS.prompt_len,
-                  steps_per_sync=FLAGS.steps_per_sync)
-  engine.start()  # compiles what it needs in best_time's warm-up call
+def engine_run(engine, prompts: list[list[int]], out: list) -> Callable[[], None]:
+  """All `prompts` submitted at once to `engine` (slots = len(prompts)); waits for all."""
+  from serve.engine import GenerationParams
   gen = GenerationParams(max_tokens=FLAGS.new_tokens, temperature=0.0)
-  out = []
 
   def run():
     handles = [engine.submit(p, gen) for p in prompts]
     results = [h.result(timeout=600) for h in handles]
     assert all(fin.completion_tokens == FLAGS.new_tokens for _, fin in results)
     out[:] = [[e.token for e in events] for events, _ in results]
-  try:
-    return len(prompts) * FLAGS.new_tokens / best_time(run, FLAGS.repeats), out
-  finally:
-    engine.stop()
+  return run
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -160,39 +149,59 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
   return sum(prefix(x, y) for x, y in zip(a, b)) / len(a)
 
 
+def measure_local(cfg, graphdef, params, hf, prompts: list[list[int]]) -> dict[str, float]:
+  """Parts (a) and (b): prints their lines, returns their figures."""
+  from serve.engine import Engine
+  engines = {b: Engine(graphdef, params, cfg, slots=b, prompt_bucket=FLAGS.prompt_len,
+                       steps_per_sync=FLAGS.steps_per_sync).start() for b in (8, 16)}
+  fns: dict[str, Callable[[], None]] = {}
+  outs: dict[str, list] = {}
+  for b in (8, 16):
+    outs[f"engine{b}"], outs[f"hf{b}"] = [], []
+    fns[f"engine{b}"] = engine_run(engines[b], prompts[:b], outs[f"engine{b}"])
+    if not FLAGS.skip_hf:
+      fns[f"hf{b}"] = hf_run(hf, prompts[:b], outs[f"hf{b}"])
+  if not FLAGS.skip_hf:
+    fns["hf1"] = hf_sequential_run(hf, prompts[:FLAGS.hf_sequential_prompts])
+  best = best_times(fns, FLAGS.repeats)
+  for engine in engines.values():
+    engine.stop()
+  rows = {"hf1": FLAGS.hf_sequential_prompts, "hf8": 8, "engine8": 8, "hf16": 16,
+          "engine16": 16}
+  rate = {name: rows[name] * FLAGS.new_tokens / best[name] for name in best}
+  summary: dict[str, float] = {}
+  if not FLAGS.skip_hf:
+    import torch
+    summary["hf_generate_tokens_per_sec"] = rate["hf1"]
+    print(f"(a) transformers.generate batch 1 (sequential): {rate['hf1']:8,.0f} tokens/s "
+          f"(torch threads: {torch.get_num_threads()})")
+    for b in (8, 16):
+      summary[f"hf_tokens_per_sec_batch{b}"] = rate[f"hf{b}"]
+      print(f"(a) transformers.generate batch {b:2d}:             {rate[f'hf{b}']:8,.0f} "
+            "tokens/s")
+  for b in (8, 16):
+    summary[f"engine_tokens_per_sec_batch{b}"] = rate[f"engine{b}"]
+    line = (f"(b) engine, {b:2d} slots busy:                    "
+            f"{rate[f'engine{b}']:8,.0f} tokens/s")
+    if not FLAGS.skip_hf:
+      summary[f"greedy_agreement_with_hf_batch{b}"] = agreement(outs[f"engine{b}"],
+                                                                outs[f"hf{b}"])
+      line += (f" ({rate[f'engine{b}'] / rate[f'hf{b}']:.2f}x transformers at batch {b}; "
+               "greedy tokens shared with transformers: "
+               f"{summary[f'greedy_agreement_with_hf_batch{b}']:.0%})")
+    print(line, flush=True)
+  if not FLAGS.skip_hf:
+    summary["decode_speedup_batch8"] = rate["engine8"] / rate["hf8"]
+  return summary
+
+
 def main(argv):
   del argv
   import numpy as np
   cfg, graphdef, params, hf = build_models()
   rng = np.random.default_rng(0)
   prompts = rng.integers(4, cfg.vocab_size, (16, FLAGS.prompt_len)).tolist()
-  results: dict[str, float] = {}
-  summary: dict[str, float] = {}
-  hf_out = {}
-  if not FLAGS.skip_hf:
-    import torch
-    hf_seq = hf_sequential_tokens_per_sec(hf, prompts[:FLAGS.hf_sequential_prompts])
-    summary["hf_generate_tokens_per_sec"] = hf_seq
-    print(f"(a) transformers.generate batch 1 (sequential): {hf_seq:8,.0f} tokens/s "
-          f"(torch threads: {torch.get_num_threads()})", flush=True)
-    for b in (8, 16):
-      results[f"hf_tokens_per_sec_batch{b}"], hf_out[b] = hf_tokens_per_sec(hf, prompts[:b])
-      print(f"(a) transformers.generate batch {b:2d}:             "
-            f"{results[f'hf_tokens_per_sec_batch{b}']:8,.0f} tokens/s", flush=True)
-  for b in (8, 16):
-    tps, out = engine_tokens_per_sec(cfg, graphdef, params, prompts[:b])
-    results[f"engine_tokens_per_sec_batch{b}"] = tps
-    line = f"(b) engine, {b:2d} slots busy:                    {tps:8,.0f} tokens/s"
-    if b in hf_out:
-      results[f"greedy_agreement_with_hf_batch{b}"] = agreement(out, hf_out[b])
-      line += (f" ({tps / results[f'hf_tokens_per_sec_batch{b}']:.2f}x transformers at "
-               f"batch {b}; greedy tokens shared with transformers: "
-               f"{results[f'greedy_agreement_with_hf_batch{b}']:.0%})")
-    print(line, flush=True)
-  if not FLAGS.skip_hf:
-    summary["decode_speedup_batch8"] = (results["engine_tokens_per_sec_batch8"]
-                                        / results["hf_tokens_per_sec_batch8"])
-  summary.update(results)
+  summary = measure_local(cfg, graphdef, params, hf, prompts)
   if not FLAGS.skip_http:
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
       phases = run_http_phases(cfg, params, tmp, [int(n) for n in FLAGS.clients],
@@ -216,7 +225,7 @@ def main(argv):
       if not FLAGS.skip_hf:
         summary.update(
             speedup_vs_hf_sequential=tps16 / summary["hf_generate_tokens_per_sec"],
-            speedup_vs_hf_batch16=tps16 / results["hf_tokens_per_sec_batch16"])
+            speedup_vs_hf_batch16=tps16 / summary["hf_tokens_per_sec_batch16"])
   summary.update(new_tokens=FLAGS.new_tokens, prompt_len=FLAGS.prompt_len)
   print(json.dumps(summary))
 

@@ -15,8 +15,8 @@ running batch at the next decode boundary; a finished (stop id, max_tokens) or c
 request frees its slot at once. The alternative, one shared write index with left-padded
 rows (model/sampling.py's layout), would have to shift every row's cache whenever a
 request joins behind the others. Requests admitted at the same boundary are prefilled
-together, n rows per call (n a power of two; one compilation per (n, bucket) shape,
-`prefill_shapes`): one pass over the weights for all of them.
+together, n rows per call (n = 1, 4, 16, ... or `slots`; one compilation per (n, bucket)
+shape, `prefill_shapes`): one pass over the weights for all of them.
 
 Decoding runs in *chunks*: up to `steps_per_sync` decode steps for all slots inside one
 jit call (a `lax.while_loop`, serve/engine_step.py), so the host syncs once per chunk,
@@ -108,6 +108,9 @@ class Engine:
     if slots < 1 or prompt_bucket < 1 or steps_per_sync < 1:
       raise ValueError(f"slots={slots}, prompt_bucket={prompt_bucket} and steps_per_sync="
                        f"{steps_per_sync} must be >= 1")
+    if jax.process_count() > 1:
+      raise ValueError("The serving engine runs in one process (its scheduler admits "
+                       "requests on its own); use a mesh of this process's devices")
     self.rules = tuple(rules) if rules is not None else msharding.DEFAULT_RULES
     split = msharding.batch_parallel_size(mesh, self.rules) if mesh is not None else 1
     if slots % split:
@@ -117,11 +120,14 @@ class Engine:
     self._slots = slots
     self.prompt_buckets = buckets(min(prompt_bucket, self.max_len), self.max_len)
     self.cache_buckets = buckets(self.prompt_buckets[0], self.max_len, fine=True)
-    # Prefill shapes (rows n, bucket P): n a power of two up to `slots`, n * P within a
-    # token budget (one full-context prompt, or a smallest-bucket prompt per slot).
+    # Prefill shapes (rows n, bucket P): n in 1, 4, 16, ... and `slots`, n * P within a
+    # token budget (one full-context prompt, or a smallest-bucket prompt per slot). Powers
+    # of 4, not 2: half the programs to compile (~2 s each on CPU); a prefill costs little
+    # next to a decode chunk, so filler rows are cheap.
     budget = max(self.max_len, slots * self.prompt_buckets[0])
-    self.prefill_shapes = [(n, p) for p in self.prompt_buckets
-                           for n in buckets(1, slots) if n == 1 or n * p <= budget]
+    rows = sorted({1, slots} | {4 ** k for k in range(1, 8) if 4 ** k < slots})
+    self.prefill_shapes = [(n, p) for p in self.prompt_buckets for n in rows
+                           if n == 1 or n * p <= budget]
     self._programs = Programs(graphdef, params, model_cfg, slots=slots, max_len=self.max_len,
                               steps_per_sync=steps_per_sync, mesh=mesh, rules=self.rules,
                               param_shardings=param_shardings)

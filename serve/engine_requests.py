@@ -172,8 +172,15 @@ def row_params(req: Request | None, n: int) -> RowParams:
 
 @functools.lru_cache(maxsize=1024)
 def key_data(seed: int) -> np.ndarray:
-  """Raw key data of jax.random.key(seed) (cached: idle rows ask for seed 0 every time)."""
-  return np.asarray(jax.random.key_data(jax.random.key(seed)), np.uint32)
+  """Raw key data of jax.random.key(seed) with 64-bit seeds (cached).
+
+  Without jax_enable_x64 JAX keeps only a seed's low 32 bits, so seeds 5 and 2**32 + 5
+  would draw alike; a threefry key is (high 32 bits, low 32 bits) of the seed, built here.
+  """
+  data = np.asarray(jax.random.key_data(jax.random.key(seed & 0xFFFFFFFF)), np.uint32)
+  if data.shape == (2,):  # threefry2x32 (the default): [high, low]
+    data = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+  return data
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,7 +1,8 @@
 """Tests for the KV cache (model/transformer.py) and the sampler (model/sampling.py).
 
 Covers: cached decoding gives the logits of a full recomputation (prompts of different
-lengths, list and scanned layers); the sampler's log-probabilities equal the trainer's
+lengths, list and scanned layers; rows at their own cache index, as continuous batching
+decodes); the sampler's log-probabilities equal the trainer's
 (`train.losses.token_log_probs` on a full forward pass); greedy determinism, temperature ->
 0 and top-k = 1 match greedy, seeds reproduce; EOS stops a sequence; top-k / top-p filters
 against numpy; bad prompts are refused; the sampler on an 8-device mesh matches one device.
@@ -65,6 +66,30 @@ def test_cached_decoding_matches_full_recomputation(tiny_cfg, overrides):
   got = np.concatenate(got, 1)  # logits at slots 0 .. P + N - 2
   keep = full_seg[:, :p + n - 1] > 0  # padding slots compute nothing meaningful
   np.testing.assert_allclose(got[keep], ref[:, :p + n - 1][keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_per_row_cache_index_matches_full_recomputation(tiny_cfg, scan_layers):
+  # Continuous batching (serve/engine.py): each row at its own length, right-padded.
+  model, _, _ = _model(tiny_cfg, scan_layers=scan_layers)
+  prompts = [[5, 6, 7], list(range(8, 18))]
+  p = 12
+  tokens = np.zeros((2, p), np.int32)
+  for row, x in enumerate(prompts):
+    tokens[row, :len(x)] = x
+  ones = jnp.ones((2, p), jnp.int32)
+  _, cache = model.hidden(jnp.asarray(tokens), jnp.broadcast_to(jnp.arange(p), (2, p)), ones,
+                          cache=init_cache(model.cfg, 2, p + 4), cache_index=0,
+                          kv_segment_ids=jnp.ones((2, p + 4), jnp.int32))
+  lengths = np.array([len(x) for x in prompts], np.int32)
+  nxt = np.array([[40], [41]], np.int32)  # one more token per row, at its own slot
+  h, _ = model.hidden(jnp.asarray(nxt), jnp.asarray(lengths[:, None]),
+                      jnp.ones((2, 1), jnp.int32), cache=cache, cache_index=jnp.asarray(lengths),
+                      kv_segment_ids=jnp.ones((2, p + 4), jnp.int32))
+  got = np.asarray(model.logits(h))[:, 0]
+  for row, x in enumerate(prompts):
+    ref = np.asarray(model(jnp.asarray([x + [int(nxt[row, 0])]])))[0, -1]
+    np.testing.assert_allclose(got[row], ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9),

@@ -20,6 +20,7 @@ from model.sampling import Sampler, SamplingConfig, filter_logits
 from model.transformer import build_model
 from serve import engine_step
 from serve.engine import Engine, Finished, GenerationParams, TokenEvent, buckets
+from serve.engine_requests import key_data
 
 PROMPTS = [[5, 6, 7], list(range(8, 18)), [20], list(range(30, 47)), [40, 41], [60] * 9]
 GREEDY = GenerationParams(max_tokens=10, temperature=0.0, logprobs=True)
@@ -161,15 +162,15 @@ def test_compiled_once_per_bucket(tiny, tiny_cfg):
   _, graphdef, params = tiny
   eng = Engine(graphdef, params, tiny_cfg, **SHAPE)
   assert eng.prompt_buckets == [8, 16, 32] and eng.cache_buckets == [8, 16, 24, 32]
-  # Up to 4 prompts per prefill call, at most 32 prompt tokens per call.
-  assert eng.prefill_shapes == [(1, 8), (2, 8), (4, 8), (1, 16), (2, 16), (1, 32)]
+  # 1 or 4 (= slots) prompts per prefill call, at most 32 prompt tokens per call.
+  assert eng.prefill_shapes == [(1, 8), (4, 8), (1, 16), (1, 32)]
   eng.warmup()
-  assert eng.compilations() == {"prefill": 6, "decode": 4}
+  assert eng.compilations() == {"prefill": 4, "decode": 4}
   eng.start()
   mix = [GREEDY, SAMPLED, GenerationParams(max_tokens=5, temperature=1.5, top_p=0.5,
                                            top_logprobs=3, stop_ids=(1, 2, 3))]
   _run(eng, [[1], list(range(9)), list(range(17))] * 2, mix * 2)
-  assert eng.compilations() == {"prefill": 6, "decode": 4}
+  assert eng.compilations() == {"prefill": 4, "decode": 4}
   eng.stop()
 
 
@@ -240,6 +241,9 @@ def test_row_filters_and_argmax_match_their_references():
     x = jnp.asarray(rng.integers(0, 5, size=(3, v)), jnp.float32)  # many ties
     np.testing.assert_array_equal(engine_step.argmax(x), jnp.argmax(x, -1))
   assert buckets(16, 512, fine=True) == [16, 32, 48, 64, 96, 128, 192, 256, 384, 512]
+  # Seeds are 64-bit: jax.random.key(seed) for 32-bit seeds, distinct keys beyond.
+  np.testing.assert_array_equal(key_data(7), jax.random.key_data(jax.random.key(7)))
+  assert key_data(5).tolist() != key_data(2**32 + 5).tolist()
 
 
 def test_sharded_engine_matches_one_device(engine, tiny, tiny_cfg):
