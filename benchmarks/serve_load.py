@@ -195,8 +195,33 @@ def measure_local(cfg, graphdef, params, hf, prompts: list[list[int]]) -> dict[s
   return summary
 
 
+def check_flags() -> list[int]:
+  """The client counts; a bad flag is one line `error: ...` and exit status 2."""
+  try:
+    clients = [int(n) for n in FLAGS.clients]
+  except ValueError:
+    clients = []
+  problems = [
+      (not clients or min(clients) < 1, f"--clients={','.join(FLAGS.clients)}: expected "
+       "positive integers, e.g. 1,4,16,64"),
+      (FLAGS.requests_per_client < 1, "--requests_per_client must be >= 1"),
+      (min(FLAGS.new_tokens, FLAGS.prompt_len) < 1,
+       "--new_tokens and --prompt_len must be >= 1"),
+      (FLAGS.prompt_len + FLAGS.new_tokens > SHAPE["max_seq_len"],
+       f"--prompt_len + --new_tokens must fit the model context of {SHAPE['max_seq_len']}"),
+      (min(FLAGS.repeats, FLAGS.hf_sequential_prompts, FLAGS.steps_per_sync,
+           FLAGS.server_slots) < 1,
+       "--repeats, --hf_sequential_prompts, --steps_per_sync and --server_slots must be >= 1")]
+  for bad, message in problems:
+    if bad:
+      print(f"error: {message}", file=sys.stderr)
+      sys.exit(2)
+  return clients
+
+
 def main(argv):
   del argv
+  clients = check_flags()
   import numpy as np
   cfg, graphdef, params, hf = build_models()
   rng = np.random.default_rng(0)
@@ -204,7 +229,7 @@ def main(argv):
   summary = measure_local(cfg, graphdef, params, hf, prompts)
   if not FLAGS.skip_http:
     with tempfile.TemporaryDirectory(prefix="serve_load_") as tmp:
-      phases = run_http_phases(cfg, params, tmp, [int(n) for n in FLAGS.clients],
+      phases = run_http_phases(cfg, params, tmp, clients,
                                requests_per_client=FLAGS.requests_per_client,
                                new_tokens=FLAGS.new_tokens, slots=FLAGS.server_slots,
                                steps_per_sync=FLAGS.steps_per_sync,

@@ -277,7 +277,8 @@ class Engine:
       keep[cancelled] = False
       self._programs.deactivate(keep)
       for row in cancelled:
-        self._rows[row].handle.emit([self._free(row, "cancelled")])
+        handle = self._rows[row].handle
+        handle.emit([self._free(row, "cancelled")])
     self._admit(admit)
     chunk = self._dispatch_chunk()
     while len(self._pending) > (1 if chunk else 0):
@@ -385,4 +386,9 @@ class Engine:
       if not req.handle.done:
         req.handle.emit([Finished("error", req.prompt.size, req.produced, error)])
     self._pending.clear()
-    self._programs.reset()
+    try:
+      self._programs.reset()
+    except Exception:  # pylint: disable=broad-except
+      # The device may be gone for good: later requests then fail in their turn, with
+      # their own "error" Finished, rather than hang on a dead scheduler thread.
+      log.exception("serve engine: rebuilding the cache failed")

@@ -68,7 +68,8 @@ class Programs:
 
   def compilations(self) -> dict[str, int]:
     """Compiled programs so far: {"prefill": n, "decode": n}."""
-    count = lambda fns: sum(f._cache_size() for f in fns.values())  # pylint: disable=protected-access
+    # jax's own count of what each jitted function compiled (its cache size).
+    count = lambda fns: sum(f._cache_size() for f in fns.values())  # pylint: disable=W0212
     return {"prefill": count(self._prefill_fns), "decode": count(self._decode_fns)}
 
   def prefill(self, tokens: np.ndarray, lengths: np.ndarray, rows: np.ndarray,

@@ -1,12 +1,14 @@
-"""The device programs of the continuous-batching engine (`serve/engine.py`).
+"""The device programs of the continuous-batching engine (`serve/engine.py`), traced.
 
-  prefill   n requests' prompts, right-padded to a bucket P, through the model into a fresh
-            n-row cache whose rows are then written into their slots' rows of the
-            engine's cache (slots [0, P)); the first tokens are drawn and the slots'
-            decode state set. Compiled once per (n, P) bucket pair.
-  decode    up to `steps` decode steps for every slot inside one `lax.while_loop` (one host
-            round trip per chunk), over the first `cache_len` slots of the cache only.
-            Compiled once per cache-length bucket.
+  prefill     n requests' prompts, right-padded to a bucket P, through the model into a
+              fresh n-row cache whose rows are then written over their slots' rows of the
+              engine's cache (slots [0, P)); the first tokens are drawn and the slots'
+              decode state set. Compiled once per (n, P) shape.
+  decode      up to `steps` decode steps for every slot inside one `lax.while_loop` (one
+              host round trip per chunk), over the first `cache_len` slots of the cache
+              only: that prefix is sliced out, updated in place by the loop, and only the
+              chunk's new slots are written back. Compiled once per cache-length bucket.
+  deactivate  stops cancelled slots.
 
 Cache layout. Row r of the cache belongs to slot r; a request's prompt token t sits at
 slot t and its i-th generated token is fed at slot L + i (L = prompt length), so slot =
@@ -18,16 +20,16 @@ are all 1 and rows never need re-alignment when requests join or leave.
 
 Sampling is per row, all parameters being [B] arrays of ONE compiled step (`RowParams`):
 temperature 0 = greedy (argmax of the raw logits); otherwise logits / T, then per-row
-top-k and top-p (nucleus) filtering, then a categorical draw with the row's own key:
-token i of a request uses fold_in(key(seed), i), so a draw never depends on the other
-rows of the batch (the draw is a Gumbel-max over the filtered logits). The
-full-vocabulary sort that filtering needs runs only when some row samples with top_k /
-top_p (`lax.cond`); the same for the scaling and noise (some row samples), the
-log-softmax (some row asked for log-probabilities) and the top-20 (some row asked for
-them): an all-greedy batch without log-probabilities does one argmax per step. Log-probabilities are
-model/sampling.py's: log softmax(logits / T) of the drawn token, unfiltered, T = 1 when
-greedy. Filtering keeps every token whose logit reaches the cut-off one (ties at the
-cut-off are kept, as `model.sampling.filter_logits` keeps them for top-k).
+top-k and top-p (nucleus) filtering, then a categorical draw (Gumbel-max) with the row's
+own key: token i of a request uses fold_in(key(seed), i), so a draw never depends on the
+other rows of the batch. Only what some row needs is computed (`lax.cond`): the
+full-vocabulary sort for filtering (a row samples with top_k / top_p), the scaling and
+noise (a row samples), the log-softmax (a row asked for log-probabilities) and the top-20
+(a row asked for them); an all-greedy batch without log-probabilities does one argmax
+per step. Log-probabilities are model/sampling.py's: log softmax(logits / T) of the drawn
+token, unfiltered, T = 1 when greedy. Filtering keeps every token whose logit reaches the
+cut-off one (ties at the cut-off are kept, as `model.sampling.filter_logits` keeps them
+for top-k).
 """
 
 from __future__ import annotations

@@ -263,5 +263,6 @@ def test_sharded_engine_matches_one_device(engine, tiny, tiny_cfg):
     np.testing.assert_allclose([e.logprob for e in events], [e.logprob for e in ref_events],
                                atol=2e-5)
     assert fin == ref_fin
-  assert sharded._programs.cache.k[0].sharding.spec == jax.sharding.PartitionSpec(  # pylint: disable=protected-access
-      ("data", "fsdp"), "tensor", None, None)
+  cache = sharded._programs.cache  # pylint: disable=protected-access
+  assert cache.k[0].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "tensor",
+                                                                None, None)
