@@ -50,8 +50,10 @@ setup(
         # (2.17 tested; its acyclic_siblings contract is recent).
         # tiktoken: Meta's reference encoder for the Llama-3 tokenizer parity test.
         # openai: the real client drives the server in tests/test_serve_*.py (on localhost).
+        # httpx: those tests also send raw bodies the client would refuse to build (bad JSON,
+        # no key) and read /metrics; named here because openai 3.x moved to httpx2.
         "test": ["pytest>=8,<10", "import-linter>=2.17,<3", "tiktoken>=0.7,<0.15",
-                 "openai>=1.40,<4", *HF],
+                 "openai>=1.40,<4", "httpx>=0.27,<1", *HF],
         # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.
         "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0"],
     },
