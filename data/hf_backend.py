@@ -160,11 +160,11 @@ class HFTokenizer:
     Out-of-vocab ids (a model's vocab padded past the tokenizer's) become unk, or are
     dropped when the family has no unk token (e.g. Llama-3).
     """
-    size, unk = self.vocab_size, self.unk_id
+    size, unk, pad = self.vocab_size, self.unk_id, self.pad_id  # once: the server decodes often
     cleaned = []
     for i in ids:
       i = int(i)
-      if i == self.pad_id and i >= 0:
+      if i == pad and i >= 0:
         continue
       if not 0 <= i < size or self._tok.id_to_token(i) is None:
         if unk < 0:

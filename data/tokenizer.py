@@ -344,9 +344,8 @@ class Tokenizer:
     Out-of-vocab ids come from models whose vocab is padded past the
     tokenizer's; they decode visibly (as unk) rather than raising.
     """
-    size = self.vocab_size
-    cleaned = [int(i) if 0 <= int(i) < size else self.unk_id
-               for i in ids if int(i) != self.pad_id]
+    size, pad, unk = self.vocab_size, self.pad_id, self.unk_id  # once: the server decodes often
+    cleaned = [i if 0 <= i < size else unk for i in map(int, ids) if i != pad]
     return self._sp.decode(cleaned)
 
   def __repr__(self) -> str:

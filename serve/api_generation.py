@@ -5,10 +5,13 @@ strings, log-probabilities per piece.
     if isinstance(item, Piece): send(item.text, item.tokens)
     else: outcome = item          # the last item: Outcome (text, finish reason, usage)
 
-Detokenization decodes the whole list of generated ids after every token and emits the new
-suffix, so a word made of several tokens, or a character of several byte tokens, comes out
-right. Held back until a later token decides them: an incomplete UTF-8 tail (the decoder's
-trailing U+FFFD) and a tail that could be the beginning of a stop string. A stop string
+Detokenization is incremental over a short window (as vLLM and Hugging Face's TextStreamer
+do): the ids since the last emitted token's predecessor are decoded with and without the new
+ones and the difference is the new text, so a word made of several tokens, a SentencePiece
+leading space or a character of several byte tokens comes out as the whole-list decode gives
+it, at a cost per token that does not grow with the answer. Held back until a later token
+decides them: an incomplete UTF-8 tail (the decoder's trailing U+FFFD) and a tail that could
+be the beginning of a stop string. A stop string
 (OpenAI's `stop`, checked on the decoded text) ends the answer before it: the text is cut
 where the stop string starts and the engine request is cancelled (its slot freed at the
 next step). End-of-turn / eos ids end the answer in the engine and are not part of the text.
@@ -20,6 +23,7 @@ line up with the streamed text; tokens whose text lies after a stop string are d
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import threading
@@ -46,6 +50,13 @@ class TextAssembler:
     self.text = ""               # decoded text without an incomplete UTF-8 tail
     self.sent = 0                # characters of `text` emitted
     self.stop_at: int | None = None
+    # The decode window: ids[prefix:read] were decoded into `text` already and are decoded
+    # again only as context for what follows (a leading space, a multi-byte character).
+    self.prefix = self.read = 0
+
+  def _window(self) -> tuple[str, str]:
+    """(decode of the window's context, decode of the context and the ids after it)."""
+    return self.decode(self.ids[self.prefix:self.read]), self.decode(self.ids[self.prefix:])
 
   def _holdback(self) -> int:
     """Length of the longest tail of `text` that begins some stop string."""
@@ -61,7 +72,10 @@ class TextAssembler:
       return ""
     self.starts.append(len(self.text))
     self.ids.append(int(token))
-    self.text = self.decode(self.ids).rstrip(INCOMPLETE)
+    context, window = self._window()
+    if len(window) > len(context) and not window.endswith(INCOMPLETE):
+      self.text += window[len(context):]
+      self.prefix, self.read = self.read, len(self.ids)
     if self.stops:
       begin = max(0, self.sent - self.longest_stop)
       hits = [i for i in (self.text.find(s, begin) for s in self.stops) if i >= 0]
@@ -82,11 +96,11 @@ class TextAssembler:
     stop string, or an unfinished character as the decoder renders it)."""
     if self.stop_at is not None:
       return ""
-    full = self.decode(self.ids)
-    if not full.startswith(self.text[:self.sent]):  # the decoder rewrote emitted text
+    context, window = self._window()
+    if not window.startswith(context):  # the decoder rewrote decoded text
       return ""
-    out, self.sent = full[self.sent:], len(full)
-    self.text = full
+    self.text += window[len(context):]
+    out, self.sent = self.text[self.sent:], len(self.text)
     return out
 
   @property
@@ -95,10 +109,7 @@ class TextAssembler:
 
   def tokens_before(self, offset: int) -> int:
     """How many tokens start before character `offset` (they belong to emitted text)."""
-    n = 0
-    while n < len(self.starts) and self.starts[n] < offset:
-      n += 1
-    return n
+    return bisect.bisect_left(self.starts, offset)  # starts never decrease
 
 
 @dataclasses.dataclass
@@ -125,36 +136,38 @@ class Outcome:
   error: str | None = None
 
 
-async def engine_events(handle: Any) -> AsyncIterator[TokenEvent | Finished]:
-  """The handle's blocking event iterator as an async one (a thread pumps it into the
-  event loop, so many requests wait on the engine without holding executor threads)."""
+async def engine_events(handle: Any) -> AsyncIterator[list[TokenEvent | Finished]]:
+  """The handle's blocking event batches as an async iterator of lists (a thread pumps
+  them into the event loop, one wake-up of the loop per engine chunk rather than per token,
+  so many requests wait on the engine without holding executor threads)."""
   loop = asyncio.get_running_loop()
   queue: asyncio.Queue = asyncio.Queue()
 
-  def put(event: Any) -> None:
+  def put(batch: list) -> None:
     try:
-      loop.call_soon_threadsafe(queue.put_nowait, event)
+      loop.call_soon_threadsafe(queue.put_nowait, batch)
     except RuntimeError:  # the loop is closed: the server is gone
       pass
 
   def pump() -> None:
     try:
-      for event in handle.events():
-        put(event)
+      batches = getattr(handle, "event_batches", None)
+      for batch in (batches() if batches else ([e] for e in handle.events())):
+        put(batch)
     except Exception as e:  # noqa: BLE001 - reported as the request's error
-      put(Finished("error", 0, 0, f"{type(e).__name__}: {e}"))
+      put([Finished("error", 0, 0, f"{type(e).__name__}: {e}")])
 
   threading.Thread(target=pump, name=f"events-{handle.id}", daemon=True).start()
   while True:
-    event = await queue.get()
-    yield event
-    if isinstance(event, Finished):
+    batch = await queue.get()
+    yield batch
+    if isinstance(batch[-1], Finished):
       return
 
 
 async def generate(handle: Any, decode: Callable[[Sequence[int]], str], *,
                    stops: Sequence[str] = (), end_ids: Sequence[int] = (),
-                   prompt_tokens: int = 0, on_token: Callable[[], None] | None = None
+                   prompt_tokens: int = 0, on_token: Callable[[int], None] | None = None
                    ) -> AsyncIterator[Piece | Outcome]:
   """Pieces of text as the engine produces them, then the Outcome (module doc).
 
@@ -168,22 +181,27 @@ async def generate(handle: Any, decode: Callable[[Sequence[int]], str], *,
   finished: Finished | None = None
   try:
     async with contextlib.aclosing(engine_events(handle)) as stream:
-      async for event in stream:
-        if isinstance(event, Finished):
-          finished = event
-          break
-        if on_token is not None:
-          on_token()
-        if int(event.token) in end or text.stop_at is not None:
-          continue
-        events.append(event)
-        new = text.push(event.token)
+      async for batch in stream:
+        # One piece per batch (the engine hands a request its tokens once per decode
+        # chunk): a streamed chunk carries every token that is ready, not one each.
+        tokens = [e for e in batch if isinstance(e, TokenEvent)]
+        if tokens and on_token is not None:
+          on_token(len(tokens))
+        new = []
+        for event in tokens:
+          if int(event.token) in end or text.stop_at is not None:
+            continue
+          events.append(event)
+          new.append(text.push(event.token))
         if text.stop_at is not None:
           handle.cancel()
-        if new:
+        if any(new):
           upto = text.tokens_before(text.sent)
-          yield Piece(new, events[given:upto], text.starts[given:upto])
+          yield Piece("".join(new), events[given:upto], text.starts[given:upto])
           given = upto
+        if isinstance(batch[-1], Finished):
+          finished = batch[-1]
+          break
   finally:
     if finished is None:
       handle.cancel()

@@ -84,12 +84,19 @@ class RequestTimer:
     self.last: float | None = None
 
   def token(self, count: int = 1) -> None:
-    """`count` tokens arrived now."""
+    """`count` tokens arrived now (the engine delivers a chunk at a time).
+
+    The first token's wait is the time to first token; every later token is one
+    per-token observation, and tokens that arrive together share their wait evenly (the
+    first chunk's others share the wait since the request started), so the histogram's
+    count is completion tokens - 1, as the per-token latency's definition wants.
+    """
     now = time.perf_counter()
+    since, gaps = (self.start, count - 1) if self.last is None else (self.last, count)
     if self.last is None:
       self.metrics.ttft.observe(now - self.start)
-    else:
-      self.metrics.per_token.observe((now - self.last) / max(count, 1))
+    for _ in range(gaps):
+      self.metrics.per_token.observe((now - since) / count)
     self.last = now
     self.metrics.generated_tokens.inc(count)
 

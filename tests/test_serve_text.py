@@ -7,8 +7,13 @@ exercised the way a byte-fallback or byte-level BPE tokenizer exercises it.
 """
 
 import asyncio
+import json
+import shutil
 
 import pytest
+
+from data.hf_tokenizer import tokenizer_from_hf_dir
+from data.readers import resolve_data_path
 
 from serve.api_generation import Outcome, Piece, TextAssembler, generate
 from serve.engine import Finished, TokenEvent
@@ -56,6 +61,35 @@ def test_a_possible_stop_string_is_held_back_until_decided():
   for b in b"</answer> tail":
     a.push(b)
   assert a.final_text == "ok </ansx" and a.finish() == ""
+
+
+STREAM_TEXTS = ["  Hello, world!  Two  spaces\n\nand newlines ",
+                "emoji 🤗🌤 family 👨‍👩‍👧 CJK 日本語の文章 中文 한국어 café €5",
+                "ctrl \x00\x07\x1b[0m\x7f tab\t 'LL 123456789"]
+
+
+@pytest.mark.parametrize("family", ["llama2_sentencepiece", "llama3_tiktoken"])
+def test_streamed_text_equals_the_whole_decode_with_real_tokenizers(family, tmp_path):
+  """The windowed decode gives what decoding all ids at once gives, piece by piece, with
+  SentencePiece's leading spaces and byte fallback (Llama-2) and byte-level BPE (Llama-3)."""
+  if family == "llama2_sentencepiece":
+    source, config = "tokenizers/tokenizer.llama2", {"bos_token": "<s>", "eos_token": "</s>"}
+  else:
+    source, config = "tokenizers/tokenizer_llama3.tiktoken", {
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}
+  shutil.copy(resolve_data_path(source), tmp_path / "tokenizer.model")
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  tok = tokenizer_from_hf_dir(str(tmp_path))
+  calls = []
+  decode = lambda ids: calls.append(len(ids)) or tok.decode(ids)
+  for text in STREAM_TEXTS:
+    ids = tok.encode(text)
+    calls.clear()
+    a = TextAssembler(decode)
+    pieces = [a.push(i) for i in ids]
+    assert "".join(pieces) + a.finish() == tok.decode(ids)
+    # A decode's length does not grow with the answer (the quadratic whole-list decode did).
+    assert max(calls) <= 12, (len(ids), max(calls))
 
 
 class FakeHandle:
