@@ -36,6 +36,9 @@ setup(
         # pydantic, server-sent events, a well-kept ASGI stack) and its Prometheus /metrics.
         "fastapi>=0.115,<1",
         "uvicorn>=0.30,<1",
+        # uvicorn's C HTTP parser (its `standard` extra's): h11, the pure-Python default,
+        # cost the server about a tenth of its CPU at 16 streaming clients.
+        "httptools>=0.6,<1",
         "prometheus-client>=0.20,<1",
     ],
     extras_require={

@@ -137,9 +137,9 @@ class Outcome:
 
 
 async def engine_events(handle: Any) -> AsyncIterator[list[TokenEvent | Finished]]:
-  """The handle's blocking event batches as an async iterator of lists (a thread pumps
-  them into the event loop, one wake-up of the loop per engine chunk rather than per token,
-  so many requests wait on the engine without holding executor threads)."""
+  """The handle's event batches as an async iterator of lists: the engine's thread pushes
+  each chunk into the event loop (`RequestHandle.listen`), one wake-up of the loop per
+  chunk and no thread per request. A handle without `listen` is pumped by a thread."""
   loop = asyncio.get_running_loop()
   queue: asyncio.Queue = asyncio.Queue()
 
@@ -151,13 +151,15 @@ async def engine_events(handle: Any) -> AsyncIterator[list[TokenEvent | Finished
 
   def pump() -> None:
     try:
-      batches = getattr(handle, "event_batches", None)
-      for batch in (batches() if batches else ([e] for e in handle.events())):
-        put(batch)
+      for event in handle.events():
+        put([event])
     except Exception as e:  # noqa: BLE001 - reported as the request's error
       put([Finished("error", 0, 0, f"{type(e).__name__}: {e}")])
 
-  threading.Thread(target=pump, name=f"events-{handle.id}", daemon=True).start()
+  if hasattr(handle, "listen"):
+    handle.listen(put)
+  else:
+    threading.Thread(target=pump, name=f"events-{handle.id}", daemon=True).start()
   while True:
     batch = await queue.get()
     yield batch

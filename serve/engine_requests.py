@@ -3,8 +3,9 @@ events a request streams (TokenEvent ... Finished) and the handle the caller hol
 
 A handle is fed by the engine's scheduler thread (`emit`, a request's new events once per
 decode chunk) and read by any other thread: `events()` streams one event at a time,
-`event_batches()` a list per wake-up, `result()` waits for the whole answer. `result()`
-sees every event; the two streams share one queue (read it from one consumer).
+`event_batches()` a list per wake-up, `listen(callback)` has them pushed instead (no
+waiting thread), `result()` waits for the whole answer. `result()` sees every event; the
+streams share one queue (read it from one consumer).
 `row_params` turns a request's parameters into its row of the decode step's RowParams.
 """
 
@@ -88,7 +89,22 @@ class RequestHandle:
     self._tokens: list[TokenEvent] = []
     self._finished: Finished | None = None
     self._done = threading.Event()
+    self._listener: Callable[[list], None] | None = None
+    self._lock = threading.Lock()  # orders `listen` against `emit`
     self.cancelled = False
+
+  def listen(self, callback: Callable[[list[TokenEvent | Finished]], None]) -> None:
+    """Pushes the events instead: `callback(events)` is called with every batch not yet
+    read, now, then from the engine's thread as each chunk is delivered (so it must be
+    quick and must not block, e.g. `loop.call_soon_threadsafe`). No thread per request
+    waits on the queue; `events()` / `event_batches()` then see nothing more."""
+    with self._lock:
+      self._listener = callback
+      while True:
+        try:
+          callback(self._queue.get_nowait())
+        except queue.Empty:
+          break
 
   def events(self, timeout: float | None = None) -> Iterator[TokenEvent | Finished]:
     """Yields TokenEvents as they are generated, then the Finished, then ends.
@@ -137,14 +153,17 @@ class RequestHandle:
     """Delivers events (the engine's side): tokens, possibly ending with the Finished."""
     if not events:
       return
-    if isinstance(events[-1], Finished):
-      self._tokens.extend(events[:-1])
+    finished = isinstance(events[-1], Finished)
+    self._tokens.extend(events[:-1] if finished else events)
+    if finished:
       self._finished = events[-1]
-      self._queue.put(events)
+    with self._lock:
+      if self._listener is not None:
+        self._listener(events)
+      else:
+        self._queue.put(events)
+    if finished:
       self._done.set()
-    else:
-      self._tokens.extend(events)
-      self._queue.put(events)
 
 
 @dataclasses.dataclass
