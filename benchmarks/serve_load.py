@@ -38,7 +38,7 @@ import tempfile
 import time
 from typing import Any, Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -222,6 +222,7 @@ def check_flags() -> list[int]:
 def main(argv):
   del argv
   clients = check_flags()
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every file operation of the checkpoint
   import numpy as np
   cfg, graphdef, params, hf = build_models()
   rng = np.random.default_rng(0)
