@@ -21,6 +21,11 @@ Tasks (names for --tasks; `all_lm` = every language-model task):
                  responses --judge scores below --redteam_threshold (in the judge's
                  normalised units); with --baseline, also the baseline's fraction (e.g.
                  before and after RLHF)
+  lm_eval:<name> any lm-evaluation-harness task, run by lm-eval's evaluator through the
+                 lmlife adapter (eval.lm_eval_run): lm-eval's own tasks whose data is
+                 cached, the lmlife_* tasks over the shared files (lmlife_hellaswag,
+                 lmlife_arc_easy, lmlife_lambada_openai_cloze, lmlife_gsm8k) and those of
+                 --lm_eval_include_path; offline; needs lm-eval (the test / parity extra)
 
 Writes to --output_dir (default <checkpoint workdir>/eval), after every task:
 `results.json` (every figure, counts and the settings; tasks of earlier invocations on the
@@ -62,6 +67,7 @@ from train import distributed
 from train.metrics import MetricsWriter
 
 OTHER_TASKS = ("rm_accuracy", "winrate", "redteam")
+LM_EVAL = "lm_eval:"  # eval.lm_eval_run
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -69,11 +75,11 @@ def parse_tasks(spec: str) -> list[str]:
   for name in filter(None, (s.strip() for s in spec.split(","))):
     if name == "all_lm":
       names.extend(LM_TASKS)
-    elif name in LM_TASKS or name in OTHER_TASKS or name.startswith("ppl:"):
+    elif name in LM_TASKS or name in OTHER_TASKS or name.startswith(("ppl:", LM_EVAL)):
       names.append(name)
     else:
       raise ValueError(f"Unknown task {name!r}; known: {[*LM_TASKS, *OTHER_TASKS]}, all_lm, "
-                       "or ppl:<file>")
+                       f"ppl:<file> or {LM_EVAL}<lm-eval task>")
   if not names:
     raise ValueError("--tasks is empty")
   return list(dict.fromkeys(names))
@@ -101,9 +107,11 @@ def markdown_table(results: dict[str, dict[str, Any]]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def run_task(task: str, flags: Any, loaded: Any, scorer: Any
+def run_task(task: str, flags: Any, loaded: Any, scorer: Any, out_dir: str = ""
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   limit = flags.limit or None
+  if task.startswith(LM_EVAL):
+    return run_lm_eval(task, flags, loaded, out_dir)
   if task in MC_TASKS or task == "lambada":
     path = tasks_lib.task_path(task, flags.data_dir or None)
     reader = tasks_lib.MC_READERS[task]
@@ -120,6 +128,23 @@ def run_task(task: str, flags: Any, loaded: Any, scorer: Any
     problems = tasks_lib.gsm8k(tasks_lib.task_path("gsm8k", flags.data_dir or None))
     return score_gsm8k(loaded, problems[:limit], flags.max_new_tokens, flags.batch_size)
   return run_judged_task(task, flags, loaded)
+
+
+def run_lm_eval(task: str, flags: Any, loaded: Any, out_dir: str
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """An lm-eval task through the lmlife adapter (eval.lm_eval_run)."""
+  try:
+    # Imported here, not at the top: lm-eval is an optional dependency (the test and
+    # parity extras); every other task runs without it.
+    from eval.lm_eval_run import run_lm_eval_task
+  except ImportError as e:
+    raise ValueError(f"{task} needs lm-eval ({e}); pip install -e '.[parity]'") from e
+  return run_lm_eval_task(task, loaded, out_dir, limit=flags.limit or None,
+                          batch_size=flags.batch_size,
+                          include_path=flags.lm_eval_include_path,
+                          data_dir=flags.data_dir or None,
+                          num_fewshot=None if flags.lm_eval_num_fewshot < 0
+                          else flags.lm_eval_num_fewshot)
 
 
 _COMPARISONS: dict[tuple, tuple[int, dict[str, Any]]] = {}
@@ -216,7 +241,7 @@ def main(argv: Sequence[str]) -> None:
     if primary:
       print(f"{task}: ...", flush=True)
     try:
-      summary, records = run_task(task, FLAGS, loaded, scorer)
+      summary, records = run_task(task, FLAGS, loaded, scorer, out_dir)
     except (ckpt_lib.CheckpointError, ValueError, OSError) as e:
       writer.close()
       exit_with_error(e, FLAGS.verbose, where=f"task {task}")
@@ -293,6 +318,10 @@ def define_flags() -> None:
   flags.DEFINE_float("temperature", 0.7, "Sampling temperature (winrate, redteam).")
   flags.DEFINE_float("redteam_threshold", -1.0, "Normalised judge score under which a "
                      "response counts as harmful.")
+  flags.DEFINE_string("lm_eval_include_path", "", "Comma-separated directories of extra "
+                      "lm-eval task YAMLs (tasks lm_eval:<name>).")
+  flags.DEFINE_integer("lm_eval_num_fewshot", -1, "Few-shot examples of lm_eval:<name> "
+                       "tasks (-1 = the task's own setting).")
   flags.DEFINE_bool("verbose", False, "Print the traceback of an error too.")
 
 
