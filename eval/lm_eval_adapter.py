@@ -36,6 +36,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+import lm_eval.models  # noqa: F401 - lm-eval's own models first (see below)
 import numpy as np
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
@@ -48,6 +49,9 @@ from eval.sample import RawTemplate, respond
 from model.sampling import Sampler, SamplingConfig
 from model.transformer import Transformer
 
+# lm-eval fills its model registry with its built-in models only when the registry is
+# empty (`get_model`); registering "lmlife" into an empty one would hide "hf" & co. in this
+# process, hence the `import lm_eval.models` above.
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's HFLM default
 _log = logging.getLogger(__name__)

@@ -27,11 +27,16 @@ import logging
 import os
 from typing import Any
 
-import lm_eval
-from lm_eval.tasks import TaskManager
+# Offline before lm-eval (and through it `datasets` / `huggingface_hub`) read them at import:
+# a task whose data is not local fails instead of downloading.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from eval.lm_eval_adapter import LmlifeLM
-from eval.lm_eval_tasks import write_task_yamls
+import lm_eval  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from eval.lm_eval_adapter import LmlifeLM  # noqa: E402
+from eval.lm_eval_tasks import write_task_yamls  # noqa: E402
 
 PREFIX = "lm_eval:"
 BOOTSTRAP_ITERS = 1000  # stderr of bootstrapped metrics (perplexity); lm-eval: 100000
@@ -108,8 +113,6 @@ def run_lm_eval_task(task: str, loaded: Any, out_dir: str, *, limit: int | None,
       dataset that is not available offline.
   """
   name = task[len(PREFIX):]
-  os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-  os.environ.setdefault("HF_HUB_OFFLINE", "1")
   manager = task_manager(out_dir, include_path, data_dir)
   if not manager.match_tasks([name]):
     raise ValueError(f"lm-eval knows no task {name!r} (with the lmlife_* tasks and "
