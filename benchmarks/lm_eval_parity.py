@@ -4,11 +4,12 @@
   python benchmarks/lm_eval_parity.py --checkpoint=runs/chain/base --hellaswag_items=500
 
 1. exports the checkpoint to a Hugging Face LlamaForCausalLM directory (train/hf_convert.py);
-2. writes the shared HellaSwag file's first `--hellaswag_items` items and the ARC-Easy file
-   as local jsonl, and lm-eval task YAMLs (`dataset_path: json` + `data_files`) with the
-   prompt formats of data/benchmarks.py;
+2. writes lm-eval task YAMLs over the shared HellaSwag and ARC-Easy files
+   (`dataset_path: json` + `data_files`, the prompt formats of data/benchmarks.py:
+   eval/lm_eval_tasks.py, shared with the lmlife adapter's parity checks);
 3. runs `lm_eval --model hf` on CPU in float32, offline (HF_DATASETS_OFFLINE=1,
-   HF_HUB_OFFLINE=1, --include_path), with --log_samples;
+   HF_HUB_OFFLINE=1, --include_path), with --log_samples: HellaSwag's first
+   `--hellaswag_items` items (--limit) and all of ARC-Easy (or `--arc_items`);
 4. scores the same items with eval.run (our checkpoint, our JAX model and tokenizer);
 5. compares every (item, choice) log-likelihood and the acc / acc_norm aggregates.
 Last line: one JSON object with `items`, `max_abs_loglik_diff`, `acc_ours`, `acc_lm_eval`,
@@ -18,7 +19,6 @@ Last line: one JSON object with `items`, `max_abs_loglik_diff`, `acc_ours`, `acc
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import os
 import subprocess
@@ -34,81 +34,38 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "runs/chain/base", "Language-model checkpoint.")
 flags.DEFINE_string("out", "runs/lm_eval_parity", "Work directory.")
 flags.DEFINE_integer("hellaswag_items", 500, "HellaSwag items (the shared file's first).")
+flags.DEFINE_integer("arc_items", 0, "ARC-Easy items (the file's first; 0 = all).")
 flags.DEFINE_integer("batch_size", 16, "Batch size of both harnesses.")
 
-TASK_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{text}"
-doc_to_target: {target}
-doc_to_choice: {choices}
-target_delimiter: " "
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-TASKS = {  # our task -> (lm-eval task name, doc_to_text, target field, choices field)
-    "hellaswag": ("lmlife_hellaswag", "{{activity_label}}: {{ctx}}", "label", "endings"),
-    "arc_easy": ("lmlife_arc_easy", "{{query}}\\nAnswer:", "gold", "choices"),
-}
+TASKS = ("hellaswag", "arc_easy")  # lm-eval task names: eval.lm_eval_tasks.MC_TASKS
 
 
-def write_tasks(out: str) -> dict[str, str]:
-  """Local jsonl copies and the YAMLs; returns {our task: its jsonl path}."""
-  from data import benchmarks as tasks_lib
-  paths = {}
-  for task in TASKS:
-    src = tasks_lib.task_path(task)
-    opener = gzip.open if src.endswith(".gz") else open
-    with opener(src, "rt", encoding="utf-8") as f:
-      lines = [line for line in f if line.strip()]
-    if task == "hellaswag":
-      lines = lines[:FLAGS.hellaswag_items]
-    paths[task] = os.path.join(out, f"{task}.jsonl")
-    with open(paths[task], "w", encoding="utf-8") as f:
-      f.writelines(lines)
-    name, text, target, choices = TASKS[task]
-    with open(os.path.join(out, "tasks", f"{name}.yaml"), "w") as f:
-      f.write(TASK_YAML.format(name=name, path=paths[task], text=text, target=target,
-                               choices=choices))
-  return paths
-
-
-def run_lm_eval(hf_dir: str, out: str) -> dict[str, list[dict]]:
-  """lm-eval's per-sample records of each task (its --log_samples files)."""
+def run_lm_eval(hf_dir: str, out: str, task: str, limit: int) -> list[dict]:
+  """lm-eval's per-sample records of one task (its --log_samples file)."""
+  from eval.lm_eval_tasks import MC_TASKS
+  name = MC_TASKS[task][0]
   env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
              TOKENIZERS_PARALLELISM="false")
-  names = ",".join(t[0] for t in TASKS.values())
   cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
-         f"pretrained={hf_dir},dtype=float32", "--tasks", names, "--include_path",
+         f"pretrained={hf_dir},dtype=float32", "--tasks", name, "--include_path",
          os.path.join(out, "tasks"), "--batch_size", str(FLAGS.batch_size), "--device", "cpu",
          "--log_samples", "--output_path", os.path.join(out, "lm_eval")]
+  if limit:
+    cmd += ["--limit", str(limit)]
   print("$ " + " ".join(cmd), flush=True)
   run = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        text=True)
-  with open(os.path.join(out, "lm_eval.log"), "w") as f:
+  with open(os.path.join(out, f"lm_eval_{task}.log"), "w") as f:
     f.write(run.stdout)
   if run.returncode != 0:
-    sys.exit(f"lm_eval failed (rc={run.returncode}); see {out}/lm_eval.log:\n"
+    sys.exit(f"lm_eval failed (rc={run.returncode}); see {out}/lm_eval_{task}.log:\n"
              + run.stdout[-3000:])
-  samples = {}
-  for task, (name, *_) in TASKS.items():
-    files = sorted(glob.glob(os.path.join(out, "lm_eval", "**", f"samples_{name}_*.jsonl"),
-                             recursive=True))
-    if not files:
-      sys.exit(f"lm_eval wrote no samples file for {name} under {out}/lm_eval")
-    with open(files[-1]) as f:
-      samples[task] = sorted((json.loads(line) for line in f), key=lambda r: r["doc_id"])
-  return samples
+  files = sorted(glob.glob(os.path.join(out, "lm_eval", "**", f"samples_{name}_*.jsonl"),
+                           recursive=True), key=os.path.getmtime)
+  if not files:
+    sys.exit(f"lm_eval wrote no samples file for {name} under {out}/lm_eval")
+  with open(files[-1]) as f:
+    return sorted((json.loads(line) for line in f), key=lambda r: r["doc_id"])
 
 
 def main(argv):
@@ -120,21 +77,23 @@ def main(argv):
   from eval.loading import load_checkpoint
   from eval.loglik import LoglikScorer
   from eval.lm_tasks import score_multiple_choice
+  from eval.lm_eval_tasks import write_task_yamls
   from train.hf_convert import export_checkpoint
   out = os.path.abspath(FLAGS.out)
   os.makedirs(os.path.join(out, "tasks"), exist_ok=True)
   hf_dir = os.path.join(out, "hf_model")
   export_checkpoint(FLAGS.checkpoint, hf_dir)
-  paths = write_tasks(out)
+  write_task_yamls(os.path.join(out, "tasks"))
+  limits = {"hellaswag": FLAGS.hellaswag_items, "arc_easy": FLAGS.arc_items}
   start = time.perf_counter()
-  theirs = run_lm_eval(hf_dir, out)
+  theirs = {task: run_lm_eval(hf_dir, out, task, limits[task]) for task in TASKS}
   lm_eval_s = time.perf_counter() - start
   loaded = load_checkpoint(FLAGS.checkpoint)
   scorer = LoglikScorer(loaded, FLAGS.batch_size)
   summary, diffs, totals = {}, [], {"acc": [[], []], "acc_norm": [[], []]}
   start = time.perf_counter()
   for task in TASKS:
-    items = tasks_lib.MC_READERS[task](paths[task])
+    items = tasks_lib.MC_READERS[task](tasks_lib.task_path(task))[:limits[task] or None]
     ours_summary, ours = score_multiple_choice(scorer, task, items)
     if len(ours) != len(theirs[task]):
       sys.exit(f"{task}: {len(ours)} items here, {len(theirs[task])} in lm-eval")

@@ -1,7 +1,7 @@
 """An lm-evaluation-harness model ("lmlife") that runs this project's checkpoints.
 
   python -m eval.lm_eval --model lmlife --model_args checkpoint=runs/chain/base \
-      --tasks lmlife_lambada_openai_cloze --include_path runs/lm_eval_tasks --limit 100
+      --batch_size 32 --tasks lmlife_lambada_openai_cloze --include_path runs/lm_eval_tasks
 
   lm = LmlifeLM(checkpoint="runs/chain/base", batch_size=32)     # or LmlifeLM(loaded=...)
   lm_eval.simple_evaluate(model=lm, tasks=[...], task_manager=...)
@@ -20,12 +20,14 @@ number from lm-eval is the number eval.run computes:
   cut is made afterwards (the same text, more decode steps). `do_sample=False` or
   `temperature=0` is greedy; otherwise temperature / top_k / top_p sampling from `seed`.
 
-model_args: checkpoint (a workdir, its checkpoints/ dir or a step dir), batch_size
-(sequences per forward pass; "auto" = 32), mesh (weights sharded over e.g. `fsdp:2`;
+model_args: checkpoint (a workdir, its checkpoints/ dir or a step dir), mesh (weights sharded over e.g. `fsdp:2`;
 in model_args write `/` between axes, `data:2/fsdp:4`, since lm-eval splits model_args on
 commas), max_gen_toks (default 256, as lm-eval's HF model), prompt_bucket (prompt lengths
 are padded to a multiple of it: one compiled program per bucket), seed. lm-eval's
 `device` and `max_batch_size` are accepted and ignored (JAX places the model on the mesh).
+The batch size (sequences per forward pass / generate call) is lm-eval's own
+`--batch_size` (its CLI always passes one, default 1: give e.g. `--batch_size 32`;
+"auto" = 32), as for lm-eval's HF model.
 
 No chat templates (`--apply_chat_template`): lm-eval's base class refuses them.
 """

@@ -253,7 +253,7 @@ def test_cli_lm_eval_wrapper_runs_the_lmlife_model(ckpt, tmp_path):
   out = _run([sys.executable, "-m", "eval.lm_eval_tasks", f"--out={tasks}"])
   assert out.returncode == 0 and "lmlife_arc_easy" in out.stdout, out.stdout
   out = _run([sys.executable, "-m", "eval.lm_eval", "run", "--model", "lmlife",
-              "--model_args", f"checkpoint={ckpt},batch_size=8", "--tasks",
+              "--model_args", f"checkpoint={ckpt}", "--batch_size", "8", "--tasks",
               "lmlife_arc_easy", "--include_path", tasks, "--limit", "4",
               "--output_path", str(tmp_path / "out")])
   assert out.returncode == 0, out.stdout[-3000:]
