@@ -20,9 +20,9 @@ number from lm-eval is the number eval.run computes:
   cut is made afterwards (the same text, more decode steps). `do_sample=False` or
   `temperature=0` is greedy; otherwise temperature / top_k / top_p sampling from `seed`.
 
-model_args: checkpoint (a workdir, its checkpoints/ dir or a step dir), mesh (weights sharded over e.g. `fsdp:2`;
-in model_args write `/` between axes, `data:2/fsdp:4`, since lm-eval splits model_args on
-commas), max_gen_toks (default 256, as lm-eval's HF model), prompt_bucket (prompt lengths
+model_args: checkpoint (a workdir, its checkpoints/ dir or a step dir), mesh (weights
+sharded over e.g. `fsdp:2`; write `/` between axes, `data:2/fsdp:4`, since lm-eval splits
+model_args on commas), max_gen_toks (default 256, as lm-eval's HF model), prompt_bucket (prompt lengths
 are padded to a multiple of it: one compiled program per bucket), seed. lm-eval's
 `device` and `max_batch_size` are accepted and ignored (JAX places the model on the mesh).
 The batch size (sequences per forward pass / generate call) is lm-eval's own
@@ -124,7 +124,8 @@ class LmlifeLM(LM):
       batch_size = DEFAULT_BATCH_SIZE
     self.loaded, self.tokenizer = loaded, loaded.tokenizer
     self.batch_size = int(batch_size)
-    self.max_gen_toks, self.prompt_bucket, self.seed = int(max_gen_toks), int(prompt_bucket), int(seed)
+    self.max_gen_toks, self.prompt_bucket = int(max_gen_toks), int(prompt_bucket)
+    self.seed = int(seed)
     self.max_length = loaded.model_cfg.max_seq_len
     self.scorer = LoglikScorer(loaded, self.batch_size)
     self._sampler: Sampler | None = None
