@@ -225,7 +225,7 @@ def main(argv):
   lm = LmlifeLM(loaded=loaded, batch_size=FLAGS.batch_size)
   tasks_dir = os.path.join(out, "lm_eval_tasks")
   write_task_yamls(tasks_dir)
-  manager = TaskManager(include_path=tasks_dir)
+  manager = TaskManager(include_path=tasks_dir, include_defaults=False)  # lmlife_* only
   result: dict[str, Any] = {"checkpoint": loaded.meta["checkpoint_path"]}
   for section in SECTIONS:
     result.update(section(lm, manager))

@@ -45,7 +45,7 @@ from data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 from eval.lm_eval_adapter import LmlifeLM, cut_at_stop_strings  # noqa: E402
 from eval.lm_eval_tasks import LM_EVAL_ONLY_TASKS, MC_TASKS, write_task_yamls  # noqa: E402
 from eval.lm_tasks import LM_TASKS, score_multiple_choice  # noqa: E402
-from eval.sample import RawTemplate, load_for_sampling, respond  # noqa: E402
+from eval.sample import RawTemplate, respond  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.sampling import SamplingConfig  # noqa: E402
 from train.losses import lm_loss  # noqa: E402
@@ -84,7 +84,8 @@ def lm(ckpt):
 def manager(tmp_path_factory):
   out = str(tmp_path_factory.mktemp("lm_eval_tasks"))
   write_task_yamls(out)
-  return TaskManager(include_path=out)
+  # Only the lmlife_* tasks: indexing lm-eval's thousands of YAMLs takes ~10 s.
+  return TaskManager(include_path=out, include_defaults=False)
 
 
 def _evaluate(lm, manager, tasks, limit, **kwargs):
@@ -187,10 +188,9 @@ def test_generate_until_is_greedy_honours_max_gen_toks_and_until(lm):
   cut = _generate(lm, context, until=["\u2603", stop], max_gen_toks=12)
   assert cut == full[:full.index(stop)] and len(cut) < len(full)
   assert _generate(lm, context, until=stop, max_gen_toks=12) == cut  # a single string
-  # The offline sampler (eval.sample, raw template) on the same prompt, one batch of three.
-  sampler, params, tokenizer, _ = load_for_sampling(lm.loaded.meta["checkpoint_path"])
-  offline = respond(sampler, params, RawTemplate(tokenizer), [[{"role": "user",
-                                                                "content": context}]],
+  # The offline sampler (eval.sample's raw template on the same text), and a batch of three.
+  offline = respond(lm.sampler, lm.loaded.params, RawTemplate(lm.tokenizer),
+                    [[{"role": "user", "content": context}]],
                     SamplingConfig(max_new_tokens=12, temperature=0.0))[0]["response"]
   batch = lm.generate_until([Instance("generate_until", {}, (c, {"until": [],
                                                                  "max_gen_toks": 12}), i)
