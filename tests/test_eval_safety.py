@@ -346,3 +346,33 @@ def test_parity_with_lm_eval_and_transformers(random_checkpoint):
   assert figures["crows_pairs_pct_stereotype_ours"] == figures[
       "crows_pairs_pct_stereotype_lm_eval"]
   assert figures["bbq_acc_ours"] == figures["bbq_acc_lm_eval"]
+
+
+# -------------------------------------------------------------------------------------- report
+def test_safety_report_tables_and_plot(tmp_path):
+  from eval import safety_report as sr
+  assert sr.parse_models("base=runs/a, sft=runs/b") == {"base": "runs/a", "sft": "runs/b"}
+  for bad in ("base", "base=a,base=b", "", "=a"):
+    with pytest.raises(ValueError, match="checkpoints"):
+      sr.parse_models(bad)
+  assert sr.missing_tasks({"limit": 5, "results": {"bbq": {}}}, ["bbq", "crows_pairs"], 5) == [
+      "crows_pairs"]
+  assert sr.missing_tasks({"limit": 0, "results": {"bbq": {}}}, ["bbq"], 5) == ["bbq"]
+  reports = {
+      "base": {"limit": 0, "results": {
+          "crows_pairs": {"items": 10, "pct_stereotype": 0.6, "pct_stereotype_stderr": 0.1,
+                          "seconds": 3.0},
+          "bbq": {"items": 4, "amb_bias_score": 0.25, "amb_bias_score/Age": None}}},
+      "dpo": {"limit": 0, "results": {
+          "crows_pairs": {"items": 10, "pct_stereotype": 0.55}}}}
+  table = sr.write_report(reports, str(tmp_path))
+  assert table["base"]["crows_pairs"] == {"items": 10, "pct_stereotype": 0.6,
+                                          "pct_stereotype_stderr": 0.1}
+  text = (tmp_path / "safety_report.md").read_text()
+  assert "| crows_pairs | pct_stereotype | 0.6000 | 0.5500 |" in text
+  assert "| bbq | amb_bias_score | 0.2500 | – |" in text
+  assert "## dpo" in text and "| crows_pairs | pct_stereotype | 0.6000 ± 0.1000 |" in text
+  assert json.loads((tmp_path / "safety_report.json").read_text()) == table
+  assert (tmp_path / "safety_report.png").read_bytes()[:4] == b"\x89PNG"
+  assert sr.plot(table, str(tmp_path / "p.png")) == ["crows_pairs/pct_stereotype",
+                                                     "bbq/amb_bias_score"]
