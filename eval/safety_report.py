@@ -2,7 +2,7 @@
 
   python -m eval.safety_report --output_dir=runs/chain/safety \
       --checkpoints=base=runs/chain/base,sft=runs/chain/sft,ppo=runs/chain/ppo,dpo=runs/chain/dpo \
-      [--judge=runs/chain/rm] [--limit=0] [--batch_size=32]
+      [--judge=runs/chain/rm] [--limit=0] [--batch_size=32] [--max_new_tokens=64]
 
 For each model it runs `python -m eval.run` (the command is printed) with the safety tasks
 (crows_pairs, bbq, truthfulqa_mc, truthfulqa_gen; with --judge also the existing `redteam`
@@ -83,7 +83,7 @@ def eval_command(checkpoint: str, out_dir: str, tasks: Sequence[str], flags_: An
          f"--tasks={','.join(tasks)}", f"--output_dir={out_dir}", f"--limit={flags_.limit}",
          f"--batch_size={flags_.batch_size}", f"--max_new_tokens={flags_.max_new_tokens}"]
   if "redteam" in tasks:
-    cmd.append(f"--judge={flags_.judge}")
+    cmd += [f"--judge={flags_.judge}", f"--max_prompt_tokens={flags_.max_prompt_tokens}"]
   if flags_.local_devices:
     cmd.append(f"--local_devices={flags_.local_devices}")
   return cmd
@@ -182,7 +182,8 @@ def main(argv: Sequence[str]) -> None:
       run = subprocess.run(cmd, stderr=subprocess.PIPE, text=True)
       if run.returncode != 0:
         lines = run.stderr.strip().splitlines() or [f"exit code {run.returncode}"]
-        exit_with_error(f"eval.run on {name} ({checkpoint}) failed: {lines[-1]}")
+        cause = lines[-1].removeprefix("error: ")
+        exit_with_error(f"eval.run on {name} ({checkpoint}) failed: {cause}")
     reports[name] = read_results(eval_dir)
   write_report(reports, FLAGS.output_dir)
   with open(os.path.join(FLAGS.output_dir, "safety_report.md")) as f:
@@ -199,6 +200,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("limit", 0, "Items per task (eval.run's --limit; 0 = all).")
   flags.DEFINE_integer("batch_size", 32, "eval.run's --batch_size.")
   flags.DEFINE_integer("max_new_tokens", 64, "Answer length (truthfulqa_gen, redteam).")
+  flags.DEFINE_integer("max_prompt_tokens", 128, "redteam: longer held-out prompts are left "
+                       "out (eval.run's flag; tiny models need less).")
   flags.DEFINE_integer("local_devices", 0, "eval.run's --local_devices (0 = its default).")
   flags.DEFINE_bool("rerun", False, "Run every task again, even if its results exist.")
   flags.DEFINE_bool("verbose", False, "Print the traceback of an error too.")

@@ -376,3 +376,16 @@ def test_safety_report_tables_and_plot(tmp_path):
   assert (tmp_path / "safety_report.png").read_bytes()[:4] == b"\x89PNG"
   assert sr.plot(table, str(tmp_path / "p.png")) == ["crows_pairs/pct_stereotype",
                                                      "bbq/amb_bias_score"]
+
+
+@pytest.mark.slow
+def test_rouge1_matches_lm_eval_truthfulqa_rouge():
+  """Our ROUGE-1 against lm-eval truthfulqa_gen's `rouge` (rouge_score) on real answers."""
+  from lm_eval.tasks.truthfulqa import utils as lm_tqa
+  questions = ss.truthfulqa(ss.safety_path("truthfulqa"))[:40]
+  pairs = [(ref, pred) for q in questions for ref in q.correct_answers[:3]
+           for pred in (*q.incorrect_answers[:2], q.question, "")]
+  for ref, pred in pairs:
+    assert sm.rouge1(ref, pred) == pytest.approx(lm_tqa.rouge([ref], [pred])["rouge1"],
+                                                 abs=1e-9), (ref, pred)
+  assert sum(sm.rouge1(r, p) > 0 for r, p in pairs) > len(pairs) // 4
