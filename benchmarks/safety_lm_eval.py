@@ -117,7 +117,10 @@ def run_lm_eval(hf_dir: str, out: str, eos_id: int, batch_size: int
   with open(os.path.join(out, "lm_eval.log"), "w") as f:
     f.write(run.stdout)
   if run.returncode != 0:
-    raise RuntimeError(f"lm_eval failed (rc={run.returncode}); see {out}/lm_eval.log:\n"
+    hint = (" (lm-eval refuses a continuation longer than the model's context: score fewer "
+            "items or use a model with a longer context)"
+            if "len(continuation_enc) <= self.max_length" in run.stdout else "")
+    raise RuntimeError(f"lm_eval failed (rc={run.returncode}){hint}; see {out}/lm_eval.log:\n"
                        + run.stdout[-3000:])
   results_files = sorted(glob.glob(os.path.join(out, "lm_eval", "**", "results_*.json"),
                                    recursive=True), key=os.path.getmtime)

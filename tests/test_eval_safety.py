@@ -389,3 +389,17 @@ def test_rouge1_matches_lm_eval_truthfulqa_rouge():
     assert sm.rouge1(ref, pred) == pytest.approx(lm_tqa.rouge([ref], [pred])["rouge1"],
                                                  abs=1e-9), (ref, pred)
   assert sum(sm.rouge1(r, p) > 0 for r, p in pairs) > len(pairs) // 4
+
+
+def test_eval_run_bbq_limit_counts_items_per_category(tmp_path):
+  import types
+  from eval.run import run_safety_task
+  folder = tmp_path / "safety" / "bbq"
+  os.makedirs(folder)
+  for category in ("Age", "Religion"):
+    _write_jsonl(folder / f"{category}.jsonl",
+                 [_bbq_record(category=category, example_id=i) for i in range(3)])
+  flags_ = types.SimpleNamespace(limit=2, data_dir=str(tmp_path))
+  out, records = run_safety_task("bbq", flags_, None, FakeScorer())
+  assert [r["doc_id"] for r in records] == ["Age:0", "Age:1", "Religion:0", "Religion:1"]
+  assert out["items"] == 4 and "amb_bias_score/Religion" in out
