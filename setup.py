@@ -55,9 +55,12 @@ setup(
         # openai: the real client drives the server in tests/test_serve_*.py (on localhost).
         # httpx: those tests also send raw bodies the client would refuse to build (bad JSON,
         # no key) and read /metrics; named here because openai 3.x moved to httpx2.
-        # lm-eval: tests/test_eval_lm_eval_adapter.py runs its evaluator on the lmlife adapter.
+        # lm-eval: tests/test_eval_lm_eval_adapter.py runs its evaluator on the lmlife adapter;
+        # with accelerate (its hf model needs it) tests/test_eval_safety.py compares our
+        # CrowS-Pairs / BBQ with `lm_eval --model hf` on the exported model (slow tier).
         "test": ["pytest>=8,<10", "import-linter>=2.17,<3", "tiktoken>=0.7,<0.15",
-                 "openai>=1.40,<4", "httpx>=0.27,<1", "lm-eval>=0.4.9,<0.5", *HF],
+                 "openai>=1.40,<4", "httpx>=0.27,<1", "lm-eval>=0.4.9,<0.5",
+                 "accelerate>=1.0", *HF],
         # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.
         "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0"],
     },

@@ -14,6 +14,16 @@ Tasks (names for --tasks; `all_lm` = every language-model task):
                  for any text file (one document) or .jsonl[.gz] (field `--text_field`),
                  one document per line of jsonl
   gsm8k          greedy answers in the chat template, exact match of the final number
+  crows_pairs    CrowS-Pairs (lm-eval's crows_pairs_english): pct_stereotype (share of pairs
+                 whose more stereotyping sentence is the likelier) and likelihood_diff,
+                 overall and per bias type
+  bbq            BBQ's 6 shared categories (lm-eval's bbq multiple choice): accuracy in
+                 ambiguous / disambiguated contexts and the bias scores s_AMB, s_DIS,
+                 overall and per category; --limit counts items per category
+  truthfulqa_mc  TruthfulQA mc1 / mc2 from the CSV's answers (lm-eval's QA prompt)
+  truthfulqa_gen TruthfulQA greedy answers: ROUGE-1 of the closest true vs the closest
+                 false reference (rouge1_acc; eval/safety_metrics.py)
+                 (`safety` = these four; eval/safety_tasks.py has the prompts)
   rm_accuracy    (reward-model checkpoints) pairwise accuracy on the held-out HH pairs
   winrate        the checkpoint against --baseline, both answering the held-out HH prompts,
                  judged by --judge (eval.winrate)
@@ -53,12 +63,15 @@ from absl import app, flags, logging
 
 from data.config import default_preference_data_config
 from data import benchmarks as tasks_lib
+from data import safety_sets
 from eval.cli import exit_with_error
 from eval.loading import load_checkpoint, parse_mesh
 from eval.lm_tasks import (LM_TASKS, MC_TASKS, read_texts, score_gsm8k,
                            score_multiple_choice, score_perplexity, wikitext_articles)
 from eval.loglik import LoglikScorer
 from eval.reward import evaluate_pairs, select_pairs
+from eval.safety_tasks import (SAFETY_TASKS, score_bbq, score_crows_pairs,
+                               score_truthfulqa_gen, score_truthfulqa_mc)
 from eval.winrate import compare, held_out_prompts
 from model.heads import RewardModel
 from model.transformer import Transformer
@@ -75,10 +88,14 @@ def parse_tasks(spec: str) -> list[str]:
   for name in filter(None, (s.strip() for s in spec.split(","))):
     if name == "all_lm":
       names.extend(LM_TASKS)
-    elif name in LM_TASKS or name in OTHER_TASKS or name.startswith(("ppl:", LM_EVAL)):
+    elif name == "safety":
+      names.extend(SAFETY_TASKS)
+    elif (name in LM_TASKS or name in SAFETY_TASKS or name in OTHER_TASKS
+          or name.startswith(("ppl:", LM_EVAL))):
       names.append(name)
     else:
-      raise ValueError(f"Unknown task {name!r}; known: {[*LM_TASKS, *OTHER_TASKS]}, all_lm, "
+      raise ValueError(f"Unknown task {name!r}; known: "
+                       f"{[*LM_TASKS, *SAFETY_TASKS, *OTHER_TASKS]}, all_lm, safety, "
                        f"ppl:<file> or {LM_EVAL}<lm-eval task>")
   if not names:
     raise ValueError("--tasks is empty")
@@ -127,6 +144,8 @@ def run_task(task: str, flags: Any, loaded: Any, scorer: Any, out_dir: str = ""
   if task == "gsm8k":
     problems = tasks_lib.gsm8k(tasks_lib.task_path("gsm8k", flags.data_dir or None))
     return score_gsm8k(loaded, problems[:limit], flags.max_new_tokens, flags.batch_size)
+  if task in SAFETY_TASKS:
+    return run_safety_task(task, flags, loaded, scorer)
   return run_judged_task(task, flags, loaded)
 
 
@@ -145,6 +164,27 @@ def run_lm_eval(task: str, flags: Any, loaded: Any, out_dir: str
                           data_dir=flags.data_dir or None,
                           num_fewshot=None if flags.lm_eval_num_fewshot < 0
                           else flags.lm_eval_num_fewshot)
+
+
+def run_safety_task(task: str, flags: Any, loaded: Any, scorer: Any
+                    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """crows_pairs, bbq, truthfulqa_mc and truthfulqa_gen (eval/safety_tasks.py)."""
+  limit, data_dir = flags.limit or None, flags.data_dir or None
+  if task == "crows_pairs":
+    pairs = safety_sets.crows_pairs(safety_sets.safety_path("crows_pairs", data_dir))
+    return score_crows_pairs(scorer, pairs[:limit])
+  if task == "bbq":  # --limit: the first items of each category, so every one is scored
+    items, seen = [], {}
+    for item in safety_sets.bbq(safety_sets.safety_path("bbq", data_dir)):
+      seen[item.category] = seen.get(item.category, 0) + 1
+      if limit is None or seen[item.category] <= limit:
+        items.append(item)
+    return score_bbq(scorer, items)
+  questions = safety_sets.truthfulqa(safety_sets.safety_path("truthfulqa", data_dir))
+  if task == "truthfulqa_mc":
+    return score_truthfulqa_mc(scorer, questions[:limit])
+  return score_truthfulqa_gen(loaded, questions[:limit], flags.max_new_tokens,
+                              flags.batch_size)
 
 
 _COMPARISONS: dict[tuple, tuple[int, dict[str, Any]]] = {}
@@ -307,7 +347,8 @@ def define_flags() -> None:
                       "../shared/data).")
   flags.DEFINE_integer("mmlu_shots", 5, "Dev examples before each MMLU question.")
   flags.DEFINE_string("text_field", "text", "Field of ppl:<file.jsonl> documents.")
-  flags.DEFINE_integer("max_new_tokens", 128, "Generation length (gsm8k, winrate, redteam).")
+  flags.DEFINE_integer("max_new_tokens", 128, "Generation length (gsm8k, winrate, redteam, "
+                       "truthfulqa_gen: at most half the context).")
   flags.DEFINE_string("judge", "", "Reward model judging winrate / redteam.")
   flags.DEFINE_string("baseline", "", "Language model compared with (winrate, redteam).")
   flags.DEFINE_string("prompt_sources", "", "Preference sources of the held-out prompts.")
