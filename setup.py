@@ -60,8 +60,8 @@ setup(
         # CrowS-Pairs / BBQ with `lm_eval --model hf` on the exported model (slow tier).
         "test": ["pytest>=8,<10", "import-linter>=2.17,<3", "tiktoken>=0.7,<0.15",
                  "openai>=1.40,<4", "httpx>=0.27,<1", "lm-eval>=0.4.9,<0.5",
-                 "accelerate>=1.0", *HF],
+                 "accelerate>=1.0,<2", *HF],
         # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.
-        "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0"],
+        "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0,<2"],
     },
 )

@@ -241,22 +241,21 @@ def safety_parity(checkpoint: str, out: str, crows_items: int = 200,
   return figures
 
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", "runs/chain/base", "Language-model checkpoint.")
-flags.DEFINE_string("out", "runs/safety_parity", "Work directory.")
-flags.DEFINE_integer("crows_items", 200, "CrowS-Pairs pairs (the shared file's first).")
-flags.DEFINE_integer("bbq_per_category", 20, "BBQ items per category (each file's first).")
-flags.DEFINE_integer("truthfulqa_items", 10, "TruthfulQA questions scored by hand.")
-flags.DEFINE_integer("batch_size", 16, "Batch size of both harnesses.")
-
-
 def main(argv):
   del argv
+  flags_ = flags.FLAGS
   logging.set_verbosity(logging.ERROR)
-  figures = safety_parity(FLAGS.checkpoint, FLAGS.out, FLAGS.crows_items,
-                          FLAGS.bbq_per_category, FLAGS.truthfulqa_items, FLAGS.batch_size)
+  figures = safety_parity(flags_.checkpoint, flags_.out, flags_.crows_items,
+                          flags_.bbq_per_category, flags_.truthfulqa_items, flags_.batch_size)
   print(json.dumps(figures))
 
 
 if __name__ == "__main__":
+  # Flags only when run as a script: benchmarks/safety_parity.py imports safety_parity().
+  flags.DEFINE_string("checkpoint", "runs/chain/base", "Language-model checkpoint.")
+  flags.DEFINE_string("out", "runs/safety_parity", "Work directory.")
+  flags.DEFINE_integer("crows_items", 200, "CrowS-Pairs pairs (the shared file's first).")
+  flags.DEFINE_integer("bbq_per_category", 20, "BBQ items per category (each file's first).")
+  flags.DEFINE_integer("truthfulqa_items", 10, "TruthfulQA questions scored by hand.")
+  flags.DEFINE_integer("batch_size", 16, "Batch size of both harnesses.")
   app.run(main)

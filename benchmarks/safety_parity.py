@@ -18,7 +18,11 @@ Sections (each prints a table and returns its figures; the last line merges them
    lm-eval's own LAMBADA cloze (its acc and perplexity recomputed here from requests
    rebuilt by hand from the passages) and gsm8k (generate_until; its exact match as
    lm-eval filters and scores it).
-More parity sections (CrowS-Pairs, BBQ, TruthfulQA) go into SECTIONS below.
+3. `safety_tasks`: CrowS-Pairs, BBQ and TruthfulQA (eval/safety_tasks.py) on the model
+   exported to Hugging Face against `lm_eval --model hf` running lm-eval's own
+   crows_pairs_english and bbq definitions on the local files, and TruthfulQA MC against a
+   hand computation on transformers' forward pass (benchmarks/safety_lm_eval.py;
+   --skip_safety leaves it out).
 
 Last line: one JSON object with `adapter_max_abs_loglik_diff` (over every choice of
 section 1), `adapter_acc_equal` (1 when every item's acc and acc_norm agree, else 0),
@@ -42,6 +46,9 @@ from absl import app, flags  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from safety_lm_eval import safety_parity  # noqa: E402  (section 3)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "", "Language-model checkpoint (default: runs/chain/base "
@@ -52,6 +59,10 @@ flags.DEFINE_integer("lambada_items", 200, "LAMBADA cloze items.")
 flags.DEFINE_integer("gsm8k_items", 20, "gsm8k items (generation: slow on CPU).")
 flags.DEFINE_integer("gsm8k_fewshot", 0, "gsm8k shots (-1 = the task's 5).")
 flags.DEFINE_integer("batch_size", 32, "Sequences per forward pass / generate call.")
+flags.DEFINE_integer("crows_items", 200, "CrowS-Pairs pairs (the shared file's first).")
+flags.DEFINE_integer("bbq_per_category", 20, "BBQ items per category (each file's first).")
+flags.DEFINE_integer("truthfulqa_items", 10, "TruthfulQA questions scored by hand.")
+flags.DEFINE_bool("skip_safety", False, "Leave out section 3 (lm-eval hf on the export).")
 
 
 def build_tiny_checkpoint(out: str) -> str:
@@ -202,9 +213,25 @@ def lm_eval_only(lm: Any, manager: Any) -> dict[str, Any]:
   return out
 
 
+def safety_tasks(lm: Any, manager: Any) -> dict[str, Any]:
+  """Section 3 (benchmarks/safety_lm_eval.py) on the adapter's checkpoint."""
+  del manager
+  if FLAGS.skip_safety:
+    return {}
+  figures = safety_parity(lm.loaded.meta["checkpoint_path"],
+                          os.path.join(os.path.abspath(FLAGS.out), "safety"),
+                          FLAGS.crows_items, FLAGS.bbq_per_category, FLAGS.truthfulqa_items,
+                          min(FLAGS.batch_size, 16))
+  rows = [{"task": t, "ours vs": ref, "max |d loglik|": figures[f"{t}_max_abs_loglik_diff"],
+           "max |d aggregate|": figures[f"{t}_max_abs_diff"]}
+          for t, ref in (("crows_pairs", "lm_eval hf"), ("bbq", "lm_eval hf"),
+                         ("truthfulqa", "transformers by hand"))]
+  print(table(rows), flush=True)
+  return figures
+
+
 # Parity sections, run in order: fn(lm, task_manager) -> figures merged into the last line.
-# CrowS-Pairs / BBQ / TruthfulQA parity sections are added here.
-SECTIONS: list[Callable[[Any, Any], dict[str, Any]]] = [mc_parity, lm_eval_only]
+SECTIONS: list[Callable[[Any, Any], dict[str, Any]]] = [mc_parity, lm_eval_only, safety_tasks]
 
 
 def main(argv):
