@@ -26,7 +26,8 @@ STAGE_METRICS = (("train loss", ("train/loss", "loss/policy")),
 EVAL_ROWS = (("wikitext2", "word_perplexity"), ("wikitext2", "bits_per_byte"),
              ("hellaswag", "acc_norm"), ("arc_easy", "acc"), ("arc_challenge", "acc_norm"),
              ("piqa", "acc"), ("winogrande", "acc"), ("mmlu", "acc"), ("lambada", "acc"),
-             ("gsm8k", "exact_match"), ("rm_accuracy", "accuracy"))
+             ("gsm8k", "exact_match"), ("rm_accuracy", "accuracy"),
+             ("redteam", "below_threshold"), ("redteam", "mean_score"))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
