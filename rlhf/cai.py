@@ -41,7 +41,7 @@ import time
 import traceback
 from typing import Any, Sequence
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from data.preferences import read_sources, split_pairs
@@ -238,6 +238,7 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   FLAGS = flags.FLAGS
+  logging.set_verbosity(logging.ERROR)  # Orbax logs every file it reads
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required")
   try:
