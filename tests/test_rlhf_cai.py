@@ -235,9 +235,11 @@ def test_preference_records_load_through_the_preference_pipeline(tmp_path, templ
 # ------------------------------------------------------------------------------ configs
 def test_cai_configs_and_pipeline_plan(tmp_path):
   from launch import overrides as ov, pipeline
-  for arg in ("phase=sl", "phase=feedback,runlocal=true"):
+  assert "--config=configs/cai/hh.py" in cai_config.__doc__
+  for arg in (None, "phase=sl", "phase=feedback,runlocal=true"):
     c = cai_config.get_config(arg)
     assert c.phase in cai.PHASES and os.path.isfile(c.constitution)
+    assert c.max_prompt_tokens + 3 * c.max_new_tokens < 512 and c.num_prompts > 0
   config = ov.load_config("configs/pipeline/cai.py:size=tiny")
   stages = {s["name"]: s for s in pipeline.plan(config, str(tmp_path / "run"))}
   run = str(tmp_path / "run")
