@@ -256,3 +256,30 @@ def test_cai_configs_and_pipeline_plan(tmp_path):
   config.stages[4]["data_from"] = "sft"
   with pytest.raises(pipeline.PipelineError, match="stage cai_sft: data_from='sft' is not"):
     pipeline.plan(config, run)
+
+
+# ------------------------------------------------------------------------------ judge scoring
+@pytest.mark.slow  # ~20 s of CPU: a 128k-vocabulary model built, loaded twice and run
+def test_option_logps_of_an_imported_model_match_transformers(tmp_path):
+  """The judge's option scores on an `hf:` directory equal transformers' log-probs of the
+  same token ids (a tiny random Llama-3-style model with the real tokenizer)."""
+  import torch
+  import transformers
+  from hf_chain_fixtures import llama3_dir
+  path = llama3_dir(str(tmp_path / "llama"))
+  judge = cai_model.load_chat_model(f"hf:{path}", "--judge")
+  convs = [cp.judge_conversation(PROMPT, "no", "here is how", PRINCIPLE),
+           cp.judge_conversation(PROMPT[:1], "a much longer first answer " * 3, "b",
+                                 PRINCIPLE)]
+  got = cai_model.option_logps(judge, convs, cp.OPTIONS, batch_size=4)
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+  for i, conv in enumerate(convs):
+    prompt = judge.template.prompt_ids(conv).tolist()
+    for j, option in enumerate(cp.OPTIONS):
+      ids = judge.tokenizer.encode(option)
+      with torch.no_grad():
+        logits = hf(torch.tensor([prompt + ids])).logits[0].float()
+      logp = torch.log_softmax(logits, -1)
+      want = sum(float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(ids))
+      assert got[i, j] == pytest.approx(want, abs=2e-3), (i, j)
+  assert got[0, 0] != got[1, 0]  # different prompts, different scores
