@@ -95,15 +95,16 @@ def supervised_phase(config: Any, policy: cai_model.ChatModel,
   counts = {"prompts": len(prompts), "too_long": 0, "empty_revision": 0}
   crit_convs = [cp.critique_conversation(m, r, p)
                 for (_, m), r, p in zip(prompts, responses, chosen)]
-  ok = [i for i, c in enumerate(crit_convs)
-        if cai_model.fits(policy, c, 2 * config.max_new_tokens + 64)]
-  counts["too_long"] = len(prompts) - len(ok)
+  # A turn whose prompt + max_new_tokens passes the context is skipped and counted.
+  ok = [i for i, c in enumerate(crit_convs) if cai_model.fits(policy, c, config.max_new_tokens)]
   critiques = dict(zip(ok, _answer(config, policy, [crit_convs[i] for i in ok],
                                    config.seed + 1)))
   rev_convs = {i: cp.revision_conversation(prompts[i][1], responses[i], critiques[i],
                                            chosen[i]) for i in ok}
+  ok = [i for i in ok if cai_model.fits(policy, rev_convs[i], config.max_new_tokens)]
+  counts["too_long"] = len(prompts) - len(ok)
   revisions = dict(zip(ok, _answer(config, policy, [rev_convs[i] for i in ok],
-                                   config.seed + 2)))
+                                   config.seed + 2))) if ok else {}
   sft, full = [], []
   for i in ok:
     key, messages = prompts[i]

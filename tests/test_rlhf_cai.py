@@ -283,3 +283,48 @@ def test_option_logps_of_an_imported_model_match_transformers(tmp_path):
       want = sum(float(logp[len(prompt) - 1 + t, tok]) for t, tok in enumerate(ids))
       assert got[i, j] == pytest.approx(want, abs=2e-3), (i, j)
   assert got[0, 0] != got[1, 0]  # different prompts, different scores
+
+
+# ------------------------------------------------------------------------------ phases
+def _fake_policy(monkeypatch, reply):
+  """cai_model.answer replaced by `reply(conversation, seed) -> text`; everything fits."""
+  def answer(model, conversations, max_new_tokens, temperature, top_p, seed, batch_size):
+    return [{"response": reply(c, seed), "ended": True, "tokens": 3} for c in conversations]
+  monkeypatch.setattr(cai_model, "answer", answer)
+  monkeypatch.setattr(cai_model, "fits", lambda model, conv, n: True)
+
+
+def test_supervised_phase_chains_answer_critique_revision(monkeypatch):
+  principles = cp.load_constitution(cai_config.CONSTITUTION)
+  config = cai_config.get_config("runlocal=true")
+  def reply(conv, seed):
+    turn = {1: "answer", 3: "critique", 5: "revision"}[len(conv)]
+    return f"{turn} to {conv[0]['content']}\n\nHuman: run-on"
+  _fake_policy(monkeypatch, reply)
+  prompts = [(f"k{i}", [{"role": USER, "content": f"q{i}"}]) for i in range(6)]
+  sft, full, counts = cai.supervised_phase(config, None, principles, prompts)
+  assert counts == {"prompts": 6, "too_long": 0, "empty_revision": 0, "examples": 6}
+  drawn = cp.sample_principles(principles, [k for k, _ in prompts], config.seed, "sl")
+  for i, (record, step) in enumerate(zip(sft, full)):
+    assert record["text"] == f"\n\nHuman: q{i}\n\nAssistant: revision to q{i}"
+    assert (step["response"], step["critique"]) == (f"answer to q{i}", f"critique to q{i}")
+    assert record["principle"] == step["principle"] == drawn[i].name
+
+
+def test_feedback_phase_orders_pairs_and_skips_identical(monkeypatch):
+  principles = cp.load_constitution(cai_config.CONSTITUTION)
+  config = cai_config.get_config("phase=feedback,runlocal=true")
+  # Seed s answers "sorry" on even prompts, "sure" on odd; prompt q5 gets the same twice.
+  def reply(conv, seed):
+    n = int(conv[0]["content"][1:])
+    return "same" if n == 5 else ("sorry, no" if (n + seed) % 2 else "sure, here")
+  _fake_policy(monkeypatch, reply)
+  _fake_judge(monkeypatch, lambda a, b: (0.4 + 2.0 * ("sorry" in a), 2.0 * ("sorry" in b)))
+  prompts = [(f"k{i}", [{"role": USER, "content": f"q{i}"}]) for i in range(6)]
+  pairs, full, counts = cai.feedback_phase(config, None, None, principles, prompts)
+  assert counts["identical_or_empty"] == 1 and counts["pairs"] == 5 == len(pairs)
+  sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+  for pair in pairs:
+    assert (pair["chosen"], pair["rejected"]) == ("sorry, no", "sure, here")
+    assert pair["soft_label"] == pytest.approx((sig(2.4) + sig(1.6)) / 2, abs=1e-12)
+  assert counts["judge_first_position_mean"] > 0.5  # the bias is measured, then averaged out
