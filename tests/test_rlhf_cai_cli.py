@@ -63,10 +63,11 @@ def test_cai_pipeline_end_to_end(tmp_path):
   assert len(pairs) == fb["pairs"] > 0
   assert all(0.5 < p["soft_label"] <= 1.0 and p["chosen"] != p["rejected"] for p in pairs)
   report = json.loads((workdir / "report.json").read_text())
-  for model in ("sft", "cai_sft", "dpo_ai", "dpo_human"):
+  for model in ("sft", "cai_sft", "dpo_ai", "ppo_ai", "dpo_human", "ppo_human"):
     red = report["eval"][model]["redteam"]
     assert 0.0 <= red["below_threshold"] <= 1.0 and red["items"] > 0
-  assert set(report["winrate"]["policies"]) >= {"cai_sft", "dpo_ai", "dpo_human"}
+  assert set(report["winrate"]["policies"]) >= {"cai_sft", "dpo_ai", "ppo_ai", "dpo_human",
+                                                "ppo_human"}
   for rm in ("rm_human", "rm_ai"):
     assert 0.0 <= report["eval"][rm]["rm_accuracy"]["accuracy"] <= 1.0
   # The judge's agreement with the human labels, as a JSON last line.

@@ -14,10 +14,12 @@ data.sources at the file an rlhf.cai stage wrote):
   cai_fb     rlhf.cai phase=feedback: cai_sft answers twice, sft judges -> AI preference pairs
   rm_ai      configs/reward/hh.py from cai_sft on the AI labels (AI-labelled reward model)
   dpo_ai     configs/dpo/hh.py from cai_sft on the AI labels (RL-CAI, DPO form)
+  ppo_ai     configs/ppo/hh.py from cai_sft against rm_ai (RL-CAI, PPO form)
   dpo_human  configs/dpo/hh.py from sft on the human labels (the human-feedback path)
+  ppo_human  configs/ppo/hh.py from sft against rm_human (the human-feedback path)
 Evaluation, all judged by rm_human (a reward model trained on human labels): eval.run
 `redteam` (harmlessness: held-out HH red-team prompts, the fraction of answers scored below
-the threshold and the mean score) for sft, cai_sft, dpo_ai and dpo_human; eval.winrate of each
+the threshold and the mean score) for every policy; eval.winrate of each
 against sft (helpfulness proxy, same held-out prompts); rm_accuracy of rm_human and rm_ai on
 their own held-out pairs (rm_ai's are AI-labelled).
 """
@@ -41,6 +43,7 @@ def get_config(arg=None):
   # CAI transcripts are longer than the tiny SFT rows (64 tokens): room for prompt + revision.
   cai_sft = {"data.seq_len": 192} if tiny else {"train.num_steps": 150,
                                                  "train.checkpoint_every": 150}
+  ppo = {} if tiny else {"ppo.iterations": 24, "train.num_steps": 24 * 4 * 2}
   c = ml_collections.ConfigDict()
   c.stages = [
       dict(name="pretrain", entry="train.pretrain",
@@ -59,19 +62,23 @@ def get_config(arg=None):
            init_from="cai_sft", data_from="cai_fb"),
       dict(name="dpo_ai", entry="rlhf.dpo", config="configs/dpo/hh.py" + small,
            init_from="cai_sft", data_from="cai_fb"),
+      dict(name="ppo_ai", entry="rlhf.ppo", config="configs/ppo/hh.py" + small,
+           init_from="cai_sft", reward_from="rm_ai", overrides=ppo),
       dict(name="dpo_human", entry="rlhf.dpo", config="configs/dpo/hh.py" + small,
            init_from="sft"),
+      dict(name="ppo_human", entry="rlhf.ppo", config="configs/ppo/hh.py" + small,
+           init_from="sft", reward_from="rm_human", overrides=ppo),
   ]
   e = c.eval = ml_collections.ConfigDict()
   e.models = (("sft", "sft"), ("cai_sft", "cai_sft"), ("dpo_ai", "dpo_ai"),
-              ("dpo_human", "dpo_human"))
+              ("ppo_ai", "ppo_ai"), ("dpo_human", "dpo_human"), ("ppo_human", "ppo_human"))
   e.reward_models = (("rm_human", "rm_human"), ("rm_ai", "rm_ai"))
   e.tasks = ("redteam",)
   e.task_judge = "rm_human"     # judges eval.run's redteam
   e.reward_tasks = ("rm_accuracy",)
   e.limit = 8 if tiny else 64   # red-team prompts per model
   e.batch_size = 16 if tiny else 32
-  e.winrate_policies = ("sft", "cai_sft", "dpo_ai", "dpo_human")
+  e.winrate_policies = ("sft", "cai_sft", "dpo_ai", "ppo_ai", "dpo_human", "ppo_human")
   e.baseline = "sft"
   e.judge = "rm_human"
   e.max_prompts = 8 if tiny else 64
