@@ -4,20 +4,24 @@
       [--stages=pretrain,sft] [--override=sft:train.num_steps=100] [--dry_run]
 
 A pipeline config (configs/pipeline/*.py) lists training stages, each a stage entry point
-(train.pretrain, train.sft, rlhf.reward, rlhf.ppo, rlhf.dpo) with a run config and dotted
-overrides, and names each stage's parent: `init_from` (and PPO's `reward_from`) is an earlier
-stage's name, whose checkpoint initialises it, or a checkpoint path. Then an evaluation
-section: the tasks of eval.run for each named model, and reward-model win rates of the
+(train.pretrain, train.sft, rlhf.reward, rlhf.ppo, rlhf.dpo, or rlhf.cai, which writes data
+rather than a checkpoint) with a run config and dotted overrides, and names each stage's
+parent: `init_from` (and PPO's `reward_from`, rlhf.cai's `judge_from`) is an earlier stage's
+name, whose checkpoint initialises it, a checkpoint path or `hf:<dir>`; `data_from` names an
+earlier rlhf.cai stage whose `data.jsonl` becomes the stage's `data.sources`. Then an
+evaluation section: the tasks of eval.run for each named model (`eval.task_judge`, a
+reward-model stage, judges `redteam` / `winrate` there), and reward-model win rates of the
 policies against a baseline (eval.winrate, judged by a reward-model stage).
 
 Before any work, every stage's config is loaded with its overrides (a field that does not
 exist stops the pipeline naming the stage and the field) and every parent is checked: a
 stage whose parent is neither an earlier stage of this run nor an existing checkpoint stops
 it, naming the stage and the path. Stages already complete in `--workdir` (checkpoint at the
-configured last step; evaluation results present) are skipped, so re-running the command
-resumes. Each stage runs as its own process (`<workdir>/<stage>.log`, named when the stage
-starts; wall minutes in `<workdir>/minutes.json`); while it runs, its progress lines (`step
-N/M | ...`, `eval step`, `iter N/M`, `error:`) are shown prefixed by the stage name.
+configured last step; an rlhf.cai stage: its summary.json; evaluation results present) are
+skipped, so re-running the command resumes. Each stage runs as its own process
+(`<workdir>/<stage>.log`, named when the stage starts; wall minutes in
+`<workdir>/minutes.json`); while it runs, its progress lines (`step N/M | ...`, `eval step`,
+`iter N/M`, `error:`) are shown prefixed by the stage name.
 
 Last: `<workdir>/report.md` and `report.json` (stage minutes, final training metrics, the
 evaluation table of every model, win rates with intervals) and the plots `curves.png`
@@ -114,6 +118,9 @@ def plan(config: Any, workdir: str, extra: dict[str, dict[str, Any]] | None = No
           raise PipelineError(f"stage {name}: {key}={parent!r} is a later stage; a parent "
                               "must come before its child")
         p = by_name[parent]
+        if p["entry"] == "rlhf.cai":
+          raise PipelineError(f"stage {name}: {key}={parent!r} is an rlhf.cai stage, which "
+                              "writes data, not a checkpoint (use data_from)")
         if not s["done"] and not p["done"] and not p["selected"]:
           raise PipelineError(
               f"stage {name}: parent checkpoint {key}={parent!r} is missing: stage {parent} "

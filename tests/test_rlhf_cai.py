@@ -256,6 +256,11 @@ def test_cai_configs_and_pipeline_plan(tmp_path):
   config.stages[4]["data_from"] = "sft"
   with pytest.raises(pipeline.PipelineError, match="stage cai_sft: data_from='sft' is not"):
     pipeline.plan(config, run)
+  # ... and a checkpoint key must not name one.
+  config = ov.load_config("configs/pipeline/cai.py:size=tiny")
+  config.stages[4]["init_from"] = "cai_sl"
+  with pytest.raises(pipeline.PipelineError, match="init_from='cai_sl' is an rlhf.cai stage"):
+    pipeline.plan(config, run)
 
 
 # ------------------------------------------------------------------------------ judge scoring

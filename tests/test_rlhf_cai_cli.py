@@ -3,12 +3,14 @@ end to end at smoke size beside the human-feedback path (slow: ~10 minutes on 2 
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO_ROOT, run_cmd, subprocess_env
+from train import checkpoint as ckpt_lib
 
 
 def _cai(workdir, *flags):
@@ -53,8 +55,10 @@ def test_cai_pipeline_end_to_end(tmp_path):
   assert sl["examples"] > 0
   with open(workdir / "cai_sl" / "data.jsonl") as f:
     assert sum(1 for _ in f) == sl["examples"]
-  sft_log = (workdir / "cai_sft.log").read_text()
-  assert f"data.sources={workdir}/cai_sl/data.jsonl" in sft_log or "cai_sl" in sft_log
+  meta = ckpt_lib.read_metadata(str(workdir / "cai_sft"))
+  assert meta["config"]["data"]["sources"] == str(workdir / "cai_sl" / "data.jsonl")
+  counts = re.findall(r"(train|val): (\d+) examples", (workdir / "cai_sft.log").read_text())
+  assert sum(int(n) for _, n in counts[:2]) == sl["examples"]
   # Feedback phase: pairs with soft labels >= 0.5; the judge's position preference is
   # reported and averaged away.
   fb = json.loads((workdir / "cai_fb" / "summary.json").read_text())
@@ -62,6 +66,9 @@ def test_cai_pipeline_end_to_end(tmp_path):
     pairs = [json.loads(line) for line in f]
   assert len(pairs) == fb["pairs"] > 0
   assert all(0.5 < p["soft_label"] <= 1.0 and p["chosen"] != p["rejected"] for p in pairs)
+  for stage in ("rm_ai", "dpo_ai"):
+    meta = ckpt_lib.read_metadata(str(workdir / stage))
+    assert meta["config"]["data"]["sources"] == str(workdir / "cai_fb" / "data.jsonl")
   report = json.loads((workdir / "report.json").read_text())
   for model in ("sft", "cai_sft", "dpo_ai", "ppo_ai", "dpo_human", "ppo_human"):
     red = report["eval"][model]["redteam"]
