@@ -4,20 +4,24 @@
       [--stages=pretrain,sft] [--override=sft:train.num_steps=100] [--dry_run]
 
 A pipeline config (configs/pipeline/*.py) lists training stages, each a stage entry point
-(train.pretrain, train.sft, rlhf.reward, rlhf.ppo, rlhf.dpo) with a run config and dotted
-overrides, and names each stage's parent: `init_from` (and PPO's `reward_from`) is an earlier
-stage's name, whose checkpoint initialises it, or a checkpoint path. Then an evaluation
-section: the tasks of eval.run for each named model, and reward-model win rates of the
+(train.pretrain, train.sft, rlhf.reward, rlhf.ppo, rlhf.dpo, or rlhf.cai, which writes data
+rather than a checkpoint) with a run config and dotted overrides, and names each stage's
+parent: `init_from` (and PPO's `reward_from`, rlhf.cai's `judge_from`) is an earlier stage's
+name, whose checkpoint initialises it, a checkpoint path or `hf:<dir>`; `data_from` names an
+earlier rlhf.cai stage whose `data.jsonl` becomes the stage's `data.sources`. Then an
+evaluation section: the tasks of eval.run for each named model (`eval.task_judge`, a
+reward-model stage, judges `redteam` / `winrate` there), and reward-model win rates of the
 policies against a baseline (eval.winrate, judged by a reward-model stage).
 
 Before any work, every stage's config is loaded with its overrides (a field that does not
 exist stops the pipeline naming the stage and the field) and every parent is checked: a
 stage whose parent is neither an earlier stage of this run nor an existing checkpoint stops
 it, naming the stage and the path. Stages already complete in `--workdir` (checkpoint at the
-configured last step; evaluation results present) are skipped, so re-running the command
-resumes. Each stage runs as its own process (`<workdir>/<stage>.log`, named when the stage
-starts; wall minutes in `<workdir>/minutes.json`); while it runs, its progress lines (`step
-N/M | ...`, `eval step`, `iter N/M`, `error:`) are shown prefixed by the stage name.
+configured last step; an rlhf.cai stage: its summary.json; evaluation results present) are
+skipped, so re-running the command resumes. Each stage runs as its own process
+(`<workdir>/<stage>.log`, named when the stage starts; wall minutes in
+`<workdir>/minutes.json`); while it runs, its progress lines (`step N/M | ...`, `eval step`,
+`iter N/M`, `error:`) are shown prefixed by the stage name.
 
 Last: `<workdir>/report.md` and `report.json` (stage minutes, final training metrics, the
 evaluation table of every model, win rates with intervals) and the plots `curves.png`
@@ -38,7 +42,10 @@ from launch import overrides as ov
 from launch import report as report_lib
 from launch.stages import Chain, StageFailed, finished
 
-ENTRIES = ("train.pretrain", "train.sft", "rlhf.reward", "rlhf.ppo", "rlhf.dpo")
+ENTRIES = ("train.pretrain", "train.sft", "rlhf.reward", "rlhf.ppo", "rlhf.dpo", "rlhf.cai")
+# Parent keys of a stage that name a checkpoint (an earlier stage or a path / hf:<dir>).
+CHECKPOINT_KEYS = ("init_from", "reward_from", "judge_from")
+STAGE_KEYS = ("name", "entry", "config", "overrides", *CHECKPOINT_KEYS, "data_from")
 
 FLAGS = flags.FLAGS
 
@@ -66,7 +73,7 @@ def _stage_list(config: Any) -> list[dict[str, Any]]:
     missing = {"name", "entry", "config"} - set(s)
     if missing:
       raise PipelineError(f"{where}: missing {sorted(missing)}")
-    unknown = set(s) - {"name", "entry", "config", "overrides", "init_from", "reward_from"}
+    unknown = set(s) - set(STAGE_KEYS)
     if unknown:
       raise PipelineError(f"{where}: unknown keys {sorted(unknown)}")
     if s["entry"] not in ENTRIES:
@@ -97,10 +104,12 @@ def plan(config: Any, workdir: str, extra: dict[str, dict[str, Any]] | None = No
   for s in stages:
     name = s["name"]
     s["workdir"] = os.path.join(workdir, name)
-    s["done"] = finished(s["workdir"])
+    s["done"] = stage_done(s)
     s["selected"] = not selected or name in selected
     overrides = {**s["overrides"], **extra.get(name, {})}
-    for key in ("init_from", "reward_from"):
+    if s.get("data_from"):
+      overrides["data.sources"] = _data_parent(s, by_name, seen)
+    for key in CHECKPOINT_KEYS:
       parent = s.get(key)
       if not parent:
         continue
@@ -109,12 +118,19 @@ def plan(config: Any, workdir: str, extra: dict[str, dict[str, Any]] | None = No
           raise PipelineError(f"stage {name}: {key}={parent!r} is a later stage; a parent "
                               "must come before its child")
         p = by_name[parent]
+        if p["entry"] == "rlhf.cai":
+          raise PipelineError(f"stage {name}: {key}={parent!r} is an rlhf.cai stage, which "
+                              "writes data, not a checkpoint (use data_from)")
         if not s["done"] and not p["done"] and not p["selected"]:
           raise PipelineError(
               f"stage {name}: parent checkpoint {key}={parent!r} is missing: stage {parent} "
               f"has not finished in {p['workdir']} and is not in --stages")
         path = stage_checkpoint(p)
         s.setdefault("parents", {})[key] = parent
+      elif parent.startswith("hf:"):
+        path = parent
+        if not os.path.isfile(os.path.join(os.path.expanduser(parent[3:]), "config.json")):
+          raise PipelineError(f"stage {name}: {key}={parent} has no config.json")
       else:
         path = os.path.abspath(os.path.expanduser(parent))
         if not _has_checkpoint(path):
@@ -126,6 +142,27 @@ def plan(config: Any, workdir: str, extra: dict[str, dict[str, Any]] | None = No
     s["resolved_overrides"] = overrides
     seen.append(name)
   return stages
+
+
+def _data_parent(s: dict[str, Any], by_name: dict[str, Any], seen: list[str]) -> str:
+  """The data file an earlier rlhf.cai stage writes, for `data_from` (data.sources)."""
+  parent = s["data_from"]
+  p = by_name.get(parent)
+  if p is None or p["entry"] != "rlhf.cai" or parent not in seen:
+    raise PipelineError(f"stage {s['name']}: data_from={parent!r} is not an earlier "
+                        "rlhf.cai stage")
+  if not s["done"] and not p["done"] and not p["selected"]:
+    raise PipelineError(f"stage {s['name']}: data_from={parent!r} has not finished in "
+                        f"{p['workdir']} and is not in --stages")
+  s.setdefault("parents", {})["data_from"] = parent
+  return os.path.join(p["workdir"], "data.jsonl")
+
+
+def stage_done(s: dict[str, Any]) -> bool:
+  """A training stage: its checkpoint reached the last step; rlhf.cai: its summary.json."""
+  if s["entry"] == "rlhf.cai":
+    return os.path.exists(os.path.join(s["workdir"], "summary.json"))
+  return finished(s["workdir"])
 
 
 def stage_checkpoint(s: dict[str, Any]) -> str:
@@ -167,8 +204,12 @@ def eval_plan(config: Any, stages: list[dict[str, Any]], workdir: str) -> list[d
       if is_rm != (group == "reward_models"):
         raise PipelineError(f"eval.{group}.{model}={stage!r}: a {by_name[stage]['entry']} "
                             f"stage belongs in eval.{'reward_models' if is_rm else 'models'}")
-      out.append({"name": f"eval_{model}", "kind": "tasks", "model": model, "stage": stage,
+      out.append({"name": f"eval_{model}", "kind": "tasks", "group": group, "model": model,
+                  "stage": stage,
                   "tasks": tasks, "output_dir": os.path.join(workdir, "eval", model)})
+  judge = e.get("task_judge")
+  if judge and (judge not in by_name or by_name[judge]["entry"] != "rlhf.reward"):
+    raise PipelineError(f"eval.task_judge={judge!r} is not a reward-model stage")
   if e.get("winrate_policies"):
     for model in e.winrate_policies:
       if model not in models:
@@ -195,9 +236,16 @@ def eval_command(item: dict[str, Any], config: Any, by_name: dict[str, Any]) -> 
   e = config.eval
   if item["kind"] == "tasks":
     stage = by_name[item["stage"]]
-    return ["-m", "eval.run", f"--checkpoint={stage_checkpoint(stage)}",
-            f"--tasks={','.join(item['tasks'])}", f"--limit={e.limit}",
-            f"--output_dir={item['output_dir']}", f"--batch_size={e.batch_size}"]
+    cmd = ["-m", "eval.run", f"--checkpoint={stage_checkpoint(stage)}",
+           f"--tasks={','.join(item['tasks'])}", f"--limit={e.limit}",
+           f"--output_dir={item['output_dir']}", f"--batch_size={e.batch_size}"]
+    if e.get("task_judge") and item["group"] == "models":
+      # Judged tasks (redteam, winrate): a reward-model stage and the generation settings.
+      cmd += [f"--judge={stage_checkpoint(by_name[e.task_judge])}",
+              f"--samples_per_prompt={e.samples_per_prompt}",
+              f"--max_prompt_tokens={e.max_prompt_tokens}",
+              f"--max_new_tokens={e.max_new_tokens}", f"--temperature={e.temperature}"]
+    return cmd
   models = dict(e.models)
   cmd = ["-m", "eval.winrate"]
   for model in e.winrate_policies:
@@ -236,7 +284,8 @@ def run(config: Any, workdir: str, selected: Sequence[str] = (),
     if not s["done"] and not s["selected"]:
       print(f"{s['name']}: not finished and not in --stages; stopping before it", flush=True)
       return {}
-    chain.ensure(s["name"], stage_command(s, by_name))
+    chain.ensure(s["name"], stage_command(s, by_name),
+                 done=lambda s=s: stage_done(s))
   if selected and "eval" not in selected:
     return {}
   limit = config.eval.limit

@@ -26,7 +26,8 @@ STAGE_METRICS = (("train loss", ("train/loss", "loss/policy")),
 EVAL_ROWS = (("wikitext2", "word_perplexity"), ("wikitext2", "bits_per_byte"),
              ("hellaswag", "acc_norm"), ("arc_easy", "acc"), ("arc_challenge", "acc_norm"),
              ("piqa", "acc"), ("winogrande", "acc"), ("mmlu", "acc"), ("lambada", "acc"),
-             ("gsm8k", "exact_match"), ("rm_accuracy", "accuracy"))
+             ("gsm8k", "exact_match"), ("rm_accuracy", "accuracy"),
+             ("redteam", "below_threshold"), ("redteam", "mean_score"))
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
@@ -81,6 +82,12 @@ def collect(config: Any, workdir: str, stages: list[dict[str, Any]],
     if os.path.exists(path):
       with open(path) as f:
         out["winrate"] = json.load(f)
+  # rlhf.cai stages: the counts of the data they wrote (their summary.json).
+  for s in stages:
+    path = os.path.join(s["workdir"], "summary.json")
+    if s["entry"] == "rlhf.cai" and os.path.exists(path):
+      with open(path) as f:
+        out.setdefault("cai", {})[s["name"]] = json.load(f)
   out["summary"] = {f"minutes_{k}": round(v, 2) for k, v in minutes.items()}
   out["summary"]["minutes_total"] = round(sum(minutes.values()), 2)
   return out
@@ -129,6 +136,16 @@ def markdown(data: dict[str, Any], config: Any) -> str:
           f"{' / '.join(str(x) for x in r.get(f'winrate/{judge}/wins_ties_losses', []))} | "
           f"{_fmt(r.get(f'gain_std/{judge}'))} | {_fmt(r.get('kl'))} | "
           f"{_fmt(r.get('distinct2'))} | {_fmt(r.get('eos_fraction'))} |")
+    lines.append("")
+  if data.get("cai"):
+    lines += ["## Constitutional AI data", "",
+              "| stage | phase | prompts | examples / pairs | judge P(first option) | "
+              "mean soft label of chosen |", "|---|---|---:|---:|---:|---:|"]
+    for name, c in data["cai"].items():
+      lines.append(f"| {name} | {c['phase']} | {c['prompts']} | "
+                   f"{c.get('examples', c.get('pairs'))} | "
+                   f"{_fmt(c.get('judge_first_position_mean'))} | "
+                   f"{_fmt(c.get('soft_label_mean_chosen'))} |")
     lines.append("")
   lines += ["Plots: `curves.png` (training curves per stage), `eval.png` (task metrics and win "
             "rates per model).", ""]

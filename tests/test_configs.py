@@ -31,8 +31,12 @@ LAUNCH_CONFIG_FILES = [p for p in ALL_CONFIG_FILES
 # tests/test_launch_continual.py.
 CONTINUAL_CONFIG_FILES = [p for p in ALL_CONFIG_FILES
                           if p.startswith(os.path.join("configs", "continual"))]
+# Constitutional AI's data-generation configs (rlhf/cai.py) train nothing; checked in
+# tests/test_rlhf_cai.py.
+CAI_CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p.startswith(os.path.join("configs", "cai"))]
 CONFIG_FILES = [p for p in ALL_CONFIG_FILES if p not in DATA_CONFIG_FILES
-                and p not in LAUNCH_CONFIG_FILES and p not in CONTINUAL_CONFIG_FILES]
+                and p not in LAUNCH_CONFIG_FILES and p not in CONTINUAL_CONFIG_FILES
+                and p not in CAI_CONFIG_FILES]
 SMALL = 200e6  # parameters; bigger models are only counted, never traced
 TEST_VOCAB = 256  # stands in for "take it from the tokenizer" (vocab_size 0)
 
