@@ -17,32 +17,18 @@ import torch
 import transformers
 
 from conftest import run_cmd
+from hf_fixtures import random_llama_dir
 
 
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
   """A random Llama in transformers and the same model imported as our checkpoint."""
-  from data import readers
-  from data.tokenizer import Tokenizer, train_tokenizer
   from eval.loading import load_checkpoint
-  from data.hf_tokenizer import hf_tokenizer
   from train.hf_convert import import_hf
   tmp = tmp_path_factory.mktemp("hf")
-  path = train_tokenizer([readers.resolve_data_path("pretrain/tinyshakespeare.txt")],
-                         str(tmp / "t.model"), vocab_size=500)
-  tokenizer = Tokenizer.from_file(path)
-  config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
-                                    intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=48, tie_word_embeddings=False,
-                                    initializer_range=0.2)
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(config).eval()
-  model.save_pretrained(tmp / "llama")
-  tokenizer.save(str(tmp / "llama" / "tokenizer.model"))
-  hf_tokenizer(tokenizer).save_pretrained(tmp / "llama")
-  ours = load_checkpoint(import_hf(str(tmp / "llama"), str(tmp / "ours")))
-  return model, transformers.AutoTokenizer.from_pretrained(tmp / "llama"), ours
+  model, llama = random_llama_dir(tmp, max_positions=48)
+  ours = load_checkpoint(import_hf(llama, str(tmp / "ours")))
+  return model, transformers.AutoTokenizer.from_pretrained(llama), ours
 
 
 def _hf_loglik(model, tok, context, continuation, max_len):

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from data import safety_sets as ss
+from hf_fixtures import random_llama_dir
 from eval import safety_metrics as sm
 from eval import safety_tasks as st
 
@@ -307,26 +308,10 @@ def test_bbq_bookkeeping_matches_lm_eval_utils_on_every_shared_item():
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
   """A random Llama (transformers) with a 500-piece tokenizer, imported as our checkpoint."""
-  import torch
-  import transformers
-  from data import readers
-  from data.hf_tokenizer import hf_tokenizer
-  from data.tokenizer import Tokenizer, train_tokenizer
   from train.hf_convert import import_hf
   tmp = tmp_path_factory.mktemp("safety_hf")
-  path = train_tokenizer([readers.resolve_data_path("pretrain/tinyshakespeare.txt")],
-                         str(tmp / "t.model"), vocab_size=500)
-  tokenizer = Tokenizer.from_file(path)
-  config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64,
-                                    intermediate_size=96, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=1024, tie_word_embeddings=False,
-                                    initializer_range=0.2)
-  torch.manual_seed(0)
-  transformers.LlamaForCausalLM(config).save_pretrained(tmp / "llama")
-  tokenizer.save(str(tmp / "llama" / "tokenizer.model"))
-  hf_tokenizer(tokenizer).save_pretrained(tmp / "llama")
-  return import_hf(str(tmp / "llama"), str(tmp / "ours")), tmp
+  _, llama = random_llama_dir(tmp, max_positions=1024)
+  return import_hf(llama, str(tmp / "ours")), tmp
 
 
 @pytest.mark.slow
