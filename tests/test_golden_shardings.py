@@ -21,8 +21,9 @@ Fine-tuning configs take the model of configs/pretrain/english_bpe.py (their doc
 parent; `:runlocal=true` variants the parent's runlocal model). The 2x2x2 mesh runs with
 optim.flatten_update=False (the flat update needs replicated parameters).
 
-The big models' (gpt_125m, llama_1b, llama3_8b, PPO at pod size) default variants and the
-2x2x2 compiles are marked slow (about 6 minutes together); run them with `-m slow`.
+The big models' (gpt_125m, llama_1b, llama3_8b, PPO at pod size) default variants, the
+`runlocal=true` variants and the 2x2x2 compiles are marked slow (about 7 minutes together);
+run them with `-m slow`.
 """
 
 import difflib
@@ -50,7 +51,9 @@ def _variants():
     for arg in args:
       big = arg is None and relpath.endswith(BIG) or arg == "size=pod"
       for mesh in MESHES:
-        marks = [pytest.mark.slow] if big or mesh == "2x2x2" else []
+        # runlocal variants: the same sharding rules on the config's smaller model, kept out
+        # of the default suite (its 10-minute budget).
+        marks = [pytest.mark.slow] if big or mesh == "2x2x2" or arg == "runlocal=true" else []
         out.append(pytest.param(relpath, arg, mesh, marks=marks,
                                 id=f"{relpath}:{arg or ''}@{mesh}"))
   return out
