@@ -68,6 +68,7 @@ from serve.engine_step import RowParams, buckets, pick
 __all__ = ["Engine", "Finished", "GenerationParams", "RequestHandle", "TokenEvent"]
 
 log = logging.getLogger(__name__)
+ARRIVAL_WINDOW_S = 0.05  # a request this recent means more may be arriving (short chunks)
 
 
 class _Pending(NamedTuple):
@@ -145,6 +146,7 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._stopping = self._drain = False
     self._ids, self._seeds = itertools.count(), itertools.count(1)
+    self._last_submit = float("-inf")
 
   # ------------------------------------------------------------------------ public API
   @property
@@ -190,6 +192,7 @@ class Engine:
         raise RuntimeError("The engine is stopping; it takes no new requests")
       seed = params.seed if params.seed is not None else next(self._seeds)
       handle = RequestHandle(f"req-{next(self._ids)}", self._wake)
+      self._last_submit = time.perf_counter()
       request = Request(handle, prompt, params, seed)
       self._queue.append(request)
       self._cv.notify_all()
@@ -312,11 +315,18 @@ class Engine:
     busy = [r for r, req in enumerate(self._rows) if req is not None]
     if not busy:
       return False
-    need = np.minimum(self._pos_hi[busy] + self.steps_per_sync, self._last[busy] + 1)
+    # Short chunks while slots are free and requests are arriving: a request that arrives
+    # during a chunk joins only after it (and the one queued behind it), so filling the
+    # slots goes in short steps; full chunks once the batch is full or arrivals stop.
+    limit = self.steps_per_sync
+    if len(busy) < self._slots and (self._queue or time.perf_counter() - self._last_submit
+                                    < ARRIVAL_WINDOW_S):
+      limit = max(1, self.steps_per_sync // 4)
+    need = np.minimum(self._pos_hi[busy] + limit, self._last[busy] + 1)
     cache_len = pick(self.cache_buckets, int(need.max()))
     rp = RowParams(*(np.array(x) for x in self._rp))  # copies: dispatch is asynchronous
-    state, out = self._programs.decode(cache_len, rp)
-    self._pos_hi[busy] += self.steps_per_sync
+    state, out = self._programs.decode(cache_len, rp, limit=limit)
+    self._pos_hi[busy] += limit
     self._pending.append(_Pending(None, None, list(self._rows), state, out))
     return True
 

@@ -85,18 +85,21 @@ class Programs:
           self.params, self.cache, self.state, rows, tokens, lengths, rp)
     return draw
 
-  def decode(self, cache_len: int, rp: RowParams, state: DecodeState | None = None
-             ) -> tuple[DecodeState, ChunkOutput]:
-    """Dispatches one decode chunk over slots [0, cache_len) from the carried state (or
-    `state`, which is then not carried on: warm-up); returns (state after, outputs)."""
+  def decode(self, cache_len: int, rp: RowParams, state: DecodeState | None = None,
+             limit: int | None = None) -> tuple[DecodeState, ChunkOutput]:
+    """Dispatches one decode chunk of at most `limit` steps (default: steps_per_sync) over
+    slots [0, cache_len) from the carried state (or `state`, which is then not carried on:
+    warm-up); returns (state after, outputs)."""
     if cache_len not in self._decode_fns:
       run = engine_step.bound(self.graphdef, functools.partial(
           engine_step.decode, steps=self.steps, cache_len=cache_len))
       self._decode_fns[cache_len] = self._jit(
-          lambda params, cache, state, rp: run(params, cache, state, rp), n_args=4, n_out=3)
+          lambda params, cache, state, rp, limit: run(params, cache, state, rp, limit),
+          n_args=5, n_out=3)
     with self._context():
       self.cache, after, out = self._decode_fns[cache_len](
-          self.params, self.cache, self.state if state is None else state, rp)
+          self.params, self.cache, self.state if state is None else state, rp,
+          np.int32(self.steps if limit is None else limit))
     if state is None:
       self.state = after
     return after, out

@@ -204,9 +204,11 @@ def _slice_cache(cache: KVCache, n: int, stacked: bool) -> KVCache:
   return jax.tree.map(lambda x: jax.lax.slice_in_dim(x, 0, n, axis=axis), cache)
 
 
-def decode(model: nnx.Module, cache: KVCache, state: DecodeState, rp: RowParams, *,
-           steps: int, cache_len: int) -> tuple[KVCache, DecodeState, ChunkOutput]:
-  """Up to `steps` decode steps for every active row, attending to slots [0, cache_len).
+def decode(model: nnx.Module, cache: KVCache, state: DecodeState, rp: RowParams,
+           limit: jax.Array, *, steps: int, cache_len: int
+           ) -> tuple[KVCache, DecodeState, ChunkOutput]:
+  """Up to `limit` (<= `steps`, a traced scalar: no recompilation) decode steps for every
+  active row, attending to slots [0, cache_len).
 
   The loop ends early once no row is active. A row stops after a stop id or its
   max_tokens-th token; the host cuts its output at `produced`. Free rows are computed and
@@ -221,7 +223,7 @@ def decode(model: nnx.Module, cache: KVCache, state: DecodeState, rp: RowParams,
 
   def cond(carry):
     i, _, st, _ = carry
-    return (i < steps) & jnp.any(st.active)
+    return (i < jnp.minimum(limit, steps)) & jnp.any(st.active)
 
   def body(carry):
     i, sub, st, out = carry
