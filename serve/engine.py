@@ -21,7 +21,10 @@ shape, `prefill_shapes`): one pass over the weights for all of them.
 Decoding runs in *chunks*: up to `steps_per_sync` decode steps for all slots inside one
 jit call (a `lax.while_loop`, serve/engine_step.py), so the host syncs once per chunk,
 not per token; a request that finishes mid-chunk is cut at its stop and its row idles for
-the rest of the chunk. A chunk attends only over the occupied prefix of the cache: the
+the rest of the chunk. While slots are free and requests are arriving (one within
+ARRIVAL_WINDOW_S), chunks are short (steps/8, a traced limit: no recompilation): a request
+joins only after the running chunk and the one queued behind it, so a filling batch then
+admits within milliseconds (16 HTTP clients: 4,186 -> 6,261 tokens/s). A chunk attends only over the occupied prefix of the cache: the
 host picks the smallest cache-length bucket holding every running row's slots for the
 chunk (`cache_buckets`, at most 1.5x apart; one compilation each). Sampling parameters
 are per-row arrays of the one compiled step (no recompilation per request mix), and a
@@ -315,13 +318,11 @@ class Engine:
     busy = [r for r, req in enumerate(self._rows) if req is not None]
     if not busy:
       return False
-    # Short chunks while slots are free and requests are arriving: a request that arrives
-    # during a chunk joins only after it (and the one queued behind it), so filling the
-    # slots goes in short steps; full chunks once the batch is full or arrivals stop.
+    # Short chunks while slots fill (module doc; steps/4 measured slower than steps/8).
     limit = self.steps_per_sync
     if len(busy) < self._slots and (self._queue or time.perf_counter() - self._last_submit
                                     < ARRIVAL_WINDOW_S):
-      limit = max(1, self.steps_per_sync // 4)
+      limit = max(1, self.steps_per_sync // 8)
     need = np.minimum(self._pos_hi[busy] + limit, self._last[busy] + 1)
     cache_len = pick(self.cache_buckets, int(need.max()))
     rp = RowParams(*(np.array(x) for x in self._rp))  # copies: dispatch is asynchronous
