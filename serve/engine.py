@@ -36,18 +36,15 @@ One background thread schedules, and it never lets the device wait for Python: t
 and the per-slot decode state stay on the device and flow from one call to the next
 (serve/engine_programs.py), so each iteration dispatches its prefills and the next chunk
 *first* and only then reads the previous chunk's tokens and hands them to the requests
-(one list per request per chunk, `RequestHandle.event_batches`). Host work (the
-scheduler's and the consumers' Python: tokenizing, streaming) overlaps device work.
-Admissions and cancellations also go to the device as calls (a prefill sets its rows'
-state; a cancel deactivates rows), never as a sync. The price: a finished request's slot
-is seen free one chunk later.
+(one list per request per chunk, `RequestHandle.event_batches` / `listen`). Host work
+overlaps device work; admissions and cancellations go to the device as calls, never as a
+sync. The price: a finished request's slot is seen free one chunk later.
 
 On a mesh (`mesh`, `rules`, `param_shardings` as model/sampling.py's Sampler takes them)
 cache rows shard over the batch axes and kv heads over tensor, like the weights.
 
-Metrics: `on_step(step_tokens, seconds)` is called, from the scheduler thread, each time
-the tokens of a prefill call or a decode chunk are delivered: their number and the busy
-wall time since the previous call.
+Metrics: `on_step(step_tokens, seconds)` is called from the scheduler thread whenever a
+prefill's or a chunk's tokens are delivered (their number, busy seconds since the last).
 """
 
 from __future__ import annotations
