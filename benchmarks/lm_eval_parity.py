@@ -18,10 +18,8 @@ Last line: one JSON object with `items`, `max_abs_loglik_diff`, `acc_ours`, `acc
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -29,6 +27,8 @@ from absl import app, flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from lm_eval_hf import run_lm_eval_hf  # noqa: E402  (benchmarks/, beside this script)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", "runs/chain/base", "Language-model checkpoint.")
@@ -44,28 +44,13 @@ def run_lm_eval(hf_dir: str, out: str, task: str, limit: int) -> list[dict]:
   """lm-eval's per-sample records of one task (its --log_samples file)."""
   from eval.lm_eval_tasks import MC_TASKS
   name = MC_TASKS[task][0]
-  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-             TOKENIZERS_PARALLELISM="false")
-  cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
-         f"pretrained={hf_dir},dtype=float32", "--tasks", name, "--include_path",
-         os.path.join(out, "tasks"), "--batch_size", str(FLAGS.batch_size), "--device", "cpu",
-         "--log_samples", "--output_path", os.path.join(out, "lm_eval")]
-  if limit:
-    cmd += ["--limit", str(limit)]
-  print("$ " + " ".join(cmd), flush=True)
-  run = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True)
-  with open(os.path.join(out, f"lm_eval_{task}.log"), "w") as f:
-    f.write(run.stdout)
-  if run.returncode != 0:
-    sys.exit(f"lm_eval failed (rc={run.returncode}); see {out}/lm_eval_{task}.log:\n"
-             + run.stdout[-3000:])
-  files = sorted(glob.glob(os.path.join(out, "lm_eval", "**", f"samples_{name}_*.jsonl"),
-                           recursive=True), key=os.path.getmtime)
-  if not files:
-    sys.exit(f"lm_eval wrote no samples file for {name} under {out}/lm_eval")
-  with open(files[-1]) as f:
-    return sorted((json.loads(line) for line in f), key=lambda r: r["doc_id"])
+  try:
+    _, samples = run_lm_eval_hf(hf_dir, out, [name], os.path.join(out, "tasks"),
+                                batch_size=FLAGS.batch_size, log_name=f"lm_eval_{task}.log",
+                                limit=limit)
+  except RuntimeError as e:
+    sys.exit(str(e))
+  return samples[name]
 
 
 def main(argv):

@@ -33,17 +33,16 @@ log-likelihoods; `*_ours` / `*_lm_eval` / `*_reference`: the headline figures).
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -52,27 +51,14 @@ from data import safety_sets  # noqa: E402
 from data.readers import jsonl_records  # noqa: E402
 from eval import safety_tasks  # noqa: E402
 from eval.loading import load_checkpoint  # noqa: E402
+from eval.lm_eval_tasks import include_yaml  # noqa: E402
 from eval.loglik import LoglikScorer  # noqa: E402
+from lm_eval_hf import run_lm_eval_hf  # noqa: E402  (benchmarks/, beside this script)
 from train.hf_export import export_checkpoint  # noqa: E402
 
-TASK_YAML = """include: {include}
-task: {name}
-tag: lmlife_safety_parity
-dataset_path: {kind}
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-"""
 CROWS_TASK, BBQ_TASK = "lmlife_crows_pairs", "lmlife_bbq"
 BBQ_METRICS = ("acc", "accuracy_amb", "accuracy_disamb", "amb_bias_score",
                "disamb_bias_score")
-
-
-def _lm_eval_dir() -> str:
-  import lm_eval  # the parity extra; only this benchmark needs it
-  return os.path.join(os.path.dirname(lm_eval.__file__), "tasks")
 
 
 def write_subsets(out: str, crows_items: int, bbq_per_category: int) -> dict[str, str]:
@@ -91,48 +77,20 @@ def write_subsets(out: str, crows_items: int, bbq_per_category: int) -> dict[str
         if n > bbq_per_category:
           break
         f.write(json.dumps(record) + "\n")
-  tasks = _lm_eval_dir()
   for name, include, kind, path in (
       (CROWS_TASK, "crows_pairs/crows_pairs_english.yaml", "csv", paths["crows_pairs"]),
       (BBQ_TASK, "bbq/bbq_multiple_choice.yaml", "json", paths["bbq"])):
     with open(os.path.join(out, "tasks", f"{name}.yaml"), "w") as f:
-      f.write(TASK_YAML.format(include=os.path.join(tasks, include), name=name, kind=kind,
-                               path=path))
+      f.write(include_yaml(include, name, {"test": path}, kind=kind))
   return paths
 
 
 def run_lm_eval(hf_dir: str, out: str, eos_id: int, batch_size: int
                 ) -> tuple[dict[str, dict], dict[str, list[dict]]]:
   """(lm-eval's aggregates per task, its per-sample records per task)."""
-  env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1",
-             TOKENIZERS_PARALLELISM="false")
-  cmd = [sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args",
-         f"pretrained={hf_dir},dtype=float32,prefix_token_id={eos_id}", "--tasks",
-         f"{CROWS_TASK},{BBQ_TASK}", "--include_path", os.path.join(out, "tasks"),
-         "--batch_size", str(batch_size), "--device", "cpu", "--log_samples",
-         "--output_path", os.path.join(out, "lm_eval")]
-  print("$ " + " ".join(cmd), flush=True)
-  run = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True)
-  with open(os.path.join(out, "lm_eval.log"), "w") as f:
-    f.write(run.stdout)
-  if run.returncode != 0:
-    hint = (" (lm-eval refuses a continuation longer than the model's context: score fewer "
-            "items or use a model with a longer context)"
-            if "len(continuation_enc) <= self.max_length" in run.stdout else "")
-    raise RuntimeError(f"lm_eval failed (rc={run.returncode}){hint}; see {out}/lm_eval.log:\n"
-                       + run.stdout[-3000:])
-  results_files = sorted(glob.glob(os.path.join(out, "lm_eval", "**", "results_*.json"),
-                                   recursive=True), key=os.path.getmtime)
-  with open(results_files[-1]) as f:
-    results = json.load(f)["results"]
-  samples = {}
-  for name in (CROWS_TASK, BBQ_TASK):
-    files = sorted(glob.glob(os.path.join(out, "lm_eval", "**", f"samples_{name}_*.jsonl"),
-                             recursive=True), key=os.path.getmtime)
-    with open(files[-1]) as f:
-      samples[name] = sorted((json.loads(line) for line in f), key=lambda r: r["doc_id"])
-  return results, samples
+  return run_lm_eval_hf(hf_dir, out, [CROWS_TASK, BBQ_TASK], os.path.join(out, "tasks"),
+                        batch_size=batch_size, log_name="lm_eval.log",
+                        model_args=f"prefix_token_id={eos_id}")
 
 
 def _lm_eval_figure(results: dict, task: str, metric: str) -> float | None:

@@ -70,7 +70,7 @@ MC_TASKS = {
 INCLUDE_TEMPLATE = """include: {include}
 task: {name}
 tag: []
-dataset_path: json
+dataset_path: {kind}
 dataset_name: null
 dataset_kwargs:
   data_files:
@@ -101,6 +101,15 @@ def _data_path(rel: str, data_dir: str | None) -> str:
   return os.path.join(data_dir, rel) if data_dir else resolve_data_path(rel)
 
 
+def include_yaml(include: str, name: str, data_files: dict[str, str], kind: str = "json",
+                 extra: str = "") -> str:
+  """The YAML of task `name`: lm-eval's own task `include` (a path under its tasks/ dir)
+  with the data replaced by local files ({split: path}; `kind` "json" or "csv")."""
+  files = "\n".join(f"    {split}: {path}" for split, path in data_files.items())
+  return INCLUDE_TEMPLATE.format(include=os.path.join(LM_EVAL_TASKS_DIR, include), name=name,
+                                 kind=kind, data_files=files, extra=extra)
+
+
 def write_task_yamls(out_dir: str, data_dir: str | None = None) -> dict[str, str]:
   """Writes every lmlife_* task YAML into `out_dir` (an lm-eval --include_path).
 
@@ -117,11 +126,8 @@ def write_task_yamls(out_dir: str, data_dir: str | None = None) -> dict[str, str
     texts[name] = MC_TEMPLATE.format(name=name, path=tasks_lib.task_path(task, data_dir),
                                      text=text, target=target, choices=choices)
   for name, (include, files, extra) in LM_EVAL_ONLY_TASKS.items():
-    data_files = "".join(f"    {split}: {_data_path(rel, data_dir)}\n"
-                         for split, rel in files.items())
-    texts[name] = INCLUDE_TEMPLATE.format(include=os.path.join(LM_EVAL_TASKS_DIR, include),
-                                          name=name, data_files=data_files.rstrip("\n"),
-                                          extra=extra)
+    texts[name] = include_yaml(include, name, {split: _data_path(rel, data_dir)
+                                               for split, rel in files.items()}, extra=extra)
   paths = {}
   for name, text in texts.items():
     paths[name] = os.path.join(out_dir, f"{name}.yaml")
