@@ -26,7 +26,6 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
-import threading
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from serve.engine import Finished, TokenEvent
@@ -139,7 +138,7 @@ class Outcome:
 async def engine_events(handle: Any) -> AsyncIterator[list[TokenEvent | Finished]]:
   """The handle's event batches as an async iterator of lists: the engine's thread pushes
   each chunk into the event loop (`RequestHandle.listen`), one wake-up of the loop per
-  chunk and no thread per request. A handle without `listen` is pumped by a thread."""
+  chunk and no thread per request."""
   loop = asyncio.get_running_loop()
   queue: asyncio.Queue = asyncio.Queue()
 
@@ -149,17 +148,7 @@ async def engine_events(handle: Any) -> AsyncIterator[list[TokenEvent | Finished
     except RuntimeError:  # the loop is closed: the server is gone
       pass
 
-  def pump() -> None:
-    try:
-      for event in handle.events():
-        put([event])
-    except Exception as e:  # noqa: BLE001 - reported as the request's error
-      put([Finished("error", 0, 0, f"{type(e).__name__}: {e}")])
-
-  if hasattr(handle, "listen"):
-    handle.listen(put)
-  else:
-    threading.Thread(target=pump, name=f"events-{handle.id}", daemon=True).start()
+  handle.listen(put)
   while True:
     batch = await queue.get()
     yield batch

@@ -283,8 +283,8 @@ class FailedRequest:
   """An engine handle whose request failed on the device."""
   id = "failed"
 
-  def events(self, timeout=None):
-    yield Finished("error", 3, 0, "device lost")
+  def listen(self, callback):
+    callback([Finished("error", 3, 0, "device lost")])
 
   def cancel(self):
     pass

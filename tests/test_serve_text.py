@@ -98,8 +98,9 @@ class FakeHandle:
   def __init__(self, events):
     self.id, self._events, self.cancelled = "fake", events, False
 
-  def events(self, timeout=None):
-    yield from self._events
+  def listen(self, callback):
+    for event in self._events:
+      callback([event])
 
   def cancel(self):
     self.cancelled = True
