@@ -40,6 +40,9 @@ setup(
         # cost the server about a tenth of its CPU at 16 streaming clients.
         "httptools>=0.6,<1",
         "prometheus-client>=0.20,<1",
+        # data.curate runs as an Apache Beam pipeline (DirectRunner locally, Dataflow / Flink /
+        # Spark at scale); 2.77 resolves together with the pinned TensorFlow, JAX and Orbax.
+        "apache-beam>=2.77,<3",
     ],
     extras_require={
         # Hugging Face interop (model/hf.py) and its parity tests against transformers.
