@@ -21,7 +21,9 @@ setup(
         "tensorflow-datasets>=4.9.10,<5",
         # tensorflow-datasets 4.9.10 imports importlib_resources but does not declare it.
         "importlib_resources>=6",
-        "sentencepiece>=0.2.3,<0.3",
+        # Not 0.2.3: its model-proto module is protobuf-7 generated code, which refuses the
+        # protobuf 6 runtime that apache-beam (<7) requires.
+        "sentencepiece>=0.2.1,<0.2.3",
         # Hugging Face tokenizer.json backend (data/hf_backend.py) and imported models' Jinja
         # chat templates (data/jinja_chat.py; >=3.1.6: earlier ones have sandbox escapes).
         "tokenizers>=0.22,<0.24",
