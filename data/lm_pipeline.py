@@ -23,10 +23,9 @@ Rows are built as described in `data/packing.py`: every slot of a row holds an
 Decisions:
 - Tokenization happens once, up front, in Python (`data.tokenized.tokenize_documents`)
   into one int32 numpy array that tf.data indexes; for a 1 MB corpus this takes well
-  under a second. A curated corpus (`data.source = "curated"`) arrives already
-  tokenized from `data/curate/`'s shards (`corpora=`, `data.tokenized.load_tokenized`),
-  loaded into the same arrays; corpora larger than host memory would need a streaming
-  reader (not built).
+  under a second. This is the path of the small sources (text, jsonl, corpus); the
+  curated shards and TFDS splits, which may not fit in host memory, are streamed from
+  disk instead (data/stream_pipeline.py, data/stream_sources.py).
 - Randomness is stateless: epoch e's offsets, chunk order and row order are pure
   functions of (seed, e), so the tf.data iterator state is a few counters plus the
   prefetch buffer, and `get_state`/`set_state` resume exactly.
@@ -209,7 +208,6 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
                        global_batch_size: int, process_index: int = 0,
                        process_count: int = 1,
                        documents: tuple[list[str], list[str]] | None = None,
-                       corpora: tuple[TokenizedCorpus, TokenizedCorpus] | None = None,
                        ) -> tuple[LMPipeline, ValidationSet]:
   """Builds this host's training pipeline and validation set.
 
@@ -223,19 +221,16 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
     process_count: Number of hosts (`jax.process_count()`).
     documents: (train_docs, val_docs) if already loaded (e.g. to train the
       tokenizer); None loads them with `load_split_documents`.
-    corpora: (train, val) already tokenized (the shards of `data.curate`, whose
-      documents end in eos already); overrides `documents`.
 
   Returns:
     (train pipeline, validation set); `validation_set(eval_batch_size)` is an
     iterator over one pass.
   """
-  if corpora is None:
-    train_docs, val_docs = (documents if documents is not None
-                            else load_split_documents(data_cfg))
-    add_eos = bool(data_cfg.add_eos)
-    corpora = (tokenize_documents(train_docs, tokenizer, add_eos),
-               tokenize_documents(val_docs, tokenizer, add_eos))
+  train_docs, val_docs = (documents if documents is not None
+                          else load_split_documents(data_cfg))
+  add_eos = bool(data_cfg.add_eos)
+  corpora = (tokenize_documents(train_docs, tokenizer, add_eos),
+             tokenize_documents(val_docs, tokenizer, add_eos))
   train = LMPipeline(
       corpora[0],
       seq_len=data_cfg.seq_len, global_batch_size=global_batch_size,
