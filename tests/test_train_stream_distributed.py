@@ -1,11 +1,14 @@
 """Streamed pretraining on curated shards (data.source="curated", data/stream_pipeline.py) as
 2 `jax.distributed` processes on localhost (launch/local.py, one device each) logs the same
 per-step losses as 1 process with 2 local devices, while each process reads only its own
-shards (data.streams=2: shards 0, 2 to process 0; 1, 3 to process 1).
+shards (data.streams=2: shards 0, 2 to process 0; 1, 3 to process 1); and a run resumed from
+its step-4 checkpoint (the streams' iterator state in it) repeats steps 5-8 exactly.
 """
 
 import io
+import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -65,3 +68,15 @@ def test_two_processes_stream_disjoint_shards_with_the_same_losses(shakespeare_s
   assert not diffs, f"(2 processes, 1 process) losses differ: {diffs}"
   assert eval_records(two)[-1]["eval/loss"] == pytest.approx(
       eval_records(one)[-1]["eval/loss"], abs=1e-5)
+
+  # Resume: the 1-process run from its step-4 checkpoint continues with the same batches.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(one, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+  os.remove(os.path.join(resumed, "metrics.jsonl"))
+  out = run_cmd(pretrain_cmd(resumed, *FLAGS, config=config))
+  assert out.returncode == 0, out.stdout[-5000:]
+  assert "checkpoints/4" in out.stdout and "step 5/8" in out.stdout, out.stdout[-3000:]
+  again = train_losses(resumed)
+  assert sorted(again) == [5, 6, 7, 8], again
+  assert all(again[s] == pytest.approx(want[s], abs=1e-6) for s in range(5, 9)), (again, want)
