@@ -174,7 +174,7 @@ class StreamPipeline(FetchingPipeline):
                streams: int, seed: int = 0, shuffle_buffer: int = 1000,
                prefetch: int = 2, process_index: int = 0, process_count: int = 1,
                fingerprint: str = "", source_fingerprint: str = "",
-               describe: str = ""):
+               files: Sequence[str] = (), describe: str = ""):
     """Builds the pipeline.
 
     Args:
@@ -192,7 +192,8 @@ class StreamPipeline(FetchingPipeline):
       process_count: Number of hosts.
       fingerprint: The tokenizer's fingerprint; `set_state` refuses another.
       source_fingerprint: Identifies the data (file names and sizes, TFDS split).
-      describe: What this host reads, for logs and tests (e.g. its file names).
+      files: The files this host reads, in stream order (empty for TFDS).
+      describe: What this host reads, for the log (e.g. its file names).
     """
     if seq_len <= 0:
       raise ValueError(f"seq_len={seq_len} must be positive")
@@ -204,6 +205,7 @@ class StreamPipeline(FetchingPipeline):
     self.global_batch_size = global_batch_size
     self.seq_len = seq_len
     self.stream_ids = list(stream_ids)
+    self.files = list(files)
     self.describe = describe
     self.steps_per_fetch = steps_per_fetch(self.per_host_batch_size, seq_len)
     rows_per_step = global_batch_size // streams

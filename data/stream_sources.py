@@ -181,7 +181,8 @@ def build_stream_pipelines(data_cfg: Any, tokenizer: Any, *, global_batch_size: 
                             cycle_length=int(data_cfg.cycle_length)) for s in owned]
     parse = parse_tokens
     source_fingerprint = files_fingerprint(files)
-    describe = describe_files([f for s in owned for f in mine[s]])
+    host_files = [f for s in owned for f in mine[s]]
+    describe = describe_files(host_files)
     val_files = curated.val_files
 
     def val_records():
@@ -195,6 +196,7 @@ def build_stream_pipelines(data_cfg: Any, tokenizer: Any, *, global_batch_size: 
     sources = [tfds_records(data_cfg, seed=seed, stream=s, streams=streams) for s in owned]
     parse = text_parser(tokenizer, bool(data_cfg.add_eos))
     source_fingerprint = f"tfds:{data_cfg.tfds_name}:{data_cfg.tfds_train_split}:{num}"
+    host_files = []
     describe = (f"TFDS {data_cfg.tfds_name}[{data_cfg.tfds_train_split}] parts "
                 f"{list(owned)} of {streams}")
     val_split = data_cfg.tfds_val_split
@@ -212,7 +214,7 @@ def build_stream_pipelines(data_cfg: Any, tokenizer: Any, *, global_batch_size: 
       shuffle_buffer=int(data_cfg.shuffle_buffer), prefetch=data_cfg.prefetch,
       process_index=process_index, process_count=process_count,
       fingerprint=tokenizer.fingerprint, source_fingerprint=source_fingerprint,
-      describe=describe)
+      files=host_files, describe=describe)
   val = StreamValidationSet(val_records, val_parse, seq_len=data_cfg.seq_len,
                             process_index=process_index, process_count=process_count,
                             num_pairs=val_pairs)

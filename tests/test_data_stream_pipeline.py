@@ -100,9 +100,9 @@ def test_hosts_read_disjoint_files_and_make_up_the_global_batch(curated):
     single, _ = _build(directory, batch=12, streams=streams)
     hosts = [_build(directory, batch=12, host=h, hosts=2, streams=streams)[0]
              for h in range(2)]
-    assert hosts[0].per_host_batch_size == 6 and single.describe.count("train-") == 6
-    read = [set(h.describe.split(", ")) for h in hosts]
-    assert not read[0] & read[1] and len(read[0] | read[1]) == 6, read
+    assert hosts[0].per_host_batch_size == 6 and len(single.files) == 6
+    read = [set(h.files) for h in hosts]
+    assert not read[0] & read[1] and read[0] | read[1] == set(single.files), read
     # Several fetches and epochs: each stream's 3 shards are ~600 pairs = ~37 rows.
     for step in range(40):
       parts = [next(h) for h in hosts]
