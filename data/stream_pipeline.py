@@ -22,6 +22,9 @@ Decisions:
   document longer than the room left in a row continues in the next row as a new segment;
   positions restart at 0 per segment. Packing is a `tf.data` scan whose carry is the < 1
   row left over, vectorised over each document batch (no per-token or per-document ops).
+  The shuffle buffer runs on across epochs, so a few documents of epoch e + 1 may come
+  before the last ones of epoch e (an epoch is not a hard boundary, as in most streaming
+  LM loaders); without shuffling, an epoch is exactly every pair once.
 - Exact resume: the tf.data iterator checkpoint holds each stream's file and offset, the
   shuffle buffer (shuffle_buffer serialized documents: the bulk of the state, e.g. ~1-2 MB
   per 1,000 documents of ~500 tokens), the packer's carry and the prefetch buffer; the
