@@ -11,7 +11,8 @@ Modules (import them directly; this package imports nothing so that importing
   corpus       a multi-source pretraining corpus with held-out rules (source="corpus").
   documents    a data config -> (train, val) documents: one loader per `data.source`
                (`SOURCE_KINDS`: text, jsonl, tfds, corpus).
-  tokenized    token-id corpora, `tokenize_documents`, `load_tokenized` (curated output).
+  tokenized    token-id corpora, `tokenize_documents`; curated output: `curated_shards`
+               (checked file lists), `load_tokenized` (all in memory, tests).
   curate/      the curation pipeline (`python -m data.curate`).
   sources      only `load_split_documents` for train/pretrain.py (to be removed).
   tokenizer    lossless SentencePiece training and the `Tokenizer` wrapper (+ CLI);
@@ -22,8 +23,13 @@ Modules (import them directly; this package imports nothing so that importing
   config       `default_data_config()`, `default_sft_data_config()` and
                `get_or_train_tokenizer`.
   packing      how documents are cut into (input, target) pieces and packed into rows.
-  lm_pipeline  the pretraining pipeline: `build_lm_pipelines`, `LMPipeline`,
-               `ValidationSet`.
+  pipeline_state  `FetchingPipeline`: serving steps of a multi-step fetch and the
+               resumable state blob, shared by the pretraining pipelines.
+  lm_pipeline  the in-memory pretraining pipeline (text, jsonl, corpus sources):
+               `build_lm_pipelines`, `LMPipeline`, `ValidationSet`.
+  stream_pipeline  the streaming pretraining pipeline: packing rows from document
+               streams, `StreamPipeline`, `StreamValidationSet`.
+  stream_sources  curated shards and TFDS splits as streams: `build_stream_pipelines`.
   chat         the chat templates: markers, `ChatTemplate` (ids + loss mask),
                `get_template` ("auto" | "chat" | "jinja").
   jinja_chat   `JinjaChatTemplate`: an imported model's own Jinja chat template.

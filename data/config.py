@@ -68,6 +68,15 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.add_eos = True            # Append </s> to every document.
   c.random_offset = True      # Shift each long document's windows every epoch.
   c.prefetch = 2              # Batches prefetched; -1 = tf.data.AUTOTUNE, 0 = off.
+  # Streaming sources (source="curated" | "tfds"; data/stream_pipeline.py): the corpus is
+  # read from disk, never loaded whole. The training data is cut into `streams` streams
+  # (curated: shard i -> stream i % streams; tfds: tfds.even_splits); each process reads
+  # streams / process_count of them and each stream gives batch_size / streams rows per
+  # step. 0 = one stream per process. The same value on any number of processes that
+  # divides it gives the same global batches (so set it for a run that may change size).
+  c.streams = 0
+  c.shuffle_buffer = 1000     # Documents in each stream's shuffle buffer (<= 1: none).
+  c.cycle_length = 4          # Files each stream reads interleaved.
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.model_type = "char"   # bpe | unigram | char | word.
   c.tokenizer.vocab_size = 0        # 0 = every character (char only).
@@ -78,6 +87,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.tokenizer.path = ""
   # Comma-separated pieces never split (e.g. the chat markers); used when training.
   c.tokenizer.user_defined_symbols = ""
+  # source="tfds" (streamed): a tokenizer is trained on the first this many training
+  # documents (the split may not fit in memory).
+  c.tokenizer.train_sample_docs = 100_000
   return c
 
 

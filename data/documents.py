@@ -11,7 +11,7 @@
            `data.tfds_val_split`); a catalogue dataset not yet in `data.tfds_data_dir` is
            downloaded (data/tfds_readers.py).
   corpus   several sources with held-out rules (data/corpus.py).
-  curated  refused here: already tokenized, read with `data.tokenized.load_tokenized`.
+  curated  refused here: already tokenized, streamed by `data.stream_sources`.
 
 A missing `data.path` is an error at once, naming the path and the field. TFDS is tried
 instead only when the config asks for it with `data.fallback_tfds` (a TFDS name, "" by
@@ -115,8 +115,8 @@ def tfds_split(cfg: Any) -> Split:
 def refuse_curated(cfg: Any) -> Split:
   """source="curated" is tokenized already; pretraining reads it another way."""
   del cfg
-  raise ValueError("data.source='curated' is already tokenized: train.pretrain reads it "
-                   "with data.tokenized.load_tokenized(data.curated_dir)")
+  raise ValueError("data.source='curated' is already tokenized: train.pretrain streams it "
+                   "with data.stream_sources.build_stream_pipelines")
 
 
 SOURCE_KINDS: dict[str, Callable[[Any], Split]] = {

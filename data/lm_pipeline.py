@@ -23,10 +23,9 @@ Rows are built as described in `data/packing.py`: every slot of a row holds an
 Decisions:
 - Tokenization happens once, up front, in Python (`data.tokenized.tokenize_documents`)
   into one int32 numpy array that tf.data indexes; for a 1 MB corpus this takes well
-  under a second. A curated corpus (`data.source = "curated"`) arrives already
-  tokenized from `data/curate/`'s shards (`corpora=`, `data.tokenized.load_tokenized`),
-  loaded into the same arrays; corpora larger than host memory would need a streaming
-  reader (not built).
+  under a second. This is the path of the small sources (text, jsonl, corpus); the
+  curated shards and TFDS splits, which may not fit in host memory, are streamed from
+  disk instead (data/stream_pipeline.py, data/stream_sources.py).
 - Randomness is stateless: epoch e's offsets, chunk order and row order are pure
   functions of (seed, e), so the tf.data iterator state is a few counters plus the
   prefetch buffer, and `get_state`/`set_state` resume exactly.
@@ -48,17 +47,13 @@ Decisions:
 
 from __future__ import annotations
 
-import io
-import json
-import os
-import tarfile
-import tempfile
 from typing import Any, Iterator
 
-import numpy as np
 import tensorflow as tf
 
 from data import packing
+from data.pipeline_state import (Batch, FetchingPipeline, check_sharding,
+                                 serve_next_step, steps_per_fetch)
 from data.documents import load_split_documents
 from data.tokenized import TokenizedCorpus, tokenize_documents
 from data.tokenizer import Tokenizer
@@ -69,24 +64,8 @@ try:
 except (RuntimeError, ValueError):  # Devices already initialised: nothing to hide now.
   pass
 
-Batch = dict[str, np.ndarray]
-_SLOTS_PER_FETCH = 65536  # Token slots per tf.data call (see module doc).
-_MAX_STEPS_PER_FETCH = 16
-_STATE_META = "meta.json"
-_STATE_PENDING = "pending.npz"  # Fetched steps not yet served.
-_STATE_PREFIX = "ckpt"
-
-
-def check_sharding(batch_size: int, process_index: int, process_count: int,
-                   what: str) -> int:
-  """Returns the per-host batch size, or raises naming the numbers."""
-  if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} must be in "
-                     f"[0, process_count={process_count})")
-  if batch_size <= 0 or batch_size % process_count:
-    raise ValueError(f"{what}={batch_size} must be a positive multiple of "
-                     f"process_count={process_count}")
-  return batch_size // process_count
+__all__ = ["Batch", "LMPipeline", "ValidationSet", "build_lm_pipelines",
+           "check_sharding", "serve_next_step", "tokenize_documents"]
 
 
 def _train_dataset(corpus: TokenizedCorpus, *, seq_len: int, rows_per_fetch: int,
@@ -126,24 +105,7 @@ def _train_dataset(corpus: TokenizedCorpus, *, seq_len: int, rows_per_fetch: int
   return ds
 
 
-def serve_next_step(pipeline: Any) -> Batch:
-  """The next step of a pipeline that fetches several steps per tf.data call.
-
-  `pipeline` has `_iterator` (tf.data, yielding [steps_per_fetch * batch, ...] arrays),
-  `_fetched` (the current fetch, [steps, batch, ...] numpy arrays) and `_served` (steps
-  of it handed out); shared by the pretraining and SFT pipelines.
-  """
-  if pipeline._served >= len(pipeline._fetched.get("tokens", ())):
-    lead = (pipeline.steps_per_fetch, pipeline.per_host_batch_size)
-    pipeline._fetched = {k: v.numpy().reshape(lead + tuple(v.shape[1:]))
-                         for k, v in next(pipeline._iterator).items()}
-    pipeline._served = 0
-  batch = {k: v[pipeline._served] for k, v in pipeline._fetched.items()}
-  pipeline._served += 1
-  return batch
-
-
-class LMPipeline:
+class LMPipeline(FetchingPipeline):
   """Infinite iterator over this host's training batches, with exact resume.
 
   `get_state()` after k batches, then `set_state()` on a fresh pipeline built
@@ -179,82 +141,23 @@ class LMPipeline:
     self.seq_len = seq_len
     self.num_train_tokens = corpus.num_tokens
     self.num_train_targets = corpus.num_targets
-    slots_per_step = self.per_host_batch_size * seq_len
-    self.steps_per_fetch = int(
-        np.clip(_SLOTS_PER_FETCH // slots_per_step, 1, _MAX_STEPS_PER_FETCH))
-    self._meta = {
+    self.steps_per_fetch = steps_per_fetch(self.per_host_batch_size, seq_len)
+    meta = {
         "seq_len": seq_len, "global_batch_size": global_batch_size, "seed": seed,
         "random_offset": bool(random_offset), "process_index": process_index,
         "process_count": process_count, "num_train_tokens": corpus.num_tokens,
         "fingerprint": fingerprint, "steps_per_fetch": self.steps_per_fetch,
     }
-    self._dataset = _train_dataset(
+    self._start(_train_dataset(
         corpus, seq_len=seq_len,
         rows_per_fetch=self.per_host_batch_size * self.steps_per_fetch,
         seed=seed, random_offset=random_offset, prefetch=prefetch,
-        process_index=process_index, process_count=process_count)
-    self._iterator = iter(self._dataset)
-    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
-    # Steps fetched from tf.data ([steps, batch, seq_len] arrays) and how many
-    # of them have been served.
-    self._fetched: Batch = {}
-    self._served = 0
-
-  @property
-  def tokens_per_batch(self) -> int:
-    """Token slots per global batch (all hosts, padding included)."""
-    return self.global_batch_size * self.seq_len
+        process_index=process_index, process_count=process_count), meta)
 
   @property
   def steps_per_epoch(self) -> float:
     """Approximate global steps per pass over the training targets."""
     return self.num_train_targets / self.tokens_per_batch
-
-  def __iter__(self) -> "LMPipeline":
-    return self
-
-  def __next__(self) -> Batch:
-    return serve_next_step(self)
-
-  def get_state(self) -> bytes:
-    """Serializes the iterator position (tf.data checkpoint) into one blob."""
-    buffer = io.BytesIO()
-    with tempfile.TemporaryDirectory() as tmp, \
-            tarfile.open(fileobj=buffer, mode="w") as tar:
-      self._checkpoint.write(os.path.join(tmp, _STATE_PREFIX))
-      with open(os.path.join(tmp, _STATE_META), "w") as f:
-        json.dump(self._meta, f, sort_keys=True)
-      pending = {k: v[self._served:] for k, v in self._fetched.items()}
-      np.savez(os.path.join(tmp, _STATE_PENDING), **pending)
-      for name in sorted(os.listdir(tmp)):
-        tar.add(os.path.join(tmp, name), arcname=name)
-    return buffer.getvalue()
-
-  def set_state(self, state: bytes) -> None:
-    """Restores a position saved by `get_state` of an identically built pipeline.
-
-    Raises:
-      ValueError: The state was saved by a pipeline with different data,
-        batch size, seed or host layout.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-      with tarfile.open(fileobj=io.BytesIO(state), mode="r") as tar:
-        # Only the flat files get_state wrote; basename() keeps them inside tmp.
-        for member in tar.getmembers():
-          if member.isfile():
-            with open(os.path.join(tmp, os.path.basename(member.name)), "wb") as f:
-              f.write(tar.extractfile(member).read())
-      with open(os.path.join(tmp, _STATE_META)) as f:
-        saved = json.load(f)
-      diff = {k: (saved.get(k), v) for k, v in self._meta.items()
-              if saved.get(k) != v}
-      if diff:
-        raise ValueError("Data iterator state does not match this pipeline "
-                         f"(field: (saved, current)): {diff}")
-      self._checkpoint.read(os.path.join(tmp, _STATE_PREFIX)).assert_consumed()
-      with np.load(os.path.join(tmp, _STATE_PENDING)) as pending:
-        self._fetched = {k: pending[k] for k in pending.files}
-      self._served = 0
 
 
 class ValidationSet:
@@ -305,7 +208,6 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
                        global_batch_size: int, process_index: int = 0,
                        process_count: int = 1,
                        documents: tuple[list[str], list[str]] | None = None,
-                       corpora: tuple[TokenizedCorpus, TokenizedCorpus] | None = None,
                        ) -> tuple[LMPipeline, ValidationSet]:
   """Builds this host's training pipeline and validation set.
 
@@ -319,19 +221,16 @@ def build_lm_pipelines(data_cfg: Any, tokenizer: Tokenizer, *,
     process_count: Number of hosts (`jax.process_count()`).
     documents: (train_docs, val_docs) if already loaded (e.g. to train the
       tokenizer); None loads them with `load_split_documents`.
-    corpora: (train, val) already tokenized (the shards of `data.curate`, whose
-      documents end in eos already); overrides `documents`.
 
   Returns:
     (train pipeline, validation set); `validation_set(eval_batch_size)` is an
     iterator over one pass.
   """
-  if corpora is None:
-    train_docs, val_docs = (documents if documents is not None
-                            else load_split_documents(data_cfg))
-    add_eos = bool(data_cfg.add_eos)
-    corpora = (tokenize_documents(train_docs, tokenizer, add_eos),
-               tokenize_documents(val_docs, tokenizer, add_eos))
+  train_docs, val_docs = (documents if documents is not None
+                          else load_split_documents(data_cfg))
+  add_eos = bool(data_cfg.add_eos)
+  corpora = (tokenize_documents(train_docs, tokenizer, add_eos),
+             tokenize_documents(val_docs, tokenizer, add_eos))
   train = LMPipeline(
       corpora[0],
       seq_len=data_cfg.seq_len, global_batch_size=global_batch_size,

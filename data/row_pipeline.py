@@ -26,11 +26,9 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 import tensorflow as tf
 
-from data.lm_pipeline import check_sharding, serve_next_step
+from data.pipeline_state import check_sharding, serve_next_step, steps_per_fetch
 
 Batch = dict[str, np.ndarray]
-_SLOTS_PER_FETCH = 65536  # Token slots per tf.data call, as in lm_pipeline.
-_MAX_STEPS_PER_FETCH = 16
 
 
 class Rows(Protocol):
@@ -77,9 +75,7 @@ class RowPipeline:
     self.global_batch_size = global_batch_size
     self.seq_len = rows.seq_len
     self.num_rows = rows.num_rows
-    self.steps_per_fetch = int(np.clip(
-        _SLOTS_PER_FETCH // (self.per_host_batch_size * self.seq_len), 1,
-        _MAX_STEPS_PER_FETCH))
+    self.steps_per_fetch = steps_per_fetch(self.per_host_batch_size, self.seq_len)
     self._seed, self._prefetch = seed, prefetch
     self._host, self._hosts = process_index, process_count
     self._materialize = rows.materializer()

@@ -3,10 +3,15 @@
   python -m train.pretrain --config=configs/pretrain/shakespeare_char.py --workdir=runs/sc \
       [--config.optim.lr=3e-4 --config.model.num_layers=8 ...]
 
-Reads the documents (or a curation run's tokenized shards), trains or loads the tokenizer
-(kept as `<workdir>/tokenizer.model`), builds the tf.data pipelines and trains the model with
-the LM loss through the shared driver (train/stage.py). Re-running the same command resumes
-from the newest checkpoint.
+Reads the documents, trains or loads the tokenizer (kept as `<workdir>/tokenizer.model`),
+builds the tf.data pipelines and trains the model with the LM loss through the shared driver
+(train/stage.py). Re-running the same command resumes from the newest checkpoint.
+
+Two data paths: `data.source` "curated" (a curation run's tokenized shards, with its
+tokenizer) and "tfds" are streamed from disk per host (data/stream_sources.py: never
+loaded whole; a TFDS run's tokenizer is `data.tokenizer.path` or trained on the first
+`data.tokenizer.train_sample_docs` documents); the small text / jsonl / corpus sources are
+loaded and tokenized in memory (data/lm_pipeline.py).
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from data import stream_sources
 from data.config import get_or_train_tokenizer
-from data.tokenized import load_tokenized
-from data.lm_pipeline import build_lm_pipelines
 from data.documents import load_split_documents
 from data.hf_tokenizer import tokenizer_from_path
+from data.lm_pipeline import build_lm_pipelines
+from data.tokenized import curated_shards
 from model.config import ModelConfig
 from model.transformer import Transformer
 from train import entry
@@ -71,29 +77,44 @@ def _tokenizer(config: Any, workdir: str, train_docs: list[str]
   return tokenizer, {TOKENIZER_FILE: tokenizer.to_bytes()}
 
 
+def _pipelines(config: Any, workdir: str) -> tuple[Any, Any, Any, int, dict[str, bytes]]:
+  """(tokenizer, train pipeline, validation set, validation characters, files to keep)."""
+  data, files = config.data, {}
+  hosts = dict(global_batch_size=config.train.batch_size,
+               process_index=jax.process_index(), process_count=jax.process_count())
+  source = data.get("source")
+  if source == "curated":
+    # The tokenized shards of a curation run (data/curate/) and its tokenizer, streamed.
+    shards = curated_shards(data.curated_dir)
+    tokenizer = shards.tokenizer
+    if data.tokenizer.path and tokenizer_from_path(
+        os.path.expanduser(data.tokenizer.path)).fingerprint != tokenizer.fingerprint:
+      raise ValueError(f"data.tokenizer.path={data.tokenizer.path} is not the "
+                       f"tokenizer of the curated shards in {data.curated_dir}; "
+                       "leave it empty")
+    train_iter, val_set = stream_sources.build_stream_pipelines(
+        data, tokenizer, curated=shards, **hosts)
+    return tokenizer, train_iter, val_set, shards.info["val_chars"], files
+  if source == "tfds":
+    kept = data.tokenizer.path or os.path.exists(os.path.join(workdir, TOKENIZER_FILE))
+    sample = [] if kept else stream_sources.tfds_sample_documents(data)
+    tokenizer, files = _tokenizer(config, workdir, sample)
+    train_iter, val_set = stream_sources.build_stream_pipelines(data, tokenizer, **hosts)
+    return tokenizer, train_iter, val_set, stream_sources.tfds_val_chars(data), files
+  train_docs, val_docs = load_split_documents(data)
+  tokenizer, files = _tokenizer(config, workdir, train_docs)
+  train_iter, val_set = build_lm_pipelines(data, tokenizer, documents=(train_docs, val_docs),
+                                           **hosts)
+  return tokenizer, train_iter, val_set, sum(len(d) for d in val_docs), files
+
+
 def build(config: Any, workdir: str) -> Run:
   """Documents, tokenizer, pipelines and the Trainer of a pretraining run."""
-  files: dict[str, bytes] = {}
-  if config.data.get("source") == "curated":
-    # The tokenized shards of a curation run (data/curate.py) and its tokenizer.
-    tokenizer, train_corpus, val_corpus, info = load_tokenized(config.data.curated_dir)
-    if config.data.tokenizer.path and tokenizer_from_path(
-        os.path.expanduser(config.data.tokenizer.path)).fingerprint != tokenizer.fingerprint:
-      raise ValueError(f"data.tokenizer.path={config.data.tokenizer.path} is not the "
-                       f"tokenizer of the curated shards in {config.data.curated_dir}; "
-                       "leave it empty")
-    val_chars = info["val_chars"]
-    pipeline_input = {"corpora": (train_corpus, val_corpus)}
-  else:
-    train_docs, val_docs = load_split_documents(config.data)
-    tokenizer, files = _tokenizer(config, workdir, train_docs)
-    val_chars = sum(len(d) for d in val_docs)
-    pipeline_input = {"documents": (train_docs, val_docs)}
+  tokenizer, train_iter, val_set, val_chars, files = _pipelines(config, workdir)
   model_cfg = ModelConfig.from_dict(resolve_vocab(config.model.to_dict(), tokenizer.vocab_size))
-  train_iter, val_set = build_lm_pipelines(
-      config.data, tokenizer, global_batch_size=config.train.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      **pipeline_input)
+  reads = getattr(train_iter, "describe", "")
+  if reads:  # Every process says what it streams (launch.local prefixes the process).
+    print(f"Data: process {jax.process_index()} reads {reads}", flush=True)
   (program,) = programs(config, model_cfg)
   trainer = Trainer(config, workdir, model_cfg, program.loss_fn,
                     tokenizer_bytes=tokenizer.to_bytes(),

@@ -22,9 +22,19 @@ def get_config(arg=None):
   config.mesh = common.mesh_config(data=1, fsdp=-1, tensor=1)
   config.data.source = "tfds"
   config.data.tfds_name = "c4/en"
+  # Streamed per host (data/stream_sources.py): C4's train split is cut into one stream
+  # per process (tfds.even_splits); 10k documents (~20 MB of text) in each shuffle buffer,
+  # 16 files interleaved. Validation: the first 20k documents (~10M tokens).
+  config.data.streams = 0
+  config.data.shuffle_buffer = 10_000
+  config.data.cycle_length = 16
+  config.data.tfds_val_split = "validation[:20000]"
   config.data.seq_len = 2048
   config.data.tokenizer.model_type = "bpe"
   config.data.tokenizer.vocab_size = 128256
+  # Trained on the first 100k training documents unless data.tokenizer.path names one
+  # (e.g. Llama 3's tokenizer.json).
+  config.data.tokenizer.train_sample_docs = 100_000
   if arg.runlocal:
     config.model.num_layers = 2
     config.model.embed_dim = 256
