@@ -312,6 +312,13 @@ def run_peer(docs_jsonl: str, workers: int, cfg: Any = None, workdir: str = "",
 
 def main(argv):
   del argv
+  if not os.path.isfile(FLAGS.config):
+    print(f"error: --config: no such file {FLAGS.config}", file=sys.stderr)
+    sys.exit(2)
+  if not re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", FLAGS.workers):
+    print(f"error: --workers={FLAGS.workers!r}: expected positive integers, comma-separated",
+          file=sys.stderr)
+    sys.exit(2)
   cfg = load_config(FLAGS.config)
   tmp = tempfile.mkdtemp(prefix="curate_peer_")
   try:

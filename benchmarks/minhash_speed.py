@@ -149,6 +149,12 @@ def greedy_ours(sigs: list[np.ndarray]) -> set[int]:
 
 def main(argv):
   del argv
+  if not os.path.isfile(FLAGS.config):
+    print(f"error: --config: no such file {FLAGS.config}", file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.repeats < 1:
+    print(f"error: --repeats={FLAGS.repeats}: expected >= 1", file=sys.stderr)
+    sys.exit(2)
   r = FLAGS.repeats
   texts = documents(FLAGS.config)
   n, mb = len(texts), sum(len(t.encode("utf-8")) for t in texts) / 1e6
