@@ -68,5 +68,13 @@ setup(
                  "accelerate>=1.0,<2", *HF],
         # benchmarks/lm_eval_parity.py: EleutherAI's harness, run offline on local files.
         "parity": [*HF, "lm-eval>=0.4.9,<0.5", "accelerate>=1.0,<2"],
+        # benchmarks/curate_peer.py: datatrove, the peer curation library, without its
+        # `processing` extra (trafilatura, fasttext, ... unused here): orjson for its jsonl
+        # reader/writer, spaCy for its English word tokenizer (--word_tokenizer=spacy), and
+        # xxhash < 4 as that extra pins it (its n-gram hash passes str, which xxhash 4
+        # refuses). benchmarks/minhash_speed.py: datasketch's MinHash / MinHashLSH.
+        # All resolve without changing the pinned JAX, TensorFlow, protobuf or numpy.
+        "peers": ["datatrove>=0.10.1,<0.11", "orjson>=3.10,<4", "spacy>=3.8,<4",
+                  "xxhash>=3.5,<4", "datasketch>=2.0,<3"],
     },
 )
