@@ -83,7 +83,8 @@ def get_config(arg=None):
   c.mixture = stage(weights={}, temperature=2.0, total_tokens=0)  # 0 = the natural total
   c.tokenize = stage(tokenizer_path="", model_type="bpe", vocab_size=4096,
                      byte_fallback=False, user_defined_symbols=",".join(CHAT_MARKERS),
-                     val_fraction=0.05, add_eos=True, num_output_shards=0)
+                     val_fraction=0.05, add_eos=True, num_output_shards=0,
+                     sample_docs=200_000)
   if arg.runlocal:  # one small source, two shards, no evaluation sets, a small vocabulary
     c.sources = c.sources[1:2]
     c.num_shards = 2

@@ -1,11 +1,11 @@
-"""Decontamination against the evaluation sets: the n-gram index of every scored request."""
+"""Decontamination against the evaluation sets: the n-gram index of every scored request,
+built in the pipeline (`DecontaminationIndex`) and passed to the filter as a side input."""
 
 from __future__ import annotations
 
-import functools
-import os
-from typing import Sequence
+from typing import Iterable, Sequence
 
+import apache_beam as beam
 import numpy as np
 
 from data import benchmarks, filters
@@ -27,18 +27,46 @@ def eval_texts(eval_tasks: Sequence[str], ngram: int) -> list[str]:
   return list(texts)
 
 
-@functools.lru_cache(maxsize=None)
-def load_decontaminator(eval_tasks: tuple[str, ...], ngram: int,
-                        index_path: str = "") -> filters.Decontaminator:
-  """The n-gram index of the evaluation sets: loaded from `index_path` when it exists,
-  else built (and saved there), once per process (a pool worker filters several shards)."""
-  if index_path and os.path.exists(index_path):
-    deco = filters.Decontaminator([], ngram)
-    deco.index = np.load(index_path)
-    return deco
-  deco = filters.Decontaminator(eval_texts(eval_tasks, ngram), ngram)
-  if index_path:
-    tmp = f"{index_path}.tmp{os.getpid()}.npy"
-    np.save(tmp, deco.index)
-    os.replace(tmp, index_path)
+class _UniqueHashes(beam.CombineFn):
+  """uint64 arrays -> one sorted array of their distinct values."""
+
+  def create_accumulator(self) -> list[np.ndarray]:
+    return []
+
+  def add_input(self, acc: list[np.ndarray], hashes: np.ndarray) -> list[np.ndarray]:
+    acc.append(hashes)
+    if len(acc) >= 4096:  # keep the accumulator small: fold into one unique array
+      acc[:] = [np.unique(np.concatenate(acc))]
+    return acc
+
+  def merge_accumulators(self, accs: Iterable[list[np.ndarray]]) -> list[np.ndarray]:
+    return [a for acc in accs for a in acc]
+
+  def extract_output(self, acc: list[np.ndarray]) -> np.ndarray:
+    return np.unique(np.concatenate(acc)) if acc else np.zeros([0], np.uint64)
+
+
+class DecontaminationIndex(beam.PTransform):
+  """The evaluation n-gram index, built in parallel: tasks -> their texts (`eval_texts`,
+  per task) -> n-gram hashes per text -> one sorted unique uint64 array (a singleton
+  PCollection, the filter's side input; `decontaminator` wraps it)."""
+
+  def __init__(self, eval_tasks: Sequence[str], ngram: int):
+    super().__init__()
+    self.eval_tasks, self.ngram = list(eval_tasks), ngram
+
+  def expand(self, pbegin):
+    ngram = self.ngram
+    return (pbegin
+            | "Tasks" >> beam.Create(self.eval_tasks)
+            | "Texts" >> beam.FlatMap(lambda task: eval_texts([task], ngram))
+            | "Spread" >> beam.Reshuffle()
+            | "Hash" >> beam.Map(filters.ngram_hashes, ngram)
+            | "Union" >> beam.CombineGlobally(_UniqueHashes()))
+
+
+def decontaminator(index: np.ndarray, ngram: int) -> filters.Decontaminator:
+  """A `filters.Decontaminator` over a built index."""
+  deco = filters.Decontaminator([], ngram)
+  deco.index = index
   return deco
