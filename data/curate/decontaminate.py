@@ -3,7 +3,7 @@ built in the pipeline (`DecontaminationIndex`) and passed to the filter as a sid
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -28,19 +28,26 @@ def eval_texts(eval_tasks: Sequence[str], ngram: int) -> list[str]:
 
 
 class _UniqueHashes(beam.CombineFn):
-  """uint64 arrays -> one sorted array of their distinct values."""
+  """uint64 arrays -> one sorted array of their distinct values. Arrays are collected and
+  made unique once at the end (np.unique sorts: doing it per input would be quadratic);
+  only past `_FOLD` pending entries are they folded early, to bound the memory."""
+
+  _FOLD = 1 << 24
 
   def create_accumulator(self) -> list[np.ndarray]:
     return []
 
   def add_input(self, acc: list[np.ndarray], hashes: np.ndarray) -> list[np.ndarray]:
     acc.append(hashes)
-    if len(acc) >= 4096:  # keep the accumulator small: fold into one unique array
+    if len(acc) % 1024 == 0 and sum(len(a) for a in acc) > self._FOLD:
       acc[:] = [np.unique(np.concatenate(acc))]
     return acc
 
   def merge_accumulators(self, accs: Iterable[list[np.ndarray]]) -> list[np.ndarray]:
     return [a for acc in accs for a in acc]
+
+  def compact(self, acc: list[np.ndarray]) -> list[np.ndarray]:
+    return [np.unique(np.concatenate(acc))] if acc else []  # what travels between workers
 
   def extract_output(self, acc: list[np.ndarray]) -> np.ndarray:
     return np.unique(np.concatenate(acc)) if acc else np.zeros([0], np.uint64)
@@ -48,7 +55,7 @@ class _UniqueHashes(beam.CombineFn):
 
 class DecontaminationIndex(beam.PTransform):
   """The evaluation n-gram index, built in parallel: tasks -> their texts (`eval_texts`,
-  per task) -> n-gram hashes per text -> one sorted unique uint64 array (a singleton
+  per task, in chunks) -> n-gram hashes per chunk -> one sorted unique uint64 array (a singleton
   PCollection, the filter's side input; `decontaminator` wraps it)."""
 
   def __init__(self, eval_tasks: Sequence[str], ngram: int):
@@ -56,13 +63,26 @@ class DecontaminationIndex(beam.PTransform):
     self.eval_tasks, self.ngram = list(eval_tasks), ngram
 
   def expand(self, pbegin):
-    ngram = self.ngram
     return (pbegin
             | "Tasks" >> beam.Create(self.eval_tasks)
-            | "Texts" >> beam.FlatMap(lambda task: eval_texts([task], ngram))
+            | "Texts" >> beam.FlatMap(_text_chunks, self.ngram)
             | "Spread" >> beam.Reshuffle()
-            | "Hash" >> beam.Map(filters.ngram_hashes, ngram)
+            | "Hash" >> beam.Map(_chunk_hashes, self.ngram)
             | "Union" >> beam.CombineGlobally(_UniqueHashes()))
+
+
+_CHUNK = 2000  # texts per element: Beam's per-element cost stays small beside the hashing
+
+
+def _text_chunks(task: str, ngram: int) -> Iterator[list[str]]:
+  texts = eval_texts([task], ngram)
+  for i in range(0, len(texts), _CHUNK):
+    yield texts[i:i + _CHUNK]
+
+
+def _chunk_hashes(texts: Sequence[str], ngram: int) -> np.ndarray:
+  parts = [filters.ngram_hashes(t, ngram) for t in texts]
+  return np.unique(np.concatenate(parts)) if parts else np.zeros([0], np.uint64)
 
 
 def decontaminator(index: np.ndarray, ngram: int) -> filters.Decontaminator:

@@ -9,13 +9,16 @@ through) and renders report.md / report.png from the report.json it wrote last.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
+import sys
+import tempfile
 import time
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -233,6 +236,8 @@ def pipeline_options(workers: int, argv: Sequence[str], verbose: bool) -> Pipeli
   for the DirectRunner (the default) multi-process mode with `workers` processes."""
   args = list(argv)
   runner = next((a.split("=", 1)[1] for a in args if a.startswith("--runner=")), "")
+  if not runner:
+    args.append("--runner=DirectRunner")
   if runner in ("", "DirectRunner", "direct"):
     if not any(a.startswith("--direct_running_mode") for a in args):
       args.append("--direct_running_mode=multi_processing")
@@ -253,6 +258,31 @@ def quiet_beam(verbose: bool) -> None:
   logging.getLogger("apache_beam").setLevel(logging.INFO if verbose else logging.ERROR)
 
 
+@contextlib.contextmanager
+def _workers_stderr(verbose: bool) -> Iterator[None]:
+  """Unless `verbose`, file descriptor 2 (the DirectRunner's worker processes inherit it
+  and log their start-up there) goes to a temporary file while the pipeline runs; its
+  last lines are shown if the run fails."""
+  if verbose:
+    yield
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as log:
+    os.dup2(log.fileno(), 2)
+    try:
+      yield
+    except BaseException:
+      os.dup2(saved, 2)
+      log.seek(0)
+      tail = log.read().decode("utf-8", "replace").splitlines()[-40:]
+      print("\n".join(["Beam worker log (last lines):", *tail]), file=sys.stderr)
+      raise
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
 def run(cfg: Any, workdir: str, workers: int = 1, argv: Sequence[str] = (),
         verbose: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Runs the curation of `cfg` into `workdir`; returns the report."""
@@ -262,10 +292,10 @@ def run(cfg: Any, workdir: str, workers: int = 1, argv: Sequence[str] = (),
   options = pipeline_options(workers, argv, verbose)
   files.clear_outputs(the_plan.workdir)
   start = time.time()
-  p = beam.Pipeline(options=options)
-  build(p, the_plan)
-  result = p.run()
-  state = result.wait_until_finish()
+  with _workers_stderr(verbose):
+    p = beam.Pipeline(options=options)
+    build(p, the_plan)
+    state = p.run().wait_until_finish()
   if state != "DONE":
     raise RuntimeError(f"the pipeline ended in state {state}")
   seconds = time.time() - start
