@@ -3,22 +3,25 @@ built in the pipeline (`DecontaminationIndex`) and passed to the filter as a sid
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 
-from data import benchmarks, filters
+from data import benchmarks, filters, readers
 
 
-def eval_texts(eval_tasks: Sequence[str], ngram: int) -> list[str]:
+def eval_texts(eval_tasks: Sequence[str], ngram: int, data_dir: str | None = None
+               ) -> list[str]:
   """Texts whose n-grams are exactly those of every scored request (context +
   continuation) of the tasks, without repeating a context once per choice: each distinct
   context once, then each continuation after the context's last n-1 words (every n-gram
-  that reaches into the continuation starts there)."""
+  that reaches into the continuation starts there). `data_dir`: where the evaluation
+  files are (default: the data directory, `data.readers.resolve_data_path`)."""
   texts: dict[str, None] = {}
   for task in eval_tasks:
-    path = benchmarks.task_path(task)
+    path = benchmarks.task_path(task, data_dir)
     reader = benchmarks.MC_READERS[task]
     for item in (reader(path, 0) if task == "mmlu" else reader(path)):
       for context, continuation in item.requests():
@@ -61,11 +64,13 @@ class DecontaminationIndex(beam.PTransform):
   def __init__(self, eval_tasks: Sequence[str], ngram: int):
     super().__init__()
     self.eval_tasks, self.ngram = list(eval_tasks), ngram
+    # The launcher's data directory ($LM_DATA_DIR), which remote workers do not inherit.
+    self.data_dir = os.environ.get(readers.LM_DATA_DIR_ENV) or None
 
   def expand(self, pbegin):
     return (pbegin
             | "Tasks" >> beam.Create(self.eval_tasks)
-            | "Texts" >> beam.FlatMap(_text_chunks, self.ngram)
+            | "Texts" >> beam.FlatMap(_text_chunks, self.ngram, self.data_dir)
             | "Spread" >> beam.Reshuffle()
             | "Hash" >> beam.Map(_chunk_hashes, self.ngram)
             | "Union" >> beam.CombineGlobally(_UniqueHashes()))
@@ -74,8 +79,8 @@ class DecontaminationIndex(beam.PTransform):
 _CHUNK = 2000  # texts per element: Beam's per-element cost stays small beside the hashing
 
 
-def _text_chunks(task: str, ngram: int) -> Iterator[list[str]]:
-  texts = eval_texts([task], ngram)
+def _text_chunks(task: str, ngram: int, data_dir: str | None) -> Iterator[list[str]]:
+  texts = eval_texts([task], ngram, data_dir)
   for i in range(0, len(texts), _CHUNK):
     yield texts[i:i + _CHUNK]
 
