@@ -32,7 +32,7 @@ def eval_texts(eval_tasks: Sequence[str], ngram: int, data_dir: str | None = Non
 
 class _UniqueHashes(beam.CombineFn):
   """uint64 arrays -> one sorted array of their distinct values. Arrays are collected and
-  made unique once at the end (np.unique sorts: doing it per input would be quadratic);
+  made unique once at the end (doing it per input would be quadratic);
   only past `_FOLD` pending entries are they folded early, to bound the memory."""
 
   _FOLD = 1 << 24
@@ -43,17 +43,18 @@ class _UniqueHashes(beam.CombineFn):
   def add_input(self, acc: list[np.ndarray], hashes: np.ndarray) -> list[np.ndarray]:
     acc.append(hashes)
     if len(acc) % 1024 == 0 and sum(len(a) for a in acc) > self._FOLD:
-      acc[:] = [np.unique(np.concatenate(acc))]
+      acc[:] = [filters.sorted_unique(np.concatenate(acc))]
     return acc
 
   def merge_accumulators(self, accs: Iterable[list[np.ndarray]]) -> list[np.ndarray]:
     return [a for acc in accs for a in acc]
 
   def compact(self, acc: list[np.ndarray]) -> list[np.ndarray]:
-    return [np.unique(np.concatenate(acc))] if acc else []  # what travels between workers
+    # What travels between workers.
+    return [filters.sorted_unique(np.concatenate(acc))] if acc else []
 
   def extract_output(self, acc: list[np.ndarray]) -> np.ndarray:
-    return np.unique(np.concatenate(acc)) if acc else np.zeros([0], np.uint64)
+    return filters.sorted_unique(np.concatenate(acc)) if acc else np.zeros([0], np.uint64)
 
 
 class DecontaminationIndex(beam.PTransform):
@@ -86,8 +87,7 @@ def _text_chunks(task: str, ngram: int, data_dir: str | None) -> Iterator[list[s
 
 
 def _chunk_hashes(texts: Sequence[str], ngram: int) -> np.ndarray:
-  parts = [filters.ngram_hashes(t, ngram) for t in texts]
-  return np.unique(np.concatenate(parts)) if parts else np.zeros([0], np.uint64)
+  return filters.ngram_hash_set(texts, ngram)
 
 
 def decontaminator(index: np.ndarray, ngram: int) -> filters.Decontaminator:
