@@ -258,6 +258,31 @@ def test_mixture_shares_follow_the_temperature_rule_and_are_realised():
   assert len(set(picked["a"])) == len(picked["a"])  # a is subsampled: no repeats
 
 
+def test_examples_and_tfrecords_are_the_bytes_tensorflow_writes(tmp_path):
+  import numpy as np
+  import tensorflow as tf
+  from data.curate import files
+
+  def reference(features):
+    return tf.train.Example(features=tf.train.Features(feature={
+        k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode()]))
+        if isinstance(v, str) else tf.train.Feature(int64_list=tf.train.Int64List(value=v))
+        for k, v in features.items()})).SerializeToString(deterministic=True)
+
+  cases = [{"tokens": [0, 1, 127, 128, 16383, 16384, 2**21, 2**31 - 1, 2**40], "source": "a"},
+           {"text": "héllo wörld " * 300, "source": "s", "provenance": "p.jsonl:7"},
+           {"tokens": np.arange(3000, dtype=np.int32), "source": ""}, {"tokens": []}]
+  records = [files.tf_example(c) for c in cases]
+  assert records == [reference(c) for c in cases]
+  ours, theirs = str(tmp_path / "ours.tfrecord"), str(tmp_path / "tf.tfrecord")
+  assert files.write_tfrecord(ours, records) == 4
+  with tf.io.TFRecordWriter(theirs) as writer:
+    for r in records:
+      writer.write(r)
+  assert open(ours, "rb").read() == open(theirs, "rb").read()
+  assert [r.numpy() for r in tf.data.TFRecordDataset(ours)] == records
+
+
 def test_near_duplicates_resolve_in_document_order():
   from data.curate.transforms import resolve_near_duplicates
   a, b, c, d = (0, 0, 0), (0, 0, 1), (1, 0, 0), (2, 0, 0)

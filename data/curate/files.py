@@ -1,5 +1,7 @@
 """Curation files: atomic writes through Beam's `FileSystems` (local paths and gs:// alike),
-TFRecord shards, JSON, and the clearing of a previous run's outputs.
+TFRecord shards of `tf.train.Example`s (encoded here, without TensorFlow: the worker
+processes would each spend seconds importing it), JSON, and the clearing of a previous
+run's outputs.
 
 Every output file is written to `<path>.tmp-<random>` and renamed into place, so a reader
 never sees half a file; `clear_outputs` removes a killed run's files (and tmp files) before
@@ -9,10 +11,11 @@ a run starts, markers first (see `data.curate`).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
+import struct
 import uuid
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -52,36 +55,82 @@ def exists(path: str) -> bool:
   return FileSystems.exists(path)
 
 
+def _varint(n: int) -> bytes:
+  out = bytearray()
+  while n > 0x7F:
+    out.append((n & 0x7F) | 0x80)
+    n >>= 7
+  out.append(n)
+  return bytes(out)
+
+
+def _packed_varints(values: Sequence[int]) -> bytes:
+  """Non-negative ints as concatenated varints (vectorised: token lists are long)."""
+  v = np.asarray(values, np.uint64)
+  if v.size and v.max() >= 1 << 63:
+    raise ValueError("int64 features here are token ids: negative values are unsupported")
+  groups = np.stack([(v >> np.uint64(7 * k)) & np.uint64(0x7F) for k in range(10)], 1)
+  size = np.maximum(1, 10 - np.argmax(groups[:, ::-1] != 0, axis=1)) * (v > 0) + (v == 0)
+  k = np.arange(10)[None, :]
+  groups = groups | ((k < size[:, None] - 1) * 0x80).astype(np.uint64)
+  return groups.astype(np.uint8)[k < size[:, None]].tobytes()
+
+
+def _field(number: int, payload: bytes) -> bytes:
+  return _varint(number << 3 | 2) + _varint(len(payload)) + payload  # wire type 2: bytes
+
+
 def tf_example(features: Mapping[str, Any]) -> bytes:
-  """A serialized `tf.train.Example`: str values as bytes features, others as int64 lists."""
-  # Imported here: TensorFlow is heavy and only the workers writing shards need it.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  out = {}
-  for key, value in features.items():
+  """A serialized `tf.train.Example` (what TensorFlow's deterministic serialisation gives,
+  tested): str values as a one-value bytes_list, others as a packed int64_list of
+  non-negative ints. Encoded here so the workers need not import TensorFlow."""
+  entries = []
+  for key in sorted(features):  # deterministic: map entries in key order
+    value = features[key]
     if isinstance(value, str):
-      out[key] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+      feature = _field(1, _field(1, value.encode("utf-8")))           # bytes_list
     else:
-      out[key] = tf.train.Feature(int64_list=tf.train.Int64List(value=value))
-  # deterministic=True: map fields in key order, else the bytes vary between processes.
-  return tf.train.Example(features=tf.train.Features(feature=out)).SerializeToString(
-      deterministic=True)
+      ints = _packed_varints(value)
+      feature = _field(3, _field(1, ints) if ints else b"")          # int64_list
+    entries.append(_field(1, _field(1, key.encode("utf-8")) + _field(2, feature)))
+  return _field(1, b"".join(entries))  # Example.features
+
+
+def _crc32c_table() -> tuple[int, ...]:
+  table = []
+  for i in range(256):
+    c = i
+    for _ in range(8):
+      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
+    table.append(c)
+  return tuple(table)
+
+
+_CRC32C = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+  """TFRecord's checksum: crc32c, rotated and offset."""
+  crc, table = 0xFFFFFFFF, _CRC32C
+  for b in data:
+    crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+  crc ^= 0xFFFFFFFF
+  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tfrecord(record: bytes) -> bytes:
+  """One TFRecord frame: length, its checksum, the data, its checksum."""
+  length = struct.pack("<Q", len(record))
+  return (length + struct.pack("<I", _masked_crc32c(length)) + record +
+          struct.pack("<I", _masked_crc32c(record)))
 
 
 def write_tfrecord(path: str, records: Iterable[bytes]) -> int:
   """Writes serialized records as one TFRecord file at `path` (atomically); returns the
-  count. Framed by TensorFlow in a local temporary file (TFRecord checksums are crc32c,
-  which TensorFlow has and Beam's fallback here would lack), then copied into place."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  n = 0
-  with tempfile.TemporaryDirectory() as tmp:
-    local = os.path.join(tmp, "shard.tfrecord")
-    with tf.io.TFRecordWriter(local) as writer:
-      for record in records:
-        writer.write(record)
-        n += 1
-    with open(local, "rb") as f:
-      write_bytes(path, f.read())
-  return n
+  count."""
+  frames = [tfrecord(r) for r in records]
+  write_bytes(path, b"".join(frames))
+  return len(frames)
 
 
 def clear_outputs(workdir: str) -> None:
