@@ -139,6 +139,8 @@ def _tokenized(p: beam.Pipeline, plan: Plan, kept) -> dict[str, Any]:
 
   def records(joined):
     key, j = joined
+    if not j["places"]:  # left out by the mixture
+      return
     example = files.tf_example({"tokens": j["ids"][0].tolist(), "source": names[key[0]]})
     for shard, pos in j["places"]:
       yield train_paths[shard], (pos, example)
