@@ -7,6 +7,7 @@
   Blocklist / safety_failure      word/phrase blocklist plus any pluggable `Scorer`
   scrub_pii(text)                 e-mail, phone and IP addresses -> typed placeholders
   Decontaminator                  long n-gram overlap with evaluation sets
+  ngram_hash_set(texts, n)        the evaluation n-gram index of many texts at once
 
 Every threshold comes from the caller's config (configs/data/*.py); defaults below are the
 published ones where they exist (Gopher: Rae et al. 2021, Appendix A; C4: Raffel et al.
@@ -293,6 +294,31 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
     for j in range(n):
       out = out * _NGRAM_BASE + wh[j:j + m]
   return out
+
+
+def sorted_unique(hashes: np.ndarray) -> np.ndarray:
+  """The distinct values of a uint64 array, sorted (np.sort + neighbour test: many times
+  faster than np.unique's hash table on millions of 64-bit hashes)."""
+  x = np.sort(hashes)
+  return x[np.r_[True, x[1:] != x[:-1]]] if len(x) else x
+
+
+def ngram_hash_set(texts: Sequence[str], n: int) -> np.ndarray:
+  """Sorted distinct `ngram_hashes` of all `texts` at once: the texts' word hashes
+  concatenated, the rolling hash computed over the whole array, and the n-grams that
+  cross from one text into the next dropped (equal to the union of `ngram_hashes`)."""
+  ws = [words(t) for t in texts]
+  flat = [w for ww in ws for w in ww]
+  m = len(flat) - n + 1
+  if m <= 0:
+    return np.zeros([0], np.uint64)
+  wh = np.fromiter((_word_hash(x) for x in flat), np.uint64, len(flat))
+  out = np.zeros(m, np.uint64)
+  with np.errstate(over="ignore"):  # arithmetic modulo 2^64 by design
+    for j in range(n):
+      out = out * _NGRAM_BASE + wh[j:j + m]
+  text_of = np.repeat(np.arange(len(ws)), [len(ww) for ww in ws])  # per word
+  return sorted_unique(out[text_of[:m] == text_of[n - 1:]])  # first and last word agree
 
 
 class Decontaminator:

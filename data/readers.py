@@ -15,6 +15,9 @@ file (and the 1-based line where there is one) and what was expected:
 and (with `objects_only`) non-object lines in a dict and skips them instead (data curation
 reports bad input rather than stopping on it).
 
+A URL (`gs://...`) opens through Apache Beam's `FileSystems` (imported only then: it is
+heavy), so a curation on Dataflow reads its sources from a bucket.
+
 Relative data paths are resolved by `resolve_data_path` under `$LM_DATA_DIR`, or else under
 `../shared/data` next to the repository root, so configs can say
 `pretrain/tinyshakespeare.txt` and work on a laptop, in CI and on a TPU VM alike.
@@ -43,7 +46,7 @@ def resolve_data_path(path: str) -> str:
   """Resolves a data path; existence is checked by the readers, not here.
 
   Args:
-    path: An absolute path (returned unchanged) or a path relative to the data
+    path: An absolute path or a URL (returned unchanged) or a path relative to the data
       directory: `$LM_DATA_DIR` if set, else `../shared/data` relative to the
       repository root. `~` is expanded.
 
@@ -51,7 +54,7 @@ def resolve_data_path(path: str) -> str:
     The resolved path.
   """
   path = os.path.expanduser(path)
-  if os.path.isabs(path):
+  if os.path.isabs(path) or "://" in path:
     return path
   data_dir = os.environ.get(LM_DATA_DIR_ENV) or DEFAULT_DATA_DIR
   return os.path.join(data_dir, path)
@@ -66,7 +69,14 @@ def check_file(path: str) -> None:
 
 
 def open_binary(path: str) -> IO[bytes]:
-  """Opens a file for reading bytes; a `.gz` suffix means gzip."""
+  """Opens a file for reading bytes; a `.gz` suffix means gzip. A URL (`gs://...`, the
+  sources of a curation on Dataflow) opens through Apache Beam's `FileSystems`."""
+  if "://" in path:
+    # Imported here: Beam is heavy and only remote paths (data curation) need it.
+    from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
+    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+    f = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    return gzip.GzipFile(fileobj=f) if path.endswith(".gz") else f
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 

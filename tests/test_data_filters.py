@@ -119,6 +119,16 @@ def test_decontamination_finds_a_hellaswag_item_verbatim():
   assert not any(deco.contaminated(d) for d in _wikitext_paragraphs(50))
 
 
+def test_ngram_hash_set_is_the_union_of_every_texts_ngrams():
+  import numpy as np
+  texts = _wikitext_paragraphs(30) + ["too short", "", "exactly five words here ok"]
+  union = np.unique(np.concatenate([filters.ngram_hashes(t, 5) for t in texts]))
+  assert np.array_equal(filters.ngram_hash_set(texts, 5), union) and len(union) > 1000
+  assert filters.ngram_hash_set(["a b", "c d e"], 3).tolist() == \
+      filters.ngram_hashes("c d e", 3).tolist()  # no 3-gram across the two texts
+  assert np.array_equal(filters.sorted_unique(np.array([5, 1, 5, 3], np.uint64)), [1, 3, 5])
+
+
 def test_eval_index_texts_have_exactly_the_requests_ngrams():
   # data.curate indexes each context once plus each continuation after the context's last
   # n-1 words; the n-gram set must equal that of every full request text.

@@ -1,4 +1,4 @@
-"""Curation of the shared pretraining sources (data/curate.py).
+"""Curation of the shared pretraining sources (data/curate/, an Apache Beam pipeline).
 
   python -m data.curate --config=configs/data/shared.py --workdir=runs/curated --workers=2
 Smoke run: --config=configs/data/shared.py:runlocal=true
@@ -51,7 +51,7 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, runlocal=False)
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.num_shards = 8
+  c.num_shards = 8  # curated/shard-*.tfrecord (and tokenized/train-* by default)
   c.examples_per_filter = 3
   c.tfds_data_dir = ""   # for sources with "path": "tfds:name[:split]"
   c.sources = [
@@ -83,7 +83,8 @@ def get_config(arg=None):
   c.mixture = stage(weights={}, temperature=2.0, total_tokens=0)  # 0 = the natural total
   c.tokenize = stage(tokenizer_path="", model_type="bpe", vocab_size=4096,
                      byte_fallback=False, user_defined_symbols=",".join(CHAT_MARKERS),
-                     val_fraction=0.05, add_eos=True, num_output_shards=0)
+                     val_fraction=0.05, add_eos=True, num_output_shards=0,
+                     sample_docs=200_000)  # tokenizer sample: the shared corpora whole
   if arg.runlocal:  # one small source, two shards, no evaluation sets, a small vocabulary
     c.sources = c.sources[1:2]
     c.num_shards = 2

@@ -1,42 +1,48 @@
 """Runs a curation: `python -m data.curate --config=configs/data/shared.py --workdir=DIR`
-(flags below; phases and cluster mode in the `data.curate` package doc)."""
+(flags below; the steps in the `data.curate` package doc). Flags this program does not
+define go to the Beam runner: `--runner=DataflowRunner --project=... --region=...
+--temp_location=gs://... --setup_file=./setup.py` (README "Data curation")."""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
+import traceback
 from typing import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from data.curate.phases import PHASES, Curator
+from data.curate import pipeline
+from data.curate.report import report_markdown
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "configs/data/*.py", lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (local or gs://).", required=True)
+flags.DEFINE_integer("workers", 1, "DirectRunner worker processes (direct_num_workers).")
+flags.DEFINE_string("runner", "", "Beam runner (default DirectRunner, multi-process).")
+flags.DEFINE_bool("verbose", False, "Beam's log lines and tracebacks on the console.")
 
 
 def main(argv: Sequence[str]) -> None:
-  FLAGS = flags.FLAGS
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  phases = PHASES if FLAGS.phase == "all" else tuple(FLAGS.phase.split(","))
+  runner_args = list(argv[1:]) + ([f"--runner={FLAGS.runner}"] if FLAGS.runner else [])
   try:
-    report = Curator(FLAGS.config, FLAGS.workdir).run(
-        FLAGS.workers, phases, FLAGS.process_index, FLAGS.process_count)
+    report = pipeline.run(FLAGS.config, FLAGS.workdir, FLAGS.workers, runner_args,
+                          FLAGS.verbose)
   except (ValueError, OSError, RuntimeError) as e:
-    sys.exit("error: " + " ".join(str(e).split()))
-  if report is not None:
-    with open(os.path.join(FLAGS.workdir, "report.md")) as f:
-      print(f.read())
-    print(json.dumps({"per_source": report["per_source"], "bad_input": report["bad_input"]}))
+    if FLAGS.verbose:
+      traceback.print_exc()
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    sys.exit(2)
+  print(report_markdown(report))
+  print(json.dumps({"per_source": report["per_source"], "bad_input": report["bad_input"],
+                    "empty_sources": report["empty_sources"]}))
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """This program's flags; the rest (the runner's options) is returned for `main`."""
+  return FLAGS(list(argv), known_only=True)
 
 
 if __name__ == "__main__":
-  # Flags are defined only when run: a spawned pool worker imports this module again (as
-  # __mp_main__) and must not define them a second time.
-  config_flags.DEFINE_config_file("config", None, "configs/data/*.py", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Output directory.", required=True)
-  flags.DEFINE_integer("workers", 1, "Worker processes for the per-unit phases.")
-  flags.DEFINE_string("phase", "all", f"'all' or comma-separated phases of {PHASES}.")
-  flags.DEFINE_integer("process_index", 0, "This process (cluster mode; see module doc).")
-  flags.DEFINE_integer("process_count", 1, "Processes running the per-unit phases.")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

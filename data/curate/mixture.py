@@ -1,14 +1,14 @@
-"""The mixture: target token shares per source, realised on the training split (the mix phase)."""
+"""The mixture: target token shares per source, realised on the training split, and the
+place of every training document (copy) in the output shards (`assign_mixture`)."""
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import apache_beam as beam
 import numpy as np
 
-from data.curate import files
+Key = tuple[int, int, int]
 
 
 def mixture_shares(tokens: Mapping[str, int], weights: Mapping[str, float] | None = None,
@@ -59,70 +59,48 @@ def realise_mixture(lengths: Mapping[str, Sequence[int]], shares: Mapping[str, f
   return out
 
 
-def write_mixture(curator: Any) -> dict[str, Any]:
-  """The mix phase of a `phases.Curator`: the tokenized shards' training documents resampled
-  to the mixture and shuffled -> `tokenized/train-XXXXX.tfrecord`, the validation documents
-  -> `tokenized/val-00000.tfrecord`, counts -> `tokenized/info.json` (the marker)."""
-  info_path = curator.path("tokenized", "info.json")
-  if os.path.exists(info_path):
-    return files.read_json(info_path)
-  # Imported here: TensorFlow is heavy and only this phase needs it.
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  c, names = curator.cfg, [s["name"] for s in curator.sources]
-  docs = {n: [] for n in names}   # train documents (token arrays) per source
-  val, val_chars = [], 0
-  for shard in range(c.num_shards):
-    with np.load(curator.shard_path("tokens", shard, "npz")) as npz:
-      z = {k: npz[k] for k in npz.files}  # an NpzFile re-reads an array on every access
-    starts = np.concatenate([[0], np.cumsum(z["lengths"])])
-    for i in range(len(z["lengths"])):
-      ids = z["tokens"][starts[i]:starts[i + 1]]
-      if z["val"][i]:
-        val.append((names[z["source"][i]], ids))
-        val_chars += int(z["chars"][i])
-      else:
-        docs[names[z["source"][i]]].append(ids)
-  natural = {n: int(sum(len(d) for d in docs[n])) for n in names}
-  m = c.get("mixture")
-  if m is not None and m.get("enabled", False):
-    shares = mixture_shares(natural, dict(m.get("weights") or {}),
-                            float(m.get("temperature", 1.0)))
-    total = int(m.get("total_tokens", 0)) or sum(natural.values())
-    picked = realise_mixture({n: [len(d) for d in docs[n]] for n in names}, shares,
-                             total, c.seed)
+def assign_mixture(train: Sequence[tuple[int, Key, int]], names: Sequence[str],
+                   mixture: Mapping[str, Any] | None, seed: int, num_out: int
+                   ) -> Iterator[Any]:
+  """The training documents [(source index, key, tokens)] -> their places in the output:
+  (key, (shard, position)) once per copy (a document repeated by the mixture has several),
+  and the tagged output "info": the token counts and shares per source.
+
+  Per source, documents in key (document) order; `realise_mixture` picks them (the
+  mixture's `weights` or `temperature`, `total_tokens` 0 = the natural total; disabled:
+  every document once), then one seeded permutation of all picks cuts into `num_out`
+  shards."""
+  lengths: dict[str, list[int]] = {n: [] for n in names}
+  keys: dict[str, list[Key]] = {n: [] for n in names}
+  for s, key, length in sorted(train, key=lambda t: t[1]):
+    lengths[names[s]].append(length)
+    keys[names[s]].append(key)
+  natural = {n: int(sum(lengths[n])) for n in names}
+  if mixture is not None and mixture.get("enabled", False):
+    shares = mixture_shares(natural, dict(mixture.get("weights") or {}),
+                            float(mixture.get("temperature", 1.0)))
+    total = int(mixture.get("total_tokens", 0)) or sum(natural.values())
+    picked = realise_mixture(lengths, shares, total, seed)
   else:
     total = sum(natural.values())
     shares = {n: natural[n] / max(total, 1) for n in names}
-    picked = {n: list(range(len(docs[n]))) for n in names}
+    picked = {n: list(range(len(lengths[n]))) for n in names}
   order = [(n, i) for n in names for i in picked[n]]
-  perm = np.random.default_rng([c.seed, 7]).permutation(len(order))
-  num_out = int(curator.setting("tokenize", "num_output_shards", 0)) or c.num_shards
-  out_dir = curator.path("tokenized")
-  os.makedirs(out_dir, exist_ok=True)
+  perm = np.random.default_rng([seed, 7]).permutation(len(order))
   realised = {n: 0 for n in names}
   for k in range(num_out):
-    with tf.io.TFRecordWriter(os.path.join(out_dir, f"train-{k:05d}.tfrecord")) as w:
-      for j in perm[k * len(order) // num_out:(k + 1) * len(order) // num_out]:
-        n, i = order[j]
-        realised[n] += len(docs[n][i])
-        w.write(files.tf_example({"tokens": docs[n][i].tolist(), "source": n}))
-  with tf.io.TFRecordWriter(os.path.join(out_dir, "val-00000.tfrecord")) as w:
-    for n, ids in val:
-      w.write(files.tf_example({"tokens": ids.tolist(), "source": n}))
+    lo, hi = k * len(order) // num_out, (k + 1) * len(order) // num_out
+    for pos, j in enumerate(perm[lo:hi]):
+      n, i = order[j]
+      realised[n] += lengths[n][i]
+      yield keys[n][i], (k, pos)
   out_total = max(sum(realised.values()), 1)
-  tok = files.cached_tokenizer(curator.path("tokenizer.model"))
-  info = {
-      "tokenizer": "tokenizer.model", "tokenizer_fingerprint": tok.fingerprint,
-      "add_eos": bool(curator.setting("tokenize", "add_eos", True)),
-      "train_files": num_out, "train_tokens": sum(realised.values()),
-      "train_documents": len(order), "val_tokens": int(sum(len(v) for _, v in val)),
-      "val_documents": len(val), "val_chars": val_chars,
+  yield beam.pvalue.TaggedOutput("info", {
+      "train_tokens": sum(realised.values()), "train_documents": len(order),
       "per_source": {n: {"natural_tokens": natural[n],
                          "natural_share": natural[n] / max(sum(natural.values()), 1),
                          "target_share": shares[n],
                          "tokens": realised[n], "share": realised[n] / out_total,
                          "documents": len(picked[n]),
                          "epochs": realised[n] / natural[n] if natural[n] else 0.0}
-                     for n in names}}
-  files.atomic_write(info_path, json.dumps(info, indent=1))
-  return info
+                     for n in names}})

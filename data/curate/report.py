@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+import tempfile
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -14,77 +15,78 @@ from data.curate import files
 FILTER_STAGES = ("normalize", "quality", "safety", "decontaminate")
 
 
-def _counter() -> dict[str, int]:
-  return {"docs": 0, "chars": 0}
+def build_report(names: Sequence[str], file_stats: Sequence[Mapping[str, Any]],
+                 counts: Iterable[tuple[tuple[str, str], tuple[int, int]]],
+                 examples: Iterable[tuple[tuple[str, str], tuple[Any, dict]]],
+                 removed: Iterable[tuple[str, Any, Any]], output: Mapping[str, int],
+                 tokens: Mapping[str, Any] | None, config: Mapping[str, Any],
+                 examples_per_filter: int, doc_id: Callable[[Any], str]) -> dict[str, Any]:
+  """The report from the pipeline's statistics (see `data.curate.pipeline`).
 
-
-class StageCounts:
-  """Per source: documents and characters entering each stage, and removed by it."""
-
-  def __init__(self):
-    self.data: dict[str, dict[str, dict[str, int]]] = {}
-
-  def add(self, source: str, stage: str, what: str, text: str) -> None:
-    c = self.data.setdefault(source, {}).setdefault(f"{stage}/{what}", _counter())
-    c["docs"] += 1
-    c["chars"] += len(text)
-
-  def merge(self, other: Mapping[str, Any]) -> None:
-    for source, stages in other.items():
-      for key, c in stages.items():
-        mine = self.data.setdefault(source, {}).setdefault(key, _counter())
-        mine["docs"] += c["docs"]
-        mine["chars"] += c["chars"]
-
-
-def write_report(curator: Any) -> dict[str, Any]:
-  """The report phase of a `phases.Curator` (dedup must be done); returns the report."""
-  dedup = curator.deduplicate()
-  split = curator.split_stats()
-  counts, bad, examples = StageCounts(), {}, {}
-  for stats in split.values():
-    bad.update(stats["bad_input"])
-  for shard in range(curator.cfg.num_shards):
-    stats = files.read_json(curator.shard_path("stage1", shard, "stats.json"))
-    counts.merge(stats["counts"])
-    for stage, by_source in stats["examples"].items():
-      for source, ex in by_source.items():
-        mine = examples.setdefault(stage, {}).setdefault(source, [])
-        mine.extend(ex[:max(curator.cfg.examples_per_filter - len(mine), 0)])
-  per_source = {s["name"]: {} for s in curator.sources}
-  for stage in ("exact_dedup", "near_dedup"):
-    for doc_id, twin in dedup["removed"][stage]:
-      source = doc_id.split("/")[0]
-      per_source[source][stage] = per_source[source].get(stage, 0) + 1
-      ex = examples.setdefault(stage, {}).setdefault(source, [])
-      if len(ex) < curator.cfg.examples_per_filter:
-        ex.append({"doc_id": doc_id, "duplicate_of": twin})
-  kept_by_source: dict[str, int] = {}
-  for doc_id in dedup["kept"]:
-    source = doc_id.split("/")[0]
-    kept_by_source[source] = kept_by_source.get(source, 0) + 1
-  table = {}
-  for source in per_source:
-    data = counts.data.get(source, {})
-    row = {"held_out": split[source]["held_out"],
-           "input": data.get("input/kept", _counter())["docs"]}
+  Args:
+    names: The source names, in config order.
+    file_stats: Per input file: source (index), file, path, docs, bytes, held_out,
+      bad_input.
+    counts: ((source, "stage/what"), (documents, characters)), summed here.
+    examples: ((stage, source), (key, example)) of removed documents; the
+      `examples_per_filter` smallest keys per stage and source are kept.
+    removed: (stage, key, kept twin's key) for "exact_dedup" / "near_dedup".
+    output: Documents kept per source.
+    tokens: The tokenized output's info.json, or None.
+    config: The run's config (dict).
+    examples_per_filter: Examples kept per stage and source.
+    doc_id: key -> document id.
+  """
+  summed: dict[tuple[str, str], list[int]] = {}
+  for key, (docs, chars) in counts:
+    c = summed.setdefault(key, [0, 0])
+    c[0] += docs
+    c[1] += chars
+  chosen: dict[tuple[str, str], list[tuple[Any, dict]]] = {}
+  for key, ex in examples:
+    chosen.setdefault(key, []).append(ex)
+  dups: dict[tuple[str, str], int] = {}
+  for stage, key, twin in sorted(removed, key=lambda r: r[1]):
+    name = names[key[0]]
+    dups[(stage, name)] = dups.get((stage, name), 0) + 1
+    chosen.setdefault((stage, name), []).append((key, {"duplicate_of": doc_id(twin)}))
+  table, bad, empty = {}, {}, []
+  files = sorted(file_stats, key=lambda f: (f["source"], f["file"]))
+  for s, name in enumerate(names):
+    mine = [f for f in files if f["source"] == s]
+    bad.update({f["path"]: f["bad_input"] for f in mine})
+    if not sum(f["docs"] for f in mine):
+      empty.append(name)
+    row = {"files": len(mine), "held_out": sum(f["held_out"] for f in mine),
+           "input": summed.get((name, "input/kept"), [0, 0])[0]}
     for stage in FILTER_STAGES:
-      row[stage] = data.get(f"{stage}/removed", _counter())["docs"]
-    row["pii_scrubbed"] = data.get("pii/scrubbed", _counter())["docs"]
-    row["exact_dedup"] = per_source[source].get("exact_dedup", 0)
-    row["near_dedup"] = per_source[source].get("near_dedup", 0)
-    row["output"] = kept_by_source.get(source, 0)
-    row["input_chars"] = data.get("input/kept", _counter())["chars"]
-    table[source] = row
-  info_path = curator.path("tokenized", "info.json")
-  tokens = files.read_json(info_path) if os.path.exists(info_path) else None
-  report = {"per_source": table, "bad_input": bad, "examples": examples,
-            "tokens": tokens, "config": curator.cfg.to_dict()}
-  files.atomic_write(curator.path("report.json"), json.dumps(report, indent=1))
-  files.atomic_write(curator.path("report.md"), report_markdown(report))
-  plot_report(report, curator.path("report.png"))
-  return report
+      row[stage] = summed.get((name, f"{stage}/removed"), [0, 0])[0]
+    row["pii_scrubbed"] = summed.get((name, "pii/scrubbed"), [0, 0])[0]
+    row["exact_dedup"] = dups.get(("exact_dedup", name), 0)
+    row["near_dedup"] = dups.get(("near_dedup", name), 0)
+    row["output"] = int(output.get(name, 0))
+    row["input_chars"] = summed.get((name, "input/kept"), [0, 0])[1]
+    row["input_bytes"] = sum(f["bytes"] for f in mine)
+    table[name] = row
+  report_examples: dict[str, dict[str, list[dict]]] = {}
+  for stage in (*FILTER_STAGES, "exact_dedup", "near_dedup"):
+    for name in names:
+      ex = sorted(chosen.get((stage, name), []), key=lambda e: e[0])[:examples_per_filter]
+      if ex:
+        report_examples.setdefault(stage, {})[name] = [
+            {"doc_id": doc_id(key), **e} for key, e in ex]
+  return {"per_source": table, "bad_input": bad, "empty_sources": empty,
+          "examples": report_examples, "tokens": tokens, "config": config}
 
+
+def write_views(report: Mapping[str, Any], workdir: str) -> None:
+  """report.md and report.png of a report (report.json is written by the pipeline)."""
+  files.write_bytes(files.join(workdir, "report.md"),
+                    report_markdown(report).encode("utf-8"))
+  with tempfile.TemporaryDirectory() as tmp:
+    plot_report(report, os.path.join(tmp, "report.png"))
+    with open(os.path.join(tmp, "report.png"), "rb") as f:
+      files.write_bytes(files.join(workdir, "report.png"), f.read())
 
 
 COLUMNS = ["held_out", "input", *FILTER_STAGES, "pii_scrubbed", "exact_dedup",
@@ -102,6 +104,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
   bad = {p: c for p, c in report["bad_input"].items() if any(c.values())}
   lines.append("Bad input: " + ("none" if not bad else "; ".join(
       f"{p}: " + ", ".join(f"{k} {v}" for k, v in c.items() if v) for p, c in bad.items())))
+  if report.get("empty_sources"):
+    lines.append("Sources that gave no document: " + ", ".join(report["empty_sources"]))
   if report.get("tokens"):
     t = report["tokens"]
     lines += ["", f"Tokens: train {t['train_tokens']:,} ({t['train_documents']:,} documents), "
