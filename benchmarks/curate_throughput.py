@@ -17,7 +17,9 @@ worker processes (each imports TensorFlow to write TFRecords) and rendering the 
 
 Last line: one JSON object with docs_per_sec_1, docs_per_sec_2, mb_per_sec_1, mb_per_sec_2
 (and the same for any other worker count), speedup_2 (docs_per_sec_2 / docs_per_sec_1),
-the document and byte counts, and what `peer_figures` adds.
+the document and byte counts, and (unless --nopeer) datatrove's figures on the same
+documents from benchmarks/curate_peer.py: peer_docs_per_sec (its largest worker count),
+peer_docs_per_sec_N, peer_mb_per_sec_N, peer_kept_N.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,14 +43,26 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("config", os.path.join(REPO, "configs/data/shared.py"),
                     "Curation config file (a configs/data/*.py).")
 flags.DEFINE_string("workers", "1,2", "Comma-separated worker counts to time.")
+flags.DEFINE_bool("peer", True, "Also time datatrove on the same documents "
+                  "(benchmarks/curate_peer.py; needs the `peers` extra).")
 flags.DEFINE_string("keep", "", "Keep the last run's workdir here (for the report).")
 
 
-def peer_figures(cfg: Any) -> dict[str, Any]:
-  """The peer pipeline's figures on the same documents (`peer_docs_per_sec`, ...): the
-  place where benchmarks/curate_peer.py's `run_peer` is merged in; none yet."""
-  del cfg
-  return {}
+def peer_figures() -> dict[str, Any]:
+  """datatrove on the same documents (benchmarks/curate_peer.py, whose module doc says which
+  steps are comparable), run as its own process (datatrove starts its workers by forkserver,
+  and its log stays out of this one): its last-line JSON (`peer_docs_per_sec`, ...)."""
+  cmd = [sys.executable, os.path.join(REPO, "benchmarks", "curate_peer.py"),
+         f"--config={FLAGS.config}", f"--workers={FLAGS.workers}"]
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
+  for line in proc.stdout.splitlines()[:-1]:
+    print(f"(peer) {line}", flush=True)
+  if proc.returncode != 0:
+    print(f"error: the datatrove peer failed (exit {proc.returncode}; it needs "
+          f"`pip install -e .[peers]`, or run with --nopeer):\n{proc.stderr[-2000:]}",
+          file=sys.stderr)
+    sys.exit(2)
+  return json.loads(proc.stdout.splitlines()[-1])
 
 
 def main(argv):
@@ -79,7 +94,8 @@ def main(argv):
     shutil.rmtree(workdir)
   if "docs_per_sec_1" in out and "docs_per_sec_2" in out:
     out["speedup_2"] = round(out["docs_per_sec_2"] / out["docs_per_sec_1"], 2)
-  out.update(peer_figures(cfg))
+  if FLAGS.peer:
+    out.update(peer_figures())
   print(json.dumps(out))
 
 

@@ -12,7 +12,9 @@ comparison is of the duplicate pairs found. Figures are documents per CPU second
 this process (the least of `--repeats` round-robin runs; CPU time, so other processes on
 the machine do not count):
 
-  sigs_per_sec_ours         MinHasher.signature: shingles, blake2b per shingle, the
+  sigs_per_sec_ours         the hand-written vectorised MinHash data/filters.py had before
+                            it moved to datasketch (kept below as `HandWrittenMinHasher`,
+                            for this comparison): shingles, blake2b per shingle, the
                             universal hashes vectorised in numpy over [shingles, 128]
   sigs_per_sec_datasketch   per document a copy of one template MinHash (as a Beam DoFn
                             would build it in setup()), update_batch(shingle bytes);
@@ -45,6 +47,7 @@ Last line: JSON with the figures above and the agreement counts.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -108,6 +111,32 @@ def timed(variants: dict[str, Callable[[], Any]], repeats: int
   return seconds, results
 
 
+class HandWrittenMinHasher(filters.MinHasher):
+  """data/filters.py's MinHasher before it used datasketch (the figures that decided it):
+  `num_perm` universal hashes a*x + b mod (2^61 - 1) of each shingle's blake2b-64 hash,
+  vectorised over shingles with numpy."""
+
+  _PRIME, _MASK32 = np.uint64((1 << 61) - 1), np.uint64(0xFFFFFFFF)
+
+  def __init__(self, num_perm: int = 128, ngram: int = 5, seed: int = 0):
+    super().__init__(num_perm, ngram, seed)
+    rng = np.random.default_rng(seed)
+    self.a = rng.integers(1, (1 << 61) - 1, num_perm, dtype=np.uint64)
+    self.b = rng.integers(0, (1 << 61) - 1, num_perm, dtype=np.uint64)
+
+  def signature(self, text: str) -> np.ndarray:
+    shingles = self.shingles(text)
+    if not shingles:
+      return np.full(self.num_perm, np.iinfo(np.uint32).max, np.uint64)
+    hv = np.fromiter((int.from_bytes(hashlib.blake2b(x.encode("utf-8"), digest_size=8)
+                                     .digest(), "little") for x in sorted(shingles)),
+                     np.uint64)
+    hv = (hv & self._MASK32)[:, None]  # [S, 1]
+    with np.errstate(over="ignore"):  # the hash family wraps in uint64 by design
+      values = ((hv * self.a[None] + self.b[None]) % self._PRIME) & self._MASK32
+    return values.min(axis=0)
+
+
 def ours_pairs(sigs: list[np.ndarray], bands: int, rows: int) -> set[tuple[int, int]]:
   """Pairs sharing a band key (grouped, as Beam's GroupByKey) with >= THRESHOLD agreement."""
   groups: dict[tuple[int, bytes], list[int]] = {}
@@ -158,7 +187,7 @@ def main(argv):
   r = FLAGS.repeats
   texts = documents(FLAGS.config)
   n, mb = len(texts), sum(len(t.encode("utf-8")) for t in texts) / 1e6
-  hasher = filters.MinHasher(NUM_PERM, NGRAM)
+  hasher = HandWrittenMinHasher(NUM_PERM, NGRAM)
   bands, rows = filters.lsh_bands(THRESHOLD, NUM_PERM)
   out: dict[str, Any] = {"documents": n, "mb": round(mb, 3), "num_perm": NUM_PERM,
                          "ngram": NGRAM, "threshold": THRESHOLD,

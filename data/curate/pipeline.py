@@ -285,6 +285,20 @@ def _workers_stderr(verbose: bool) -> Iterator[None]:
       os.close(saved)
 
 
+@contextlib.contextmanager
+def _local_tempdir() -> Iterator[None]:
+  """The local temporary folders Beam makes on this machine (the DirectRunner's worker
+  environments leave empty `beam-temp*` folders in /tmp after every run) go into one
+  folder that is removed when the run ends."""
+  saved = tempfile.tempdir
+  with tempfile.TemporaryDirectory(prefix="curate-beam-") as tmp:
+    tempfile.tempdir = tmp
+    try:
+      yield
+    finally:
+      tempfile.tempdir = saved
+
+
 def run(cfg: Any, workdir: str, workers: int = 1, argv: Sequence[str] = (),
         verbose: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
   """Runs the curation of `cfg` into `workdir`; returns the report."""
@@ -294,7 +308,7 @@ def run(cfg: Any, workdir: str, workers: int = 1, argv: Sequence[str] = (),
   options = pipeline_options(workers, argv, verbose)
   files.clear_outputs(the_plan.workdir)
   start = time.time()
-  with _workers_stderr(verbose):
+  with _workers_stderr(verbose), _local_tempdir():
     p = beam.Pipeline(options=options)
     build(p, the_plan)
     state = p.run().wait_until_finish()
