@@ -45,11 +45,9 @@ setup(
         # data.curate runs as an Apache Beam pipeline (DirectRunner locally, Dataflow / Flink /
         # Spark at scale); 2.77 resolves together with the pinned TensorFlow, JAX and Orbax.
         "apache-beam>=2.77,<3",
-        # MinHash signatures of the near-dedup step (data/filters.py): datasketch with
-        # xxhash's 32-bit hash, 1.6x faster than the hand-written version it replaced
-        # (benchmarks/minhash_speed.py).
+        # MinHash signatures of the near-dedup step (data/filters.py), set up to equal the
+        # hand-written version it replaced (benchmarks/minhash_speed.py has the figures).
         "datasketch>=2.0,<3",
-        "xxhash>=3.5,<5",
     ],
     extras_require={
         # Hugging Face interop (model/hf.py) and its parity tests against transformers.

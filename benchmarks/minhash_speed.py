@@ -16,6 +16,9 @@ the machine do not count):
                             it moved to datasketch (kept below as `HandWrittenMinHasher`,
                             for this comparison): shingles, blake2b per shingle, the
                             universal hashes vectorised in numpy over [shingles, 128]
+  sigs_per_sec_project      data.filters.MinHasher now: datasketch's `legacy` scheme with
+                            that version's blake2b hash and (a, b) draws, so the same
+                            signatures (project_equals_ours checks every one)
   sigs_per_sec_datasketch   per document a copy of one template MinHash (as a Beam DoFn
                             would build it in setup()), update_batch(shingle bytes);
                             MinHash.bulk does the same (sigs_per_sec_datasketch_bulk)
@@ -188,6 +191,7 @@ def main(argv):
   texts = documents(FLAGS.config)
   n, mb = len(texts), sum(len(t.encode("utf-8")) for t in texts) / 1e6
   hasher = HandWrittenMinHasher(NUM_PERM, NGRAM)
+  project = filters.MinHasher(NUM_PERM, NGRAM)  # datasketch, legacy scheme: the same values
   bands, rows = filters.lsh_bands(THRESHOLD, NUM_PERM)
   out: dict[str, Any] = {"documents": n, "mb": round(mb, 3), "num_perm": NUM_PERM,
                          "ngram": NGRAM, "threshold": THRESHOLD,
@@ -214,6 +218,7 @@ def main(argv):
   variants = {
       "shingles": lambda: [hasher.shingles(x) for x in texts],
       "ours": lambda: [hasher.signature(x) for x in texts],
+      "project": lambda: [project.signature(x) for x in texts],
       "datasketch_new": ds_new,
       "datasketch": lambda: ds_copy(MinHash(num_perm=NUM_PERM)),
       "datasketch_bulk": lambda: MinHash.bulk([shingle_bytes(x) for x in texts],
@@ -225,6 +230,7 @@ def main(argv):
   out["shingles_per_sec"] = round(n / t.pop("shingles"), 1)
   out.update({f"sigs_per_sec_{k}": round(n / v, 1) for k, v in t.items()})
   shingles, sigs, mhs = res["shingles"], res["ours"], res["datasketch"]
+  out["project_equals_ours"] = all(np.array_equal(x, y) for x, y in zip(sigs, res["project"]))
   mhs_xx = res.get("datasketch_xxhash")
   assert all(np.array_equal(a.hashvalues, b.hashvalues)
              for a, b in zip(mhs, res["datasketch_bulk"]))

@@ -145,3 +145,25 @@ def test_eval_index_texts_have_exactly_the_requests_ngrams():
   assert np.array_equal(np.unique(np.concatenate([filters.ngram_hashes(t, 13)
                                                   for t in short])), full)
   assert len(eval_texts(["arc_challenge"], 13)) > 922
+
+
+def test_minhash_signatures_equal_the_closed_form_of_the_former_hand_written_version():
+  """filters.MinHasher (datasketch, legacy scheme) must give the signatures of the formula
+  the project used before (so near-dedup keeps what earlier runs kept): per permutation i,
+  min over shingles s of (((a_i * h(s) + b_i) mod 2^64) mod (2^61 - 1)) mod 2^32 (uint64
+  arithmetic wraps), h = blake2b-64 low 32 bits, (a, b) drawn by numpy's default_rng(seed)."""
+  import hashlib
+  import numpy as np
+  num_perm, seed = 16, 3
+  rng = np.random.default_rng(seed)
+  a = [int(x) for x in rng.integers(1, (1 << 61) - 1, num_perm, dtype=np.uint64)]
+  b = [int(x) for x in rng.integers(0, (1 << 61) - 1, num_perm, dtype=np.uint64)]
+  hasher = filters.MinHasher(num_perm=num_perm, ngram=3, seed=seed)
+  texts = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind",
+           "one", "Ünïcödé wörds and more words here", ""]
+  for text in texts:
+    hashes = [int.from_bytes(hashlib.blake2b(s.encode("utf-8"), digest_size=8).digest(),
+                             "little") & 0xFFFFFFFF for s in hasher.shingles(text)]
+    want = [min((((ai * h + bi) % (1 << 64)) % ((1 << 61) - 1)) & 0xFFFFFFFF for h in hashes)
+            if hashes else 0xFFFFFFFF for ai, bi in zip(a, b)]
+    assert hasher.signature(text).tolist() == want, text

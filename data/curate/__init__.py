@@ -61,6 +61,21 @@ Modules: `pipeline` (the graph, `run`), `transforms` (read, filter, dedup), `tok
 `report`, `files`.
 """
 
+import logging
+
+
+class _BeamImportNoise(logging.Filter):
+  """apache_beam warns on the root logger, when imported, that Google Cloud's client
+  libraries are missing (only Dataflow needs them: the `apache-beam[gcp]` extra); that line
+  stays off the console."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "apitools not found" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_BeamImportNoise())
+
+# pylint: disable=g-import-not-at-top,wrong-import-position (after the filter, on purpose)
 from data.curate.decontaminate import eval_texts
 from data.curate.inputs import BAD_KEYS, KINDS, Document, read_source, source_files
 from data.curate.mixture import mixture_shares, realise_mixture
