@@ -163,6 +163,7 @@ def test_bad_input_is_counted_per_file_and_empty_sources_are_flagged(curated):
   assert os.path.getsize(os.path.join(workdir, "report.png")) > 1000
 
 
+@pytest.mark.slow  # a second whole pipeline run (~12 s): with the kill/restart test
 def test_one_worker_writes_the_same_bytes(curated, tmp_path):
   from data.curate import run
   paths, two, _ = curated

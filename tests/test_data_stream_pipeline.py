@@ -167,6 +167,7 @@ _CHILD = textwrap.dedent("""
     """)
 
 
+@pytest.mark.cli  # two child processes (~20 s): out of the default tier
 def test_a_killed_process_resumes_from_its_saved_state(curated, tmp_path):
   directory, _, _ = curated
   script = tmp_path / "child.py"
@@ -215,6 +216,7 @@ def test_validation_covers_every_pair_once_per_host_and_padded(curated):
       np.testing.assert_array_equal(whole[key][1::2], b[key])
 
 
+@pytest.mark.cli  # builds a TFDS dataset and tokenizes it in tf.data (~18 s)
 def test_tfds_source_streams_per_host(tmp_path):
   """data.source="tfds": lm_wikitext2 (local builder) as 2 streams, tokenized in tf.data."""
   from data import stream_sources
