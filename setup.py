@@ -45,6 +45,9 @@ setup(
         # data.curate runs as an Apache Beam pipeline (DirectRunner locally, Dataflow / Flink /
         # Spark at scale); 2.77 resolves together with the pinned TensorFlow, JAX and Orbax.
         "apache-beam>=2.77,<3",
+        # crc32c of the TFRecord frames the curation writes (data/curate/files.py), in C: a
+        # per-byte Python loop over every record cost seconds per run.
+        "google-crc32c>=1.5,<2",
         # MinHash signatures of the near-dedup step (data/filters.py), set up to equal the
         # hand-written version it replaced (benchmarks/minhash_speed.py has the figures).
         "datasketch>=2.0,<3",

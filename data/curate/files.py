@@ -15,6 +15,7 @@ import struct
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
+import google_crc32c
 import numpy as np
 
 from apache_beam.io.filesystem import CompressionTypes
@@ -96,25 +97,9 @@ def tf_example(features: Mapping[str, Any]) -> bytes:
   return _field(1, b"".join(entries))  # Example.features
 
 
-def _crc32c_table() -> tuple[int, ...]:
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1  # Castagnoli, reflected
-    table.append(c)
-  return tuple(table)
-
-
-_CRC32C = _crc32c_table()
-
-
 def _masked_crc32c(data: bytes) -> int:
-  """TFRecord's checksum: crc32c, rotated and offset."""
-  crc, table = 0xFFFFFFFF, _CRC32C
-  for b in data:
-    crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
-  crc ^= 0xFFFFFFFF
+  """TFRecord's checksum: crc32c (google-crc32c's C implementation), rotated and offset."""
+  crc = google_crc32c.value(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
